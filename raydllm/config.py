@@ -1,0 +1,217 @@
+"""Typed run configuration, validated once at the door.
+
+A run's config is: built-in defaults <- a preset YAML (`raydllm/configs/<preset>.yaml`) <- `--set key=value`
+overrides. Every field is checked here; nothing downstream re-validates. Errors are one line naming the
+field, raised as `ConfigError` (the CLI turns it into exit code 2).
+"""
+from __future__ import annotations
+
+import warnings
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the field (or file) at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    # "tiny" = the embedded bidirectional transformer; anything else is a Hugging Face id or local path.
+    name: str = "tiny"
+    # Weights to start the tiny model from: "pretrained" = the cached `raydllm pretrain` base, or a path.
+    init: str = "random"
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    max_seq_len: int = Field(512, gt=0)
+    trust_remote_code: bool = True
+    mask_token_id: int | None = None  # None = the model's own (config / tokenizer / known family)
+    shift_logits: bool | None = None  # None = auto: True for Dream-family models (token i predicted at i-1)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.name == "tiny" and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        return self
+
+
+class DataConfig(_Section):
+    # hub: datasets.load_dataset(<task hub id>); local: files at `path`; synthetic: generated offline.
+    source: Literal["hub", "local", "synthetic"] = "hub"
+    path: str | None = None
+    max_prompt_tokens: int = Field(256, gt=0)
+    # LLaDA SFT convention: answers are padded with EOS to this length and the EOS tokens are learned.
+    answer_tokens: int = Field(256, gt=0)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    val_limit: int = Field(256, gt=0)  # validation rows used for the in-trial validation loss
+    train_limit: int | None = Field(None, gt=0)
+    synthetic_size: int = Field(4000, gt=0)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _local_needs_path(self):
+        if self.source == "local" and not self.path:
+            raise ValueError("data.path is required when data.source is local")
+        return self
+
+
+class JepaConfig(_Section):
+    lam: float = Field(1.0, alias="lambda", ge=0)  # 0 = diffusion-only baseline: no EMA copy, no target pass
+    k: int = Field(1, ge=0)  # predictor depth; 0 = identity predictor (no-predictor ablation)
+    t_low: float = Field(0.2, gt=0, lt=1)  # context-view mask rate t_L
+    t_high: float = Field(0.7, gt=0, lt=1)  # target-view mask rate t_H
+    ema_decay: float = Field(0.996, ge=0, lt=1)
+    # JEPA loss dropout: the target branch runs on this fraction of steps (LLM-JEPA's jepa_ratio).
+    target_prob: float = Field(1.0, ge=0, le=1)
+    ema_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _ordered_rates(self):
+        if self.t_low > self.t_high:
+            raise ValueError(f"jepa.t_low={self.t_low} must be <= jepa.t_high={self.t_high}")
+        if self.t_low == self.t_high and self.lam > 0:
+            warnings.warn(f"jepa.t_low == jepa.t_high == {self.t_low}: symmetric-view ablation", stacklevel=2)
+        return self
+
+
+class LossConfig(_Section):
+    # masked: mean CE over masked tokens (paper eq. 2). answer_length: LLaDA SFT form,
+    # sum(CE / t) / answer_length per row, mean over rows.
+    diffusion_norm: Literal["masked", "answer_length"] = "masked"
+    # l2: the paper's L2-to-base comparison arm, lambda_l2 * ||theta - theta_base||^2 added on the gradient side.
+    anchor: Literal["none", "l2"] = "none"
+    l2_lambda: float = Field(1e-4, ge=0)
+
+
+class TrainConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; None = derived from epochs
+    epochs: float = Field(2.0, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0)
+    eval_every: int = Field(50, gt=0)
+    seed: int = 42
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: Literal["auto", "on", "off"] = "auto"
+    workers: int = Field(2, gt=0)
+    use_gpu: Literal["auto", "on", "off"] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    checkpoints_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(0, ge=-1)  # Ray Train worker failures tolerated inside one run
+
+
+class EvalConfig(_Section):
+    # Validation diffusion loss: mean over these mask rates, fixed seed, so trials with different
+    # t_L/t_H are compared on the same yardstick.
+    val_mask_rates: list[float] = [0.2, 0.5, 0.8]
+    val_seed: int = 1234
+
+    @model_validator(mode="after")
+    def _rates_in_range(self):
+        for r in self.val_mask_rates:
+            if not 0 < r < 1:
+                raise ValueError(f"eval.val_mask_rates entries must be in (0, 1), got {r}")
+        return self
+
+
+class RunConfig(_Section):
+    name: str | None = None  # fixed name = Ray Train resumes the run with that name
+    storage_path: str | None = None  # default: ./raydllm_runs (local); s3://... or shared FS on a cluster
+
+
+class Config(_Section):
+    task: str = "gsm8k"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    jepa: JepaConfig = JepaConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form MLflow params and `--set` use."""
+        return {f"{section}.{key}": value
+                for section, body in self.to_dict().items() if isinstance(body, dict)
+                for key, value in body.items()} | {"task": self.task}
+
+
+PRESETS = ("local", "paper", "wide-t")
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    text = resources.files("raydllm").joinpath(f"configs/{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["jepa.lambda=0", "train.lr=1e-4"]` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part} is not a section")
+        node[leaf] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate(raw: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a Config or raise ConfigError with one line naming the first bad field."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        where = f"{source}: " if source != "config" else ""
+        value = f"={err['input']!r}" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(
+            err.get("input"), dict) else ""
+        raise ConfigError(f"{where}{field or 'config'}{value}: {msg}") from None
+
+
+def load_config(task: str, preset: str | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Config:
+    raw: dict[str, Any] = {"task": task}
+    if preset:
+        raw = deep_merge(raw, preset_dict(preset))
+    if extra:
+        raw = deep_merge(raw, extra)
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+    return validate(raw)

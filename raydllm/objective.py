@@ -1,0 +1,163 @@
+"""The DLLM-JEPA objective as plain tensor code: no Ray, no DeepSpeed.
+
+L = L_diff(context view) + lambda * (1 - cos(g_phi(z_L), sg(z_H))), where z = LayerNorm(mean of the last
+hidden states over non-masked, non-pad tokens), z_L comes from the online backbone on the context view
+x_{t_L} (the same forward that gives L_diff) and z_H from the EMA target on x_{t_H} under no_grad.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .masking import mask_tokens
+from .model import Block
+
+
+def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, *, t: float,
+                   norm: str = "masked", answer_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on masked positions.
+
+    norm="masked": mean over masked tokens of the batch (paper eq. 2).
+    norm="answer_length": LLaDA's SFT form, sum over masked tokens of CE / t divided by the row's answer
+    length, averaged over rows (`answer_lengths` [B] required).
+    """
+    ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")
+    if norm == "masked":
+        # A batch with nothing masked (tiny t, short answers) contributes 0 rather than NaN.
+        return ce.sum() / masked.sum().clamp(min=1)
+    if norm == "answer_length":
+        if answer_lengths is None:
+            raise ValueError("diffusion_loss: norm='answer_length' needs answer_lengths")
+        row = masked.nonzero()[:, 0]
+        per_row = torch.zeros(x0.shape[0], device=ce.device).index_add_(0, row, ce / t)
+        return (per_row / answer_lengths.clamp(min=1)).mean()
+    raise ValueError(f"loss.diffusion_norm: unknown {norm!r}")
+
+
+def pool(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(mean of `hidden` [B, L, D] over positions where `keep` [B, L] is True) -> [B, D] (float32)."""
+    weights = keep.to(torch.float32).unsqueeze(-1)
+    summed = (hidden.float() * weights).sum(dim=1)
+    mean = summed / weights.sum(dim=1).clamp(min=1.0)
+    return F.layer_norm(mean, mean.shape[-1:])
+
+
+def jepa_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 1 - cos(predicted, sg(target)); the target never receives gradient."""
+    return (1.0 - F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1)).mean()
+
+
+class Predictor(nn.Module):
+    """g_phi: k transformer blocks at backbone width applied to the pooled embedding (a length-1 sequence).
+
+    k = 0 is the identity (the paper's no-predictor ablation).
+    """
+
+    def __init__(self, width: int, depth: int, n_heads: int = 1):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, n_heads) for _ in range(depth))
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.blocks:
+            return z
+        dtype = next(self.parameters()).dtype
+        h = z.to(dtype).unsqueeze(1)
+        for block in self.blocks:
+            h = block(h)
+        return h.squeeze(1)
+
+
+class EmaTarget:
+    """The target encoder f_theta': an EMA of the online backbone, never trained.
+
+    Kept outside the optimizer (and outside DeepSpeed) in `dtype` (float32 by default: a 0.004 step is
+    below bf16 resolution, so a bf16 EMA would stop moving). `update` is one `_foreach_lerp_` per chunk
+    of tensors: theta' <- decay * theta' + (1 - decay) * theta.
+    """
+
+    def __init__(self, online: nn.Module, decay: float, *, dtype: torch.dtype = torch.float32,
+                 chunk_size: int = 64):
+        self.decay = decay
+        self.module = copy.deepcopy(online).to(dtype).eval().requires_grad_(False)
+        self.params = [p for p in self.module.parameters()]
+        self.chunk_size = chunk_size  # bounds the temporary casts of online params for huge models
+
+    @torch.no_grad()
+    def update(self, online_params: Iterable[torch.Tensor]) -> None:
+        online = list(online_params)
+        if len(online) != len(self.params):
+            raise ValueError(f"EMA update: {len(online)} online tensors for {len(self.params)} target tensors")
+        weight = 1.0 - self.decay
+        for start in range(0, len(online), self.chunk_size):
+            targets = self.params[start:start + self.chunk_size]
+            sources = [s.to(t.dtype) for s, t in zip(online[start:start + self.chunk_size], targets)]
+            torch._foreach_lerp_(targets, sources, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+def attach_l2_anchor(params: list[nn.Parameter], strength: float, *, scale: float = 1.0) -> list:
+    """Add the gradient of strength * ||theta - theta_base||^2 to each parameter's gradient.
+
+    Injected with tensor hooks, which fire before DeepSpeed's gradient reduction hooks, so the loss
+    graph is never duplicated. `scale` = 1 / gradient-accumulation steps, because the hook fires on every
+    micro-batch while DeepSpeed averages micro-batch gradients. Returns the hook handles.
+    """
+    handles = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        base = p.detach().clone()
+        coef = 2.0 * strength * scale
+        handles.append(p.register_hook(lambda g, p=p, base=base: g + coef * (p.detach() - base).to(g.dtype)))
+    return handles
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    diff: torch.Tensor
+    jepa: torch.Tensor | None  # None when the target branch did not run (lambda = 0 or loss dropout)
+    z_low: torch.Tensor
+    z_high: torch.Tensor | None
+    masked_tokens: int
+
+
+# (input_ids, attention_mask) -> (logits [B, L, V], last hidden states [B, L, D])
+Encoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dllm_jepa_losses(online: Encoder, target: Encoder | None, predictor: nn.Module, x0: torch.Tensor,
+                     attention_mask: torch.Tensor, maskable: torch.Tensor, *, mask_token_id: int, t_low: float,
+                     t_high: float, lam: float, generator: torch.Generator | None = None,
+                     diffusion_norm: str = "masked", run_target: bool = True) -> Losses:
+    """One step's losses. The online encoder runs once (with grad) on the context view; the target
+    encoder runs once under no_grad on the target view, and only when lam > 0 and `run_target`."""
+    pad = ~attention_mask.bool()
+    x_low, masked_low = mask_tokens(x0, t_low, maskable, mask_token_id=mask_token_id, generator=generator)
+    logits, hidden = online(x_low, attention_mask)
+    answer_lengths = maskable.sum(dim=1) if diffusion_norm == "answer_length" else None
+    l_diff = diffusion_loss(logits, x0, masked_low, t=t_low, norm=diffusion_norm, answer_lengths=answer_lengths)
+    z_low = pool(hidden, ~masked_low & ~pad)
+    if lam == 0 or target is None or not run_target:
+        return Losses(l_diff, l_diff.detach(), None, z_low.detach(), None, int(masked_low.sum()))
+    x_high, masked_high = mask_tokens(x0, t_high, maskable, mask_token_id=mask_token_id, generator=generator)
+    with torch.no_grad():
+        _, hidden_high = target(x_high, attention_mask)
+        z_high = pool(hidden_high, ~masked_high & ~pad)
+    l_jepa = jepa_loss(predictor(z_low), z_high)
+    return Losses(l_diff + lam * l_jepa, l_diff.detach(), l_jepa.detach(), z_low.detach(), z_high,
+                  int(masked_low.sum()))

@@ -1,0 +1,285 @@
+"""Iterative-unmasking generation for masked-diffusion LMs (LLaDA's sampling scheme).
+
+The answer starts as ``gen_length`` [MASK] tokens after the (left-padded) prompt and is filled in
+``steps`` denoising steps, split evenly over ``gen_length // block_length`` semi-autoregressive blocks.
+Each step runs ONE forward pass for the whole batch, proposes a token for every masked position, scores
+the proposals with the remasking rule, and commits the k most confident masked positions of each row
+(k from `transfer_schedule`); everything else stays masked. Positions after the current block are
+never committed while that block is open.
+
+Under greedy decoding (temperature 0) `generate` is token-for-token identical to LLaDA's reference
+``generate()`` (ML-GSAI/LLaDA ``generate.py``, cfg_scale=0, no EOS options); with ``temperature > 0`` or
+``remasking="random"`` it draws its random numbers in the same order and shapes as the reference, so a
+``torch.Generator`` seeded like the reference's global RNG reproduces its samples on CPU
+(tests/test_sampler.py checks both against recorded reference outputs).
+
+Behaviour kept from the reference on purpose, for parity:
+* a proposal that is itself [MASK] is "committed" as [MASK], so the position stays masked; it remains a
+  candidate in later steps (also in later blocks) and may be left masked at the end;
+* the per-block transfer count uses the masks inside the block at its start only;
+* the Gumbel noise is drawn for the full [B, L, V] logits every step (that is what keeps the RNG stream
+  aligned with the reference); only the current window is used afterwards.
+Greedy steps that commit nothing (``steps_per_block > block_length``) skip the forward pass; that
+changes nothing in the output.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LogitsFn",
+    "REMASKING_RULES",
+    "SamplerConfig",
+    "decode_generations",
+    "generate",
+    "model_logits_fn",
+    "sampler_throughput",
+    "transfer_schedule",
+]
+
+# (input_ids [B, L], attention_mask [B, L] or None) -> logits [B, L, V]
+LogitsFn = Callable[[torch.LongTensor, Optional[torch.Tensor]], torch.Tensor]
+
+REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"SamplerConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    steps: int = 128  # denoising steps over the whole answer (forward passes, at most)
+    gen_length: int = 256  # answer tokens appended after the prompt
+    block_length: int = 128  # semi-autoregressive block; == gen_length: one block
+    temperature: float = 0.0  # 0: greedy argmax; > 0: Gumbel-max sampling (float64)
+    remasking: str = "low_confidence"  # which proposals to commit first: see REMASKING_RULES
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps)
+        _check_int("gen_length", self.gen_length)
+        _check_int("block_length", self.block_length)
+        if self.gen_length % self.block_length != 0:
+            raise ValueError(
+                f"SamplerConfig.gen_length ({self.gen_length}) must be a multiple of "
+                f"SamplerConfig.block_length ({self.block_length})")
+        if self.steps % self.num_blocks != 0:
+            raise ValueError(
+                f"SamplerConfig.steps ({self.steps}) must be a multiple of the number of blocks "
+                f"gen_length // block_length = {self.num_blocks}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0.0) or t == float("inf"):
+            raise ValueError(f"SamplerConfig.temperature must be a finite number >= 0, got {t!r}")
+        if self.remasking not in REMASKING_RULES:
+            raise ValueError(f"SamplerConfig.remasking must be one of {REMASKING_RULES}, got {self.remasking!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at each of ``steps`` steps, per row: ``[B] -> [B, steps]`` (int64).
+
+    Every step gets ``n // steps``; the first ``n % steps`` steps get one more, so a row sums to ``n``
+    (LLaDA's linear schedule). ``n_masked`` may also be ``[B, 1]``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    n = torch.as_tensor(n_masked).to(torch.int64).reshape(-1)
+    if (n < 0).any():
+        raise ValueError("n_masked must be >= 0")
+    base = torch.div(n, steps, rounding_mode="floor")
+    rem = n - base * steps
+    extra = torch.arange(steps, device=n.device).unsqueeze(0) < rem.unsqueeze(1)
+    return base.unsqueeze(1) + extra.to(torch.int64)
+
+
+def model_logits_fn(model: Any) -> LogitsFn:
+    """Adapter for models called as ``model(input_ids, attention_mask=...)`` returning ``.logits``
+    (Hugging Face style, e.g. LLaDA). The attention mask is passed through unchanged (None stays None)."""
+
+    def fn(input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return model(input_ids, attention_mask=attention_mask).logits
+
+    return fn
+
+
+def _propose(logits: torch.Tensor, lo: int, hi: int, config: SamplerConfig,
+             generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposed tokens and their confidence for positions [lo, hi) -> ([B, W], [B, W])."""
+    window = logits[:, lo:hi]
+    if config.temperature > 0:
+        # Gumbel-max in float64 as in the reference: exp(l) / (-log U) ** T, argmax. The noise is drawn
+        # for the whole logits tensor so the RNG stream matches the reference step for step.
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        u = u[:, lo:hi]
+        x0 = torch.argmax(window.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature, dim=-1)
+    else:
+        x0 = torch.argmax(window, dim=-1)
+
+    rule = config.remasking
+    if rule == "low_confidence":  # probability of the chosen token under the noise-free model
+        p = F.softmax(window, dim=-1)
+        conf = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    elif rule == "random":  # same draw shape/dtype as the reference: [B, L] in the default dtype
+        conf = torch.rand(logits.shape[:2], device=logits.device, generator=generator)[:, lo:hi]
+    elif rule == "margin":  # top-1 minus top-2 probability
+        top2 = F.softmax(window, dim=-1).topk(2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif rule == "entropy":  # negative entropy: sum p log p (0 log 0 = 0)
+        logp = F.log_softmax(window, dim=-1)
+        p = logp.exp()
+        conf = torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    else:  # unreachable: SamplerConfig validates
+        raise ValueError(f"SamplerConfig.remasking: unknown rule {rule!r}")
+    return x0, conf
+
+
+def _select_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, W]: per row the k[row] highest-confidence positions (k on CPU)."""
+    selected = torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
+    k_max = int(k.max())
+    if k_max == 0:
+        return selected
+    idx = torch.topk(confidence, k=k_max, dim=-1).indices
+    if int(k.min()) == k_max:  # the usual case: every row commits the same number
+        return selected.scatter_(1, idx, True)
+    keep = torch.arange(k_max).unsqueeze(0) < k.unsqueeze(1)  # rank < k_row
+    return selected.scatter_(1, idx, keep.to(confidence.device))
+
+
+@torch.no_grad()
+def generate(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+             mask_id: int, config: SamplerConfig = SamplerConfig(),
+             generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+    """Generate ``config.gen_length`` tokens after each (left-padded) prompt: ``[B, P] -> [B, P + gen_length]``.
+
+    ``attention_mask`` (``[B, P]``, 1 = token, 0 = left padding) is extended with ones over the answer and
+    passed to ``logits_fn`` at every step; None is passed through as None. Padding must use an id other
+    than ``mask_id``. ``generator`` feeds the Gumbel noise (temperature > 0) and the "random" rule; None
+    uses torch's global RNG.
+    """
+    if not isinstance(config, SamplerConfig):
+        raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {tuple(prompt_ids.shape)}")
+    if (prompt_ids == mask_id).any():
+        raise ValueError(
+            f"prompt_ids contain mask_id={mask_id}: the prompt (and its left padding: pad id must differ "
+            "from the mask id) may not contain the mask token")
+    batch, prompt_len = prompt_ids.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, prompt_len):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape "
+                         f"{(batch, prompt_len)}")
+
+    device = prompt_ids.device
+    total = prompt_len + config.gen_length
+    x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_len] = prompt_ids
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, config.gen_length))], dim=-1)
+
+    steps = config.steps_per_block
+    uses_rng = config.temperature > 0 or config.remasking == "random"
+    checked = False
+    for block in range(config.num_blocks):
+        start = prompt_len + block * config.block_length
+        end = start + config.block_length
+        n_masked = (x[:, start:end] == mask_id).sum(dim=1).cpu()
+        schedule = transfer_schedule(n_masked, steps)  # [B, steps], on CPU
+        for i in range(steps):
+            k = schedule[:, i]
+            if not uses_rng and int(k.max()) == 0:
+                continue  # commits nothing and draws no random numbers: the forward pass is moot
+            logits = logits_fn(x, attention_mask)
+            if not checked:
+                if logits.dim() != 3 or tuple(logits.shape[:2]) != (batch, total):
+                    raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected "
+                                     f"[{batch}, {total}, vocab]")
+                checked = True
+            # Candidates: masked positions up to the end of the current block. The prompt holds no
+            # masks, so the window starts at the answer; later positions would get -inf anyway.
+            x0, conf = _propose(logits, prompt_len, end, config, generator)
+            window = x[:, prompt_len:end]
+            masked = window == mask_id
+            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            commit = _select_top_k(conf, k) & masked
+            x[:, prompt_len:end] = torch.where(commit, x0, window)
+    return x
+
+
+def decode_generations(tokenizer: Any, output_ids: torch.Tensor, prompt_len: int,
+                       eos_id: int | Iterable[int] | None = None) -> list[str]:
+    """Decode the answer part (``output_ids[:, prompt_len:]``) of each row, cut before its first EOS.
+
+    ``eos_id`` may be one id or several (e.g. LLaDA's EOS and EoT); None uses ``tokenizer.eos_token_id``
+    (no cut when that is None too). Special tokens are skipped when decoding.
+    """
+    if eos_id is None:
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        stops: set[int] = set()
+    elif isinstance(eos_id, int):
+        stops = {eos_id}
+    else:
+        stops = {int(e) for e in eos_id}
+    texts = []
+    for row in output_ids[:, prompt_len:].tolist():
+        for j, tok in enumerate(row):
+            if tok in stops:
+                row = row[:j]
+                break
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def sampler_throughput(logits_fn: LogitsFn, prompts: torch.Tensor, attention_mask: Optional[torch.Tensor], *,
+                       mask_id: int, config: SamplerConfig, warmup: bool = True) -> dict:
+    """Answer tokens per second for the whole batch in one `generate` call versus one prompt at a time.
+
+    Each one-at-a-time prompt has its left padding removed (via ``attention_mask``). Returns timings,
+    tokens/s for both, ``speedup`` (batched / one-at-a-time) and, under greedy decoding,
+    ``outputs_match`` (the batched answers equal the one-at-a-time ones; None when sampling).
+    """
+    batch = prompts.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompts)
+    rows = [prompts[r][attention_mask[r].bool()].unsqueeze(0) for r in range(batch)]
+    if warmup:
+        generate(logits_fn, rows[0], torch.ones_like(rows[0]), mask_id=mask_id, config=config)
+
+    t0 = time.perf_counter()
+    batched = generate(logits_fn, prompts, attention_mask, mask_id=mask_id, config=config)
+    batched_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    singles = [generate(logits_fn, r, torch.ones_like(r), mask_id=mask_id, config=config) for r in rows]
+    sequential_s = time.perf_counter() - t0
+
+    tokens = batch * config.gen_length
+    greedy = config.temperature == 0 and config.remasking != "random"
+    match = None
+    if greedy:
+        p = prompts.shape[1]
+        match = all(torch.equal(batched[r, p:], singles[r][0, rows[r].shape[1]:]) for r in range(batch))
+    return {
+        "batch_size": batch,
+        "gen_tokens": tokens,
+        "batched_s": batched_s,
+        "sequential_s": sequential_s,
+        "batched_tokens_per_s": tokens / batched_s,
+        "sequential_tokens_per_s": tokens / sequential_s,
+        "speedup": sequential_s / batched_s,
+        "outputs_match": match,
+    }

@@ -1,0 +1,122 @@
+"""Driver side of one training run: a Ray Train `TorchTrainer` over `worker.train_loop_per_worker`.
+
+The same function serves `raydllm train` (its own MLflow run) and each Ray Tune trial (the trial's child
+run), so a sweep trains exactly what a single run trains.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+def default_storage_path() -> str:
+    return str(Path.cwd() / "raydllm_runs")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (or `ray start`ed here); otherwise start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=True,
+             include_dashboard=False if not address else None, configure_logging=False)
+
+
+def warm_deepspeed_ops() -> None:
+    """Build DeepSpeed's CPU shared-memory comm op once per machine (about a minute) in the driver, so no
+    worker pays it at start-up; later builds hit the torch_extensions cache and take milliseconds."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        if get_accelerator().device_name() != "cpu":
+            return
+        from deepspeed.comm.torch import build_shm_op
+
+        start = time.perf_counter()
+        build_shm_op()
+        log.info("DeepSpeed CPU comm op ready in %.1fs", time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed falls back to plain gloo without it
+        log.warning("DeepSpeed CPU comm op unavailable (%s); workers use plain torch.distributed", exc)
+
+
+def choose_gpu(cfg: Config) -> bool:
+    if cfg.train.use_gpu != "auto":
+        return cfg.train.use_gpu == "on"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def scaling_config(cfg: Config):
+    from ray.train import ScalingConfig
+
+    use_gpu = choose_gpu(cfg)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[str, str] | None,
+                  callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "tracking": tracking},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=name,  # a fixed name: Ray Train resumes from this run's latest checkpoint on re-run
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    name: str
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    resumed: bool
+
+
+def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
+    """One training run logged as one MLflow run; re-running with the same run.name resumes both."""
+    from . import tracking
+
+    tracking.check_tracking(tracking_uri)
+    name = cfg.run.name or f"train-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = cfg.run.storage_path or default_storage_path()
+    Path(storage).mkdir(parents=True, exist_ok=True) if "://" not in storage else None
+    run_id, resumed = tracking.open_run(tracking_uri, tracking.experiment_name(cfg.task), key="raydllm.run_name",
+                                        name=name, params=cfg.flat(),
+                                        tags={"raydllm.kind": "train", **tracking.environment_tags()})
+    ensure_ray()
+    warm_deepspeed_ops()
+    trainer = build_trainer(cfg, name=name, storage_path=storage,
+                            tracking={"tracking_uri": tracking_uri, "run_id": run_id})
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        tracking.finish_run(tracking_uri, run_id, "FAILED", {"raydllm.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        raise
+    tracking.finish_run(tracking_uri, run_id, "FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainOutcome(run_id=run_id, name=name, metrics=dict(result.metrics or {}), checkpoint=checkpoint,
+                        resumed=resumed)

@@ -1,0 +1,323 @@
+"""The worker loop: what each Ray Train worker runs, around one DeepSpeed engine.
+
+Per optimizer step: the online model (backbone + predictor, inside DeepSpeed) runs once with grad on the
+context view; the EMA target runs once under no_grad on the target view (lambda > 0 only); one backward;
+the optimizer step; the EMA update. Every `eval_every` steps all workers compute the validation
+diffusion loss, save a checkpoint (DeepSpeed engine + EMA + step) and call `ray.train.report` together
+(it is a barrier). Rank 0 writes the step-by-step curves to MLflow at the same moment, so a run resumed
+from that checkpoint continues one curve with no repeated steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .backbone import Backbone, load_backbone
+from .config import Config, validate
+from .data import collate, load_examples, micro_batch_indices, steps_for, tokenize_sft
+from .objective import EmaTarget, Losses, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses
+from .masking import mask_tokens
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+DS_TAG = "engine"
+
+
+class OnlineModel(nn.Module):
+    """What DeepSpeed trains: the backbone f_theta and the predictor g_phi. The EMA target stays outside."""
+
+    def __init__(self, backbone: Backbone, predictor: Predictor):
+        super().__init__()
+        self.backbone = backbone
+        self.predictor = predictor
+
+    def forward(self, input_ids, attention_mask, maskable, *, target, cfg: Config, generator, run_target: bool
+                ) -> Losses:
+        return dllm_jepa_losses(self.backbone, target, self.predictor, input_ids, attention_mask, maskable,
+                                mask_token_id=self.backbone.ids.mask, t_low=cfg.jepa.t_low,
+                                t_high=cfg.jepa.t_high, lam=cfg.jepa.lam, generator=generator,
+                                diffusion_norm=cfg.loss.diffusion_norm, run_target=run_target)
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def deepspeed_config(cfg: Config, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.bf16 != "auto":
+        return cfg.train.bf16 == "on"
+    # bf16 where the hardware runs it natively; CPUs emulate most bf16 matmuls, which is slower than fp32.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _param_groups(module: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on biases and norm gains
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MetricsSink:
+    """Rank 0's MLflow writer: buffers per-step points and flushes them with each checkpoint."""
+
+    def __init__(self, tracking: dict | None):
+        self.client = None
+        self.points: list = []
+        if tracking and tracking.get("run_id"):
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+            self.run_id = tracking["run_id"]
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.points += [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+
+    def flush(self) -> None:
+        if self.client is None or not self.points:
+            return
+        for start in range(0, len(self.points), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(self.run_id, metrics=self.points[start:start + 1000])
+        self.points = []
+
+
+class WorkerLoop:
+    def __init__(self, cfg: Config, *, rank: int, world: int, device: torch.device, tracking: dict | None = None):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.sink = MetricsSink(tracking if rank == 0 else None)
+        self.bf16 = use_bf16(cfg, device)
+        torch.manual_seed(cfg.train.seed)  # same init on every rank; data differs by rank below
+
+        backbone, tokenizer = load_backbone(cfg.model)
+        self.ids = backbone.ids
+        self.tokenizer = tokenizer
+        task = get_task(cfg.task)
+        encode = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, answer_tokens=cfg.data.answer_tokens,
+                      eos_id=backbone.ids.eos)
+        self.train_records = tokenize_sft(load_examples(cfg, "train"), tokenizer, task, **encode)
+        val = tokenize_sft(load_examples(cfg, "validation"), tokenizer, task, **encode)
+        self.val_records = val[rank::world]
+        self.total_steps = steps_for(cfg, len(self.train_records))
+
+        predictor = Predictor(backbone.hidden_size, cfg.jepa.k, n_heads=_predictor_heads(backbone.hidden_size))
+        module = OnlineModel(backbone, predictor)
+        # lambda = 0 is the baseline: no EMA copy exists and no target forward ever runs.
+        self.ema = (EmaTarget(backbone, cfg.jepa.ema_decay, dtype=getattr(torch, cfg.jepa.ema_dtype))
+                    if cfg.jepa.lam > 0 else None)
+        if self.ema is not None:
+            self.ema.module.to(device)
+        if cfg.loss.anchor == "l2":
+            attach_l2_anchor(list(backbone.parameters()), cfg.loss.l2_lambda, scale=1.0 / cfg.train.grad_accum)
+
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(_param_groups(module, cfg.train.weight_decay), lr=cfg.train.lr,
+                                      betas=tuple(cfg.train.adam_betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(self.total_steps, cfg.train.warmup_ratio))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.bf16))
+        self.step = 0
+        self.target_rng = torch.Generator().manual_seed(cfg.train.seed + 7)
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def _target(self):
+        if self.ema is None:
+            return None
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
+                    else nullcontext())
+
+        def encode(ids, attention_mask):
+            with autocast:
+                return self.ema.module(ids, attention_mask)
+
+        return encode
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        sums = {"loss_total": 0.0, "loss_diff": 0.0, "loss_jepa": 0.0}
+        jepa_runs = tokens = 0
+        # Masks of step s depend only on (seed, step, rank): a resumed run draws the same views.
+        generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.step * 104_729 + self.rank)
+        # JEPA loss dropout: the whole step's target branch is on or off, the same decision on all ranks.
+        run_target = cfg.jepa.target_prob >= 1.0 or (
+            torch.rand((), generator=torch.Generator().manual_seed(cfg.train.seed + self.step)).item()
+            < cfg.jepa.target_prob)
+        target = self._target()
+        for micro in range(cfg.train.grad_accum):
+            idx = micro_batch_indices(len(self.train_records), step=self.step, micro=micro, rank=self.rank,
+                                      world=self.world, micro_batch_size=cfg.train.micro_batch_size,
+                                      grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
+            batch = collate([self.train_records[i] for i in idx], self.ids.pad).to(self.device)
+            losses: Losses = self.engine(batch.input_ids, batch.attention_mask, batch.maskable, target=target,
+                                         cfg=cfg, generator=generator, run_target=run_target)
+            self.engine.backward(losses.total)
+            self.engine.step()
+            sums["loss_total"] += float(losses.total.detach()) / cfg.train.grad_accum
+            sums["loss_diff"] += float(losses.diff) / cfg.train.grad_accum
+            if losses.jepa is not None:
+                sums["loss_jepa"] += float(losses.jepa) / cfg.train.grad_accum
+                jepa_runs += 1
+            tokens += batch.tokens
+        if self.ema is not None:
+            self.ema.update(self.engine.module.backbone.parameters())
+        self.step += 1
+        out = {"loss_total": sums["loss_total"], "loss_diff": sums["loss_diff"], "tokens": float(tokens),
+               "lr": self.scheduler.get_last_lr()[0]}
+        if jepa_runs:
+            out["loss_jepa"] = sums["loss_jepa"]
+        return out
+
+    # -- validation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Masked-token CE on the validation split, averaged over eval.val_mask_rates, fixed seed."""
+        model = self.engine.module.backbone
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        mbs = self.cfg.train.micro_batch_size
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        for r_i, rate in enumerate(self.cfg.eval.val_mask_rates):
+            generator = torch.Generator().manual_seed(self.cfg.eval.val_seed + 1000 * r_i + self.rank)
+            for start in range(0, len(self.val_records), mbs):
+                batch = collate(self.val_records[start:start + mbs], self.ids.pad).to(self.device)
+                x_t, masked = mask_tokens(batch.input_ids, rate, batch.maskable, mask_token_id=self.ids.mask,
+                                          generator=generator)
+                with autocast:
+                    logits, _ = model(x_t, batch.attention_mask)
+                n = int(masked.sum())
+                totals[0] += float(diffusion_loss(logits, batch.input_ids, masked, t=rate)) * n
+                totals[1] += n
+        model.train()
+        totals = totals.to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """DeepSpeed engine state (weights, optimizer shards, scheduler) + EMA + step, into `directory`."""
+        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"step": self.step}, save_latest=False)
+        if self.rank == 0:
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), os.path.join(directory, "ema.pt"))
+            Path(directory, "raydllm.json").write_text(json.dumps(
+                {"step": self.step, "data_position": self.step, "config": self.cfg.to_dict()}, indent=1))
+
+    def restore(self, directory: str) -> None:
+        _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        self.step = int(client_state["step"])
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(os.path.join(directory, "ema.pt"), map_location=self.device))
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                self.restore(directory)
+            log.info("rank %d resumed at step %d", self.rank, self.step)
+        window: list[dict[str, float]] = []
+        step_seconds = 0.0
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            metrics = self.train_step()
+            elapsed = time.perf_counter() - start
+            step_seconds += elapsed
+            metrics["tokens_per_s"] = metrics["tokens"] * self.world / elapsed
+            window.append(metrics)
+            self.sink.add(self.step, {k: v for k, v in metrics.items() if k != "tokens"})
+            if not math.isfinite(metrics["loss_total"]):
+                raise FloatingPointError(f"non-finite loss {metrics['loss_total']} at step {self.step}")
+            if self.step % self.cfg.train.eval_every == 0 or self.step == self.total_steps:
+                self.report(window, step_seconds)
+                window, step_seconds = [], 0.0
+
+    def report(self, window: list[dict[str, float]], step_seconds: float) -> None:
+        import ray.train
+
+        summary = _mean_across_ranks(window, self.device)
+        summary["val_loss_diff"] = self.validation_loss()
+        summary["step"] = self.step
+        summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
+        summary["done"] = self.step >= self.total_steps
+        summary.pop("tokens", None)
+        self.sink.add(self.step, {"val_loss_diff": summary["val_loss_diff"]})
+        with tempfile.TemporaryDirectory() as directory:
+            self.save(directory)
+            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        self.sink.flush()  # after the checkpoint is persisted: points past it would be re-done on resume
+
+
+def _predictor_heads(width: int) -> int:
+    return next(h for h in (8, 4, 2, 1) if width % h == 0 and width // h >= 16) if width >= 16 else 1
+
+
+def _mean_across_ranks(window: list[dict[str, float]], device: torch.device) -> dict[str, float]:
+    keys = ["loss_total", "loss_diff", "loss_jepa", "lr"]
+    values = torch.zeros(len(keys) * 2, dtype=torch.float64)
+    for m in window:
+        for i, key in enumerate(keys):
+            if key in m:
+                values[2 * i] += m[key]
+                values[2 * i + 1] += 1
+    values = values.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    out = {}
+    for i, key in enumerate(keys):
+        if values[2 * i + 1] > 0:
+            out[key] = float(values[2 * i] / values[2 * i + 1])
+    return out
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point. loop_config = {"config": Config dict, "tracking": {tracking_uri, run_id}}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = validate(loop_config["config"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    loop = WorkerLoop(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
+                      device=ray.train.torch.get_device(), tracking=loop_config.get("tracking"))
+    loop.run()

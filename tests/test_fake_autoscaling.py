@@ -1,0 +1,124 @@
+"""Autoscaling for real on one machine: a Tune sweep makes Ray's autoscaler add worker nodes, then remove them.
+
+The cluster is Ray's ``fake_multinode`` provider (see tests/fake_cluster.py): a head node with no ``node_slot``
+resource and a worker node type with ``{"CPU": 1, "node_slot": 1}``. Every trial asks for one node's worth
+(``{"CPU": 1, "node_slot": 1}``), so nothing fits until the autoscaler launches worker nodes; once the sweep is
+done and the nodes are idle for ``idle_timeout_minutes`` (0.1 min = 6 s) the autoscaler terminates them.
+
+The asserted node-count sequence is 0 -> >= 2 worker nodes -> 0. `run_sweep` is the one place to swap in
+raydllm's real sweep; it receives the cluster address and must leave the driver disconnected when it returns.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+
+from fake_cluster import NodeTimeline, fake_autoscaling_cluster
+
+NODE_RESOURCES = {"CPU": 1, "node_slot": 1}
+MAX_WORKERS = 3
+NUM_TRIALS = 3
+IDLE_TIMEOUT_MIN = 0.1  # 6 s
+
+
+def _sleepy_trainable(config):
+    """Stand-in trial: a few seconds of 'training' that reports where it ran."""
+    import ray
+    from ray import tune
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for step in range(config["steps"]):
+        time.sleep(config["step_s"])
+        tune.report({"step": step + 1, "loss": config["lr"] / (step + 1), "node_id": node_id})
+
+
+def run_sweep(address: str, num_trials: int, resources_per_trial: dict) -> list[dict]:
+    """Run a small Tune sweep on the cluster at `address`; return one dict per trial (its last result).
+
+    Hook for the lead: replace the body with raydllm's real sweep. Contract: connect to `address`, run
+    `num_trials` trials that each need `resources_per_trial`, disconnect, return the final results.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    try:
+        trainable = tune.with_resources(_sleepy_trainable, PlacementGroupFactory([dict(resources_per_trial)]))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"lr": tune.grid_search([1e-3 * (i + 1) for i in range(num_trials)]),
+                         "steps": 4, "step_s": 1.0},
+            tune_config=tune.TuneConfig(metric="loss", mode="min"),
+            run_config=tune.RunConfig(
+                name="fake-autoscaling",
+                storage_path=tempfile.mkdtemp(prefix="raydllm-fake-tune-"),
+                verbose=0,
+            ),
+        )
+        results = tuner.fit()
+        return [dict(r.metrics or {}, error=repr(r.error) if r.error else None) for r in results]
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+def test_tune_sweep_scales_workers_up_then_down():
+    t_start = time.monotonic()
+    with fake_autoscaling_cluster(
+        head_cpus=1,
+        worker_resources=NODE_RESOURCES,
+        max_workers=MAX_WORKERS,
+        idle_timeout_minutes=IDLE_TIMEOUT_MIN,
+    ) as cluster:
+        t_up = time.monotonic() - t_start
+        head = [n for n in cluster.alive_nodes() if n["is_head"]]
+        assert len(head) == 1 and "node_slot" not in head[0]["resources"]
+        assert cluster.worker_count() == 0
+
+        timeline = NodeTimeline(cluster, interval_s=0.5).start()
+        try:
+            t_sweep0 = time.monotonic()
+            results = run_sweep(cluster.address, NUM_TRIALS, NODE_RESOURCES)
+            t_sweep = time.monotonic() - t_sweep0
+            # Scale-down: idle timeout (6 s) + autoscaler update interval (1 s) + raylet shutdown.
+            cluster.wait_for_workers(lambda n: n == 0, timeout_s=90)
+            time.sleep(1.0)  # one more sample at 0
+        except BaseException:
+            print(cluster.monitor_log_tail(40))
+            raise
+        finally:
+            timeline.stop()
+            print(f"\nfake cluster: head up in {t_up:.1f}s; sweep of {NUM_TRIALS} trials took {t_sweep0 - t_start:.1f}s"
+                  f" after start, ran {locals().get('t_sweep', float('nan')):.1f}s")
+            print("alive worker nodes over time (t = seconds since the head came up; only changes shown):")
+            print(timeline.render())
+            if timeline.errors:
+                print(f"sampling errors: {timeline.errors[:3]}")
+
+        assert len(results) == NUM_TRIALS
+        assert all(r.get("error") is None for r in results), results
+        assert all(r.get("step") == 4 for r in results), results
+        trial_nodes = {r["node_id"] for r in results}
+        head_id = head[0]["node_id"]
+        assert head_id not in trial_nodes, "a trial ran on the head, which has no node_slot"
+        assert len(trial_nodes) >= 2, f"trials ran on only {trial_nodes}"
+
+        counts = timeline.counts()
+        peak = max(counts)
+        assert counts[0] == 0, counts
+        assert peak >= 2, counts
+        assert peak <= MAX_WORKERS, counts
+        assert counts[-1] == 0, counts
+        # 0 -> ... -> peak -> ... -> 0, in that order.
+        i_peak = counts.index(peak)
+        assert 0 in counts[:i_peak] and counts[-1] == 0
+
+    print(f"total test time {time.monotonic() - t_start:.1f}s")
+    # Nothing of the fake cluster may outlive the context manager (other tests start their own Ray).
+    assert not os.path.exists(cluster.temp_dir)

@@ -1,0 +1,170 @@
+"""The DLLM-JEPA objective, pinned on CPU tensors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from raydllm.masking import mask_tokens
+from raydllm.objective import (EmaTarget, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses,
+                               jepa_loss, pool)
+
+MASK = 99
+
+
+def _batch(b=64, prompt=20, answer=40, pad=5):
+    x0 = torch.randint(0, 90, (b, pad + prompt + answer))
+    attention = torch.ones_like(x0)
+    attention[:, :pad] = 0  # left padding
+    maskable = torch.zeros_like(x0, dtype=torch.bool)
+    maskable[:, pad + prompt:] = True
+    return x0, attention, maskable
+
+
+@pytest.mark.parametrize("t", [0.1, 0.2, 0.5, 0.7, 0.9])
+def test_mask_rate_within_tolerance(t):
+    x0, _, maskable = _batch(b=256)
+    _, masked = mask_tokens(x0, t, maskable, mask_token_id=MASK, generator=torch.Generator().manual_seed(0))
+    rate = masked.sum().item() / maskable.sum().item()
+    n = maskable.sum().item()
+    assert abs(rate - t) < 4 * math.sqrt(t * (1 - t) / n)
+
+
+def test_prompt_and_pad_never_masked_and_view_reproducible():
+    x0, attention, maskable = _batch()
+    x_t, masked = mask_tokens(x0, 0.99, maskable, mask_token_id=MASK, generator=torch.Generator().manual_seed(3))
+    assert not masked[~maskable].any()
+    assert torch.equal(x_t[~maskable], x0[~maskable])
+    assert (x_t[masked] == MASK).all()
+    again, _ = mask_tokens(x0, 0.99, maskable, mask_token_id=MASK, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x_t, again)
+    other, _ = mask_tokens(x0, 0.5, maskable, mask_token_id=MASK, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(x_t, other)
+
+
+def test_per_row_rates():
+    x0, _, maskable = _batch(b=2, answer=4000)
+    _, masked = mask_tokens(x0, torch.tensor([0.1, 0.9]), maskable, mask_token_id=MASK,
+                            generator=torch.Generator().manual_seed(0))
+    rates = masked.sum(1) / maskable.sum(1)
+    assert abs(rates[0] - 0.1) < 0.03 and abs(rates[1] - 0.9) < 0.03
+
+
+def test_pool_ignores_masked_and_pad_positions():
+    hidden = torch.randn(3, 10, 16)
+    keep = torch.zeros(3, 10, dtype=torch.bool)
+    keep[:, 4:8] = True
+    pooled = pool(hidden, keep)
+    changed = hidden.clone()
+    changed[:, :4] = 1e3  # positions outside `keep` may hold anything
+    changed[:, 8:] = -1e3
+    assert torch.allclose(pool(changed, keep), pooled)
+    expected = torch.nn.functional.layer_norm(hidden[:, 4:8].mean(1), (16,))
+    assert torch.allclose(pooled, expected, atol=1e-5)
+
+
+def test_cosine_loss_zero_for_identical_and_no_gradient_to_target():
+    z = torch.randn(4, 32)
+    assert jepa_loss(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert jepa_loss(z, -z).item() == pytest.approx(2.0, abs=1e-6)
+    predicted = torch.randn(4, 32, requires_grad=True)
+    target = torch.randn(4, 32, requires_grad=True)
+    jepa_loss(predicted, target).backward()
+    assert predicted.grad is not None and predicted.grad.abs().sum() > 0
+    assert target.grad is None
+
+
+def test_predictor_depth_equals_k_and_k0_is_identity():
+    for k in range(0, 4):
+        assert Predictor(32, k, n_heads=2).depth == k
+    z = torch.randn(5, 32)
+    assert torch.equal(Predictor(32, 0)(z), z)
+    assert Predictor(32, 2, n_heads=2)(z).shape == (5, 32)
+
+
+def test_ema_update_matches_formula():
+    online = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    ema = EmaTarget(online, decay=0.9, chunk_size=1)  # chunk_size 1 exercises the chunking
+    before = [p.detach().clone() for p in ema.params]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(online.parameters())
+    for old, new, p in zip(before, ema.params, online.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * p.detach(), atol=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_keeps_float32_under_bf16_online():
+    online = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EmaTarget(online, decay=0.996)
+    assert all(p.dtype == torch.float32 for p in ema.params)
+    start = ema.params[0].clone()
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    ema.update(online.parameters())
+    # A 0.004 step is below bf16 resolution; in float32 it is applied.
+    assert torch.allclose(ema.params[0] - start, torch.full_like(start, 0.004), atol=2e-4)
+
+
+def test_diffusion_loss_norms():
+    logits = torch.randn(2, 6, 11)
+    x0 = torch.randint(0, 11, (2, 6))
+    masked = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    ce = torch.nn.functional.cross_entropy(logits[masked], x0[masked], reduction="none")
+    assert diffusion_loss(logits, x0, masked, t=0.5).item() == pytest.approx(ce.mean().item(), rel=1e-6)
+    lengths = torch.tensor([4, 2])
+    llada = ((ce[0] + ce[1]) / 0.5 / 4 + ce[2] / 0.5 / 2) / 2
+    got = diffusion_loss(logits, x0, masked, t=0.5, norm="answer_length", answer_lengths=lengths)
+    assert got.item() == pytest.approx(llada.item(), rel=1e-6)
+    nothing = torch.zeros_like(masked)
+    assert diffusion_loss(logits, x0, nothing, t=0.5).item() == 0.0
+
+
+def test_l2_anchor_adds_gradient_of_squared_distance():
+    layer = nn.Linear(3, 3)
+    handles = attach_l2_anchor(list(layer.parameters()), strength=0.5, scale=0.5)
+    base = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    layer(torch.zeros(1, 3)).sum().backward()  # data gradient of weight is 0 for a zero input
+    assert torch.allclose(layer.weight.grad, 2 * 0.5 * 0.5 * (layer.weight.detach() - base))
+    for h in handles:
+        h.remove()
+
+
+class _Encoder(nn.Module):
+    def __init__(self, vocab=100, width=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab)
+        self.calls = 0
+
+    def forward(self, ids, attention_mask):
+        self.calls += 1
+        h = self.emb(ids)
+        return self.head(h), h
+
+
+def test_lambda_zero_runs_no_target_forward():
+    x0, attention, maskable = _batch(b=4)
+    online, target = _Encoder(), _Encoder()
+    losses = dllm_jepa_losses(online, target, Predictor(16, 1), x0, attention, maskable, mask_token_id=MASK,
+                              t_low=0.2, t_high=0.7, lam=0.0, generator=torch.Generator().manual_seed(0))
+    assert online.calls == 1 and target.calls == 0 and losses.jepa is None
+    assert torch.equal(losses.total, losses.total)  # finite, computed
+    losses = dllm_jepa_losses(online, target, Predictor(16, 1), x0, attention, maskable, mask_token_id=MASK,
+                              t_low=0.2, t_high=0.7, lam=1.0, generator=torch.Generator().manual_seed(0))
+    assert online.calls == 2 and target.calls == 1 and losses.jepa is not None
+    assert losses.total.item() == pytest.approx(losses.diff.item() + losses.jepa.item(), rel=1e-5)
+
+
+def test_jepa_gradient_reaches_online_and_predictor_not_target():
+    x0, attention, maskable = _batch(b=4)
+    online, target, predictor = _Encoder(), _Encoder(), Predictor(16, 1)
+    losses = dllm_jepa_losses(online, target, predictor, x0, attention, maskable, mask_token_id=MASK, t_low=0.2,
+                              t_high=0.7, lam=1.0, generator=torch.Generator().manual_seed(0))
+    losses.total.backward()
+    assert online.emb.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in predictor.parameters())
+    assert all(p.grad is None for p in target.parameters())
