@@ -130,8 +130,10 @@ def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> tupl
         model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it; remote-code models on older releases only have the old name.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shift = cfg.shift_logits if cfg.shift_logits is not None else any(
         f in _family(model.config) for f in SHIFTED_FAMILIES)
     ids = resolve_token_ids(cfg, model.config, tokenizer)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raydllm.sampler import _select_top_k  # noqa: E402  (private: the varying-k path)
 from raydllm.sampler import (
     SamplerConfig,
     decode_generations,
@@ -200,6 +201,14 @@ def test_transfer_schedule():
             assert row.sum() == n and row.max() - row.min() <= 1 and row.tolist() == sorted(row.tolist(), reverse=True)
     with pytest.raises(ValueError, match="steps"):
         transfer_schedule(torch.tensor([3]), 0)
+
+
+def test_select_top_k_with_per_row_k():
+    conf = torch.tensor([[0.1, 0.9, 0.5, float("-inf")], [0.3, 0.2, 0.8, 0.7], [0.4, 0.6, 0.1, 0.2]])
+    sel = _select_top_k(conf, torch.tensor([2, 1, 0]))
+    assert sel.tolist() == [[False, True, True, False], [False, False, True, False], [False] * 4]
+    assert _select_top_k(conf, torch.tensor([1, 1, 1])).sum(1).tolist() == [1, 1, 1]
+    assert not _select_top_k(conf, torch.tensor([0, 0, 0])).any()
 
 
 @pytest.mark.parametrize("rule", ["low_confidence", "random", "margin", "entropy"])

@@ -40,7 +40,7 @@ PLACEHOLDERS = (("<VOW>", "AEIOUaeiou"), ("<NUM>", "0-9"), ("<LET>", "A-Za-z"), 
 MAX_CHAR = 0x10FFFF
 MAX_REPEAT = 1000  # larger {n,m} bounds make the regex invalid (the reference would exhaust memory on them)
 DEFAULT_MAX_STATES = 5000  # per intermediate DFA
-WORK_FACTOR = 10  # and at most 10x that many states explored in all, over every construction step
+WORK_FACTOR = 4  # and at most 4x that many states explored in all, over every construction step
 
 
 class RegexSyntaxError(ValueError):
@@ -446,8 +446,10 @@ def _ends(node: tuple, word: tuple, i: int, alphabet: dict, memo: dict) -> froze
     else:  # rep: exactly `low` rounds, then up to high - low more (unbounded: until nothing new)
         _, child, low, high = node
         current = frozenset({i})
-        for _ in range(low):
-            current = frozenset().union(*(_ends(child, word, j, alphabet, memo) for j in current))
+        for _ in range(low):  # within len(word) + 2 rounds this empties or stops changing: then stop early
+            before, current = current, frozenset().union(*(_ends(child, word, j, alphabet, memo) for j in current))
+            if not current or current == before:
+                break
         out, rounds = current, 0
         while current and (high is None or rounds < high - low):
             current = frozenset().union(*(_ends(child, word, j, alphabet, memo) for j in current)) - out
@@ -456,24 +458,30 @@ def _ends(node: tuple, word: tuple, i: int, alphabet: dict, memo: dict) -> froze
     return out
 
 
-def _generate(node: tuple, members: dict, rng: random.Random, k: int) -> tuple[int, ...]:
-    """A random symbol sequence shaped like node (a member when node has no `~`/`&`; a near miss otherwise)."""
+def _generate(node: tuple, members: dict, rng: random.Random, k: int, room: int) -> tuple[int, ...]:
+    """A random symbol sequence shaped like node (a member when node has no `~`/`&`; a near miss otherwise),
+    cut short once it is `room` symbols long."""
     kind = node[0]
-    if kind == "set":
-        return (rng.choice(sorted(members[node[1]])),) if members[node[1]] else ()
-    if kind in ("eps", "empty"):
+    if room <= 0 or kind in ("eps", "empty"):
         return ()
+    if kind == "set":
+        return (rng.choice(members[node[1]]),) if members[node[1]] else ()
     if kind == "not" and rng.random() < 0.5:  # members of the complemented part sit right at its edge
-        return _generate(node[1], members, rng, k)
+        return _generate(node[1], members, rng, k, room)
     if kind in ("any*", "not"):
-        return tuple(rng.randrange(k) for _ in range(rng.randint(0, 4)))
-    if kind == "cat":
-        return _generate(node[1], members, rng, k) + _generate(node[2], members, rng, k)
+        return tuple(rng.randrange(k) for _ in range(rng.randint(0, min(4, room))))
     if kind in ("or", "and"):
-        return _generate(rng.choice(node[1:]), members, rng, k)
-    _, child, low, high = node  # rep: a few rounds around the bounds
-    rounds = rng.randint(max(0, low - 1), (low + 3) if high is None else min(high + 1, low + 3))
-    return sum((_generate(child, members, rng, k) for _ in range(rounds)), ())
+        return _generate(rng.choice(node[1:]), members, rng, k, room)
+    parts = (node[1], node[2]) if kind == "cat" else ()
+    if kind == "rep":  # a few rounds around the bounds
+        _, child, low, high = node
+        parts = (child,) * rng.randint(max(0, low - 1), (low + 3) if high is None else min(high + 1, low + 3))
+    word: tuple[int, ...] = ()
+    for part in parts:
+        if len(word) >= room:
+            break
+        word += _generate(part, members, rng, k, room - len(word))
+    return word
 
 
 def _sampled_witness(x: tuple, y: tuple, alphabet: _Alphabet, samples: int = 1000,
@@ -482,9 +490,10 @@ def _sampled_witness(x: tuple, y: tuple, alphabet: _Alphabet, samples: int = 100
     every sequence of up to two symbols, then random sequences of at most max_len symbols generated from
     the shape of either regex, half of them with a symbol changed, inserted or deleted."""
     k, members, rng = alphabet.size, alphabet.members, random.Random(0)
+    ordered = {leaf: sorted(symbols) for leaf, symbols in members.items()}  # rng.choice needs a sequence
     words: list[tuple] = [(), *((a,) for a in range(k)), *((a, b) for a in range(k) for b in range(k))]
     for i in range(samples):
-        word = list(_generate((x, y)[i % 2], members, rng, k))
+        word = list(_generate((x, y)[i % 2], ordered, rng, k, max_len))
         if i % 4 >= 2:  # mutate: near misses find boundaries that exact members never touch
             at = rng.randint(0, len(word))
             word[at:at + rng.randint(0, 1)] = [rng.randrange(k)] * rng.randint(0, 1)
