@@ -43,6 +43,7 @@ def cmd_train(args) -> int:
 
     cfg = _config_from_args(args)
     outcome = run_training(cfg, tracking_uri=resolve_tracking_uri(args.tracking_uri))
+    _quiet_ray()
     result = {"run_id": outcome.run_id, "name": outcome.name, "checkpoint": outcome.checkpoint,
               "resumed": outcome.resumed, **outcome.metrics}
     if args.json:
@@ -51,6 +52,15 @@ def cmd_train(args) -> int:
         for key, value in result.items():
             print(f"{key:>16}: {value}")
     return 0
+
+
+def _quiet_ray() -> None:
+    """Shut Ray down before printing results: its forwarded worker logs would otherwise follow them."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,16 +89,29 @@ def _param_groups(module: nn.Module, weight_decay: float):
 
 
 class MetricsSink:
-    """Rank 0's MLflow writer: buffers per-step points and flushes them with each checkpoint."""
+    """Rank 0's MLflow writer: buffers per-step points and flushes them after each persisted checkpoint.
+
+    On a resume, steps already in MLflow are skipped. The checkpoint Ray resumes from can be older than
+    the last flush (a kill between persisting a checkpoint and Ray registering it), and the re-done steps
+    are the same steps with the same values (data and masks are functions of the step), so skipping them
+    keeps one continuous curve with every step exactly once.
+    """
+
+    KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff")
 
     def __init__(self, tracking: dict | None):
         self.client = None
         self.points: list = []
+        self.logged_upto: dict[str, int] = {}
         if tracking and tracking.get("run_id"):
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=tracking["tracking_uri"])
             self.run_id = tracking["run_id"]
+            for key in self.KEYS:
+                history = self.client.get_metric_history(self.run_id, key)
+                if history:
+                    self.logged_upto[key] = max(m.step for m in history)
 
     def add(self, step: int, values: dict[str, float]) -> None:
         if self.client is None:
@@ -106,7 +119,8 @@ class MetricsSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.points += [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self.points += [Metric(k, float(v), now, step) for k, v in values.items()
+                        if v is not None and step > self.logged_upto.get(k, -1)]
 
     def flush(self) -> None:
         if self.client is None or not self.points:

@@ -8,6 +8,10 @@ from .base import DataError, Example, Task
 # name -> (module, class). Imported lazily so a task's optional dependencies cost nothing elsewhere.
 REGISTRY = {
     "gsm8k": ("gsm8k", "Gsm8kTask"),
+    "nlrx": ("nlrx", "NlRxTask"),
+    "django": ("django", "DjangoTask"),
+    "spider": ("spider", "SpiderTask"),
+    "text": ("text", "TextTask"),
 }
 
 

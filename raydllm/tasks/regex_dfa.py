@@ -67,7 +67,7 @@ def unprocess(regex: str) -> str:
 
 # ---------------------------------------------------------------- parsing (dk.brics RegExp grammar)
 # Nodes are hashable tuples: ("set", ((lo, hi), ...)), ("eps",), ("empty",), ("any*",), ("cat", a, b),
-# ("or", a, b), ("and", a, b), ("not", a), ("star", a), ("rep", a, n, m) with m None for unbounded.
+# ("or", a, b), ("and", a, b), ("not", a), ("rep", a, n, m) with m None for unbounded (`*` is n=0).
 EPS, EMPTY, ANY_STRING = ("eps",), ("empty",), ("any*",)
 ANY_CHAR = ("set", ((0, MAX_CHAR),))
 
@@ -423,7 +423,7 @@ def _distinguishing_word(x: _Dfa, y: _Dfa) -> tuple[int, ...] | None:
 # ---------------------------------------------------------------- sampling fallback
 def _ends(node: tuple, word: tuple, i: int, alphabet: dict, memo: dict) -> frozenset[int]:
     """Positions j such that node matches word[i:j]."""
-    key = (node, i)
+    key = (id(node), i)  # by identity: hashing a deep tuple costs its size (the tree outlives the memo)
     if key in memo:
         return memo[key]
     kind, n = node[0], len(word)

@@ -1,0 +1,90 @@
+"""`raydllm train` for real: a Ray Train TorchTrainer with two DeepSpeed ZeRO-2 CPU workers, logged to MLflow."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.ray
+
+TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
+        "--set", "data.synthetic_size=800", "--set", "data.val_limit=32", "--set", "train.micro_batch_size=8",
+        "--set", "train.lr=3e-3"]
+
+
+def _train(workdir: Path, *args: str, timeout: int = 400, **popen) -> dict:
+    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY, *args]
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _history(workdir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
+    result = _train(tmp_path, "--set", "train.max_steps=30", "--set", "train.eval_every=10")
+    assert result["step"] == 30 and result["done"] is True
+    checkpoint = Path(result["checkpoint"])
+    # Two ZeRO ranks each saved their optimizer shard: DeepSpeed ran on both workers.
+    shards = sorted(p.name for p in checkpoint.rglob("zero_pp_rank_*optim_states.pt"))
+    assert len(shards) == 2, shards
+    assert (checkpoint / "ema.pt").exists()
+    diff = [v for _, v in _history(tmp_path, result["run_id"], "loss_diff")]
+    jepa = [v for _, v in _history(tmp_path, result["run_id"], "loss_jepa")]
+    assert len(diff) == 30 and len(jepa) == 30
+    assert sum(diff[-5:]) < 0.8 * sum(diff[:5]), diff
+    assert sum(jepa[-5:]) < sum(jepa[:5]), jepa
+    val = _history(tmp_path, result["run_id"], "val_loss_diff")
+    assert [s for s, _ in val] == [10, 20, 30] and val[-1][1] < val[0][1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["jepa.lambda"] == "1.0"
+
+
+def test_baseline_reports_no_jepa_loss(tmp_path):
+    result = _train(tmp_path, "--set", "train.max_steps=4", "--set", "train.eval_every=4",
+                    "--set", "jepa.lambda=0")
+    assert "loss_jepa" not in result and result["step"] == 4
+    assert _history(tmp_path, result["run_id"], "loss_jepa") == []
+    assert not list(Path(result["checkpoint"]).rglob("ema.pt"))  # no EMA copy exists at lambda = 0
+
+
+def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
+    steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=2"]
+    reference = _train(tmp_path, *steps, "--name", "reference")
+
+    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY, *steps,
+           "--name", "victim"]
+    victim = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    storage = tmp_path / "raydllm_runs" / "victim"
+    deadline = time.time() + 300
+    killed_after = None
+    while time.time() < deadline and victim.poll() is None:
+        steps_saved = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/raydllm.json")]
+        if steps_saved and max(steps_saved) >= 4:
+            killed_after = max(steps_saved)
+            os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+            break
+        time.sleep(0.2)
+    victim.wait(timeout=60)
+    assert killed_after is not None and killed_after < 8, "the run ended before it could be killed"
+
+    resumed = _train(tmp_path, *steps, "--name", "victim")
+    assert resumed["resumed"] is True and resumed["step"] == 8
+    assert resumed["val_loss_diff"] == pytest.approx(reference["val_loss_diff"], rel=1e-6, abs=1e-7)
+    assert resumed["loss_total"] == pytest.approx(reference["loss_total"], rel=1e-6, abs=1e-7)
+    # One MLflow run, one continuous curve: every step exactly once.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raydllm-gsm8k").experiment_id],
+                              filter_string="tags.`raydllm.run_name` = 'victim'")
+    assert len(runs) == 1 and runs[0].info.run_id == resumed["run_id"]
+    assert [s for s, _ in _history(tmp_path, resumed["run_id"], "loss_total")] == list(range(1, 9))

@@ -1,0 +1,73 @@
+"""The worker loop in one process (a one-rank gloo group, a real DeepSpeed engine, no Ray)."""
+import pytest
+import torch
+
+from raydllm.config import load_config
+from raydllm.worker import WorkerLoop
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
+         "data.val_limit=16", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3"]
+
+
+def _loop(*overrides):
+    cfg = load_config("gsm8k", "local", SMALL + list(overrides))
+    return WorkerLoop(cfg, rank=0, world=1, device=torch.device("cpu"))
+
+
+def _count_forwards(module):
+    counter = {"n": 0}
+    module.register_forward_hook(lambda *_: counter.__setitem__("n", counter["n"] + 1))
+    return counter
+
+
+def test_baseline_has_no_ema_and_runs_no_target_forward(process_group):
+    loop = _loop("jepa.lambda=0", "train.grad_accum=2")
+    assert loop.ema is None
+    online = _count_forwards(loop.engine.module.backbone)
+    metrics = loop.train_step()
+    assert online["n"] == 2 and "loss_jepa" not in metrics
+
+
+def test_jepa_runs_one_target_forward_per_micro_batch(process_group):
+    loop = _loop("jepa.lambda=1", "train.grad_accum=2")
+    online, target = _count_forwards(loop.engine.module.backbone), _count_forwards(loop.ema.module)
+    before = [p.detach().clone() for p in loop.ema.params]
+    metrics = loop.train_step()
+    assert online["n"] == 2 and target["n"] == 2 and metrics["loss_jepa"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, loop.ema.params))  # EMA moved after the step
+
+
+def test_jepa_loss_dropout_skips_target_on_some_steps(process_group):
+    loop = _loop("jepa.lambda=1", "jepa.target_prob=0.5")
+    target = _count_forwards(loop.ema.module)
+    for _ in range(12):
+        loop.train_step()
+    assert 0 < target["n"] < 12
+
+
+def test_both_losses_fall(process_group):
+    loop = _loop("jepa.lambda=1")
+    history = [loop.train_step() for _ in range(40)]
+    first = {k: sum(h[k] for h in history[:5]) / 5 for k in ("loss_diff", "loss_jepa")}
+    last = {k: sum(h[k] for h in history[-5:]) / 5 for k in ("loss_diff", "loss_jepa")}
+    assert last["loss_diff"] < 0.8 * first["loss_diff"], (first, last)
+    assert last["loss_jepa"] < first["loss_jepa"], (first, last)
+
+
+def test_checkpoint_restore_continues_exactly(process_group, tmp_path):
+    a = _loop("jepa.lambda=1", "loss.anchor=l2")
+    for _ in range(3):
+        a.train_step()
+    a.save(str(tmp_path))
+    for _ in range(2):
+        a.train_step()
+    b = _loop("jepa.lambda=1", "loss.anchor=l2")
+    b.restore(str(tmp_path))
+    assert b.step == 3
+    for _ in range(2):
+        b.train_step()
+    for p, q in zip(a.engine.module.parameters(), b.engine.module.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(a.ema.params, b.ema.params):
+        assert torch.equal(p, q)
+    assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
