@@ -54,6 +54,44 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from pathlib import Path
+
+    from .search_space import load_spec
+    from .tune import default_space_file, run_sweep, sweep_name
+
+    space = Path(args.space) if args.space else default_space_file("local" if args.preset == "local" else args.task)
+    extra = {"data.source": "local", "data.path": str(Path(args.data).resolve())} if args.data else None
+    spec = load_spec(space, extra)  # validated before Ray starts
+    if spec.task != args.task:
+        raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
+    if args.resume:
+        from ray import tune
+
+        from .train import default_storage_path
+
+        name = args.name or sweep_name(spec, space)
+        path = f"{(args.storage or default_storage_path()).rstrip('/')}/{name}"
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"--resume: no sweep to resume at {path}")
+    outcome = run_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage,
+                        name=args.name, extra_fixed=extra)
+    _quiet_ray()
+    if args.json:
+        print(json.dumps({"sweep": outcome.name, "parent_run_id": outcome.parent_run_id,
+                          "restored": outcome.restored, "trials": outcome.trials}))
+    return 0
+
+
+def cmd_best(args) -> int:
+    from .results import best_configs, format_table
+
+    report = best_configs(args.task, tracking_uri=resolve_tracking_uri(args.tracking_uri), top=args.top,
+                          sweep=args.sweep)
+    print(json.dumps(report, default=str) if args.json else format_table(report))
+    return 0
+
+
 def _quiet_ray() -> None:
     """Shut Ray down before printing results: its forwarded worker logs would otherwise follow them."""
     import ray
@@ -73,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="Ray Train workers (sets train.workers)")
     train.add_argument("--name", help="run name; re-running with the same name resumes from its last checkpoint")
     train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="a Ray Tune + ASHA sweep from a search-space file, every trial in MLflow")
+    tune.add_argument("task")
+    tune.add_argument("--preset", help="local = the embedded default's space (search_spaces/local.yaml)")
+    tune.add_argument("--space", help="search-space YAML (default: search_spaces/<task>.yaml)")
+    tune.add_argument("--data", help="local data file or folder for every trial")
+    tune.add_argument("--name", help="sweep name (default: sweep-<task>-<space file>); same name = resume")
+    tune.add_argument("--resume", action="store_true", help="resume an interrupted sweep (error if none)")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    tune.add_argument("--storage", help="where trials keep checkpoints: a folder, s3://..., or a shared FS")
+    tune.add_argument("--json", action="store_true", help="print the outcome as JSON on the last line")
+    tune.set_defaults(func=cmd_tune)
+
+    best = sub.add_parser("best", help="the best configs of a task's latest sweep, read from MLflow")
+    best.add_argument("task")
+    best.add_argument("--top", type=int, default=5)
+    best.add_argument("--sweep", help="sweep name (default: the latest)")
+    best.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    best.add_argument("--json", action="store_true")
+    best.set_defaults(func=cmd_best)
     return parser
 
 

@@ -104,12 +104,15 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, gt=0)
     seed: int = 42
     zero_stage: int = Field(2, ge=0, le=3)
-    bf16: Literal["auto", "on", "off"] = "auto"
+    bf16: Literal["auto"] | bool = "auto"
     workers: int = Field(2, gt=0)
-    use_gpu: Literal["auto", "on", "off"] = "auto"
+    use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: float = Field(1, gt=0)
     checkpoints_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=-1)  # Ray Train worker failures tolerated inside one run
+    # Worker-group start attempts (60 s each) before a run that cannot get its resources fails, instead
+    # of Ray Train's default of retrying forever (a hang). -1 = forever (clusters that autoscale slowly).
+    start_attempts: int = Field(10, ge=-1)
 
 
 class EvalConfig(_Section):

@@ -62,7 +62,7 @@ def find_run(client: MlflowClient, experiment_id: str, key: str, value: str):
 
 
 def open_run(uri: str, experiment: str, *, key: str, name: str, params: dict[str, Any] | None = None,
-             tags: dict[str, str] | None = None) -> tuple[str, bool]:
+             tags: dict[str, str] | None = None, run_name: str | None = None) -> tuple[str, bool]:
     """(run_id, resumed): the run tagged `key`=`name` in `experiment`, created on first use.
 
     Looking the run up by a stable key (a Train run name, a Tune trial id) is what keeps a resumed run
@@ -74,7 +74,7 @@ def open_run(uri: str, experiment: str, *, key: str, name: str, params: dict[str
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, True
-    run = client.create_run(experiment_id, run_name=name, tags={key: name, **(tags or {})})
+    run = client.create_run(experiment_id, run_name=run_name or name, tags={key: name, **(tags or {})})
     if params:
         log_params(client, run.info.run_id, params)
     return run.info.run_id, False

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def default_storage_path() -> str:
-    return str(Path.cwd() / "raydllm_runs")
+    """RAYDLLM_STORAGE (set on every node by cluster.yaml), else ./raydllm_runs."""
+    return os.environ.get("RAYDLLM_STORAGE") or str(Path.cwd() / "raydllm_runs")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -28,8 +29,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=True,
-             include_dashboard=False if not address else None, configure_logging=False)
+    # include_dashboard: the State API it serves is what frees the placement groups of stopped runs.
+    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=None if address else True,
+             configure_logging=False)
 
 
 def warm_deepspeed_ops() -> None:
@@ -50,7 +52,7 @@ def warm_deepspeed_ops() -> None:
 
 def choose_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
-        return cfg.train.use_gpu == "on"
+        return cfg.train.use_gpu
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
@@ -81,7 +83,8 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[s
             name=name,  # a fixed name: Ray Train resumes from this run's latest checkpoint on re-run
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         controller_failure_limit=cfg.train.start_attempts),
             callbacks=callbacks or [],
         ),
     )

@@ -75,7 +75,7 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict:
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
     if cfg.train.bf16 != "auto":
-        return cfg.train.bf16 == "on"
+        return cfg.train.bf16
     # bf16 where the hardware runs it natively; CPUs emulate most bf16 matmuls, which is slower than fp32.
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
@@ -293,7 +293,6 @@ class WorkerLoop:
         summary["val_loss_diff"] = self.validation_loss()
         summary["step"] = self.step
         summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
-        summary["done"] = self.step >= self.total_steps
         summary.pop("tokens", None)
         self.sink.add(self.step, {"val_loss_diff": summary["val_loss_diff"]})
         with tempfile.TemporaryDirectory() as directory:

@@ -29,7 +29,6 @@ by pid, and checks that none is left.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -73,8 +72,9 @@ def fake_cluster_config(
         "use_node_id_as_ip": True,
         "disable_node_updaters": True,
         "disable_launch_config_check": True,
-        # Create all nodes of one launch request at once (default: one node per autoscaler update).
-        "launch_multiple": True,
+        # No "launch_multiple": with it the v1 autoscaler over-launches (the provider creates the nodes one after
+        # the other, ~5 s each here, and the next update launches more), then terminates the surplus as
+        # "max_workers_per_type". Ray sets it only for autoscaler v2 (ray.cluster_utils.AutoscalingCluster).
     }
     if gcs_address:
         provider["gcs_address"] = gcs_address  # fake workers otherwise assume <node ip>:6379
@@ -147,8 +147,23 @@ class FakeCluster:
             count = self.worker_count()
         return count
 
+    def _monitor_logs(self, pattern: str) -> list[Path]:
+        # session_latest is a symlink to the session dir: resolve and de-duplicate.
+        return sorted({p.resolve() for p in self.temp_dir.glob(f"session_*/logs/{pattern}")})
+
+    def autoscaler_events(self) -> list[str]:
+        """The autoscaler's launch/terminate decisions from monitor.log ("Adding", "Terminating", "Removing")."""
+        keep = ("Adding", "Terminating", "Removing", "idle", "Launching", "launch failed", "Failed")
+        out = []
+        for path in self._monitor_logs("monitor.log"):
+            with contextlib.suppress(OSError):
+                for line in path.read_text(errors="replace").splitlines():
+                    if any(k in line for k in keep) and "StandardAutoscaler: {" not in line:
+                        out.append(line.strip())
+        return out
+
     def monitor_log_tail(self, lines: int = 60) -> str:
-        logs = sorted(self.temp_dir.glob("session_*/logs/monitor.*"))
+        logs = self._monitor_logs("monitor.*")
         out = []
         for path in logs:
             with contextlib.suppress(OSError):
@@ -254,10 +269,13 @@ def fake_autoscaling_cluster(
     idle_timeout_minutes: float = 0.1,
     update_interval_s: int = 1,  # AUTOSCALER_UPDATE_INTERVAL_S is parsed with int()
     start_timeout_s: float = 90.0,
+    pythonpath: tuple[str, ...] | None = None,
 ) -> Iterator[FakeCluster]:
     """Start a head node (0 workers) whose autoscaler launches fake worker nodes; always tear it all down.
 
     Keep logical CPU counts small: every fake node is a set of processes on this machine.
+    `pythonpath` (default: the repo root and tests/) is prepended, as absolute paths, to PYTHONPATH of every
+    cluster process, so trial code from this checkout imports on the fake nodes (their cwd is not the repo).
     """
     import ray._private.services as services
 
@@ -283,6 +301,9 @@ def fake_autoscaling_cluster(
     # Ray 2.60 token auth: `ray start --head` turns it on by itself when ~/.ray/auth_token exists (any earlier local
     # ray.init() writes that file and sets RAY_AUTH_MODE=token in its own process), while a driver that connects
     # with an explicit address does not. Pin the cluster to this process's mode so driver and cluster agree.
+    here = Path(__file__).resolve().parent
+    extra = [str(Path(p).resolve()) for p in (pythonpath if pythonpath is not None else (here.parent, here))]
+    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
     cmd = [
         _ray_executable(), "start", "--head",
@@ -331,6 +352,3 @@ def fake_autoscaling_cluster(
         if left:
             raise RuntimeError(f"fake cluster processes still alive after teardown: {left}")
 
-
-def summarize(cluster_config: dict) -> str:
-    return json.dumps(cluster_config["available_node_types"], indent=1)

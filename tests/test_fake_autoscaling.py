@@ -3,7 +3,7 @@
 The cluster is Ray's ``fake_multinode`` provider (see tests/fake_cluster.py): a head node with no ``node_slot``
 resource and a worker node type with ``{"CPU": 1, "node_slot": 1}``. Every trial asks for one node's worth
 (``{"CPU": 1, "node_slot": 1}``), so nothing fits until the autoscaler launches worker nodes; once the sweep is
-done and the nodes are idle for ``idle_timeout_minutes`` (0.1 min = 6 s) the autoscaler terminates them.
+done and the nodes are idle for ``idle_timeout_minutes`` (0.25 min = 15 s) the autoscaler terminates them.
 
 The asserted node-count sequence is 0 -> >= 2 worker nodes -> 0. `run_sweep` is the one place to swap in
 raydllm's real sweep; it receives the cluster address and must leave the driver disconnected when it returns.
@@ -21,18 +21,9 @@ from fake_cluster import NodeTimeline, fake_autoscaling_cluster
 NODE_RESOURCES = {"CPU": 1, "node_slot": 1}
 MAX_WORKERS = 3
 NUM_TRIALS = 3
-IDLE_TIMEOUT_MIN = 0.1  # 6 s
-
-
-def _sleepy_trainable(config):
-    """Stand-in trial: a few seconds of 'training' that reports where it ran."""
-    import ray
-    from ray import tune
-
-    node_id = ray.get_runtime_context().get_node_id()
-    for step in range(config["steps"]):
-        time.sleep(config["step_s"])
-        tune.report({"step": step + 1, "loss": config["lr"] / (step + 1), "node_id": node_id})
+IDLE_TIMEOUT_MIN = 0.25  # 15 s. With 0.1 (6 s) a freshly launched node was once removed before its trial
+# actor started ("Terminated by autoscaler", trial failed): on 2 busy cores the trial took longer than 6 s from
+# node launch to a running actor, and the node counted as idle meanwhile. On a real cluster the timeout is minutes.
 
 
 def run_sweep(address: str, num_trials: int, resources_per_trial: dict) -> list[dict]:
@@ -45,11 +36,20 @@ def run_sweep(address: str, num_trials: int, resources_per_trial: dict) -> list[
     from ray import tune
     from ray.tune.execution.placement_groups import PlacementGroupFactory
 
+    def sleepy_trainable(config):
+        """Stand-in trial: a few seconds of 'training' that reports where it ran. Defined here so that
+        cloudpickle ships it by value (a module-level function would be imported by name on the workers)."""
+        node_id = ray.get_runtime_context().get_node_id()
+        for step in range(config["steps"]):
+            time.sleep(config["step_s"])
+            tune.report({"step": step + 1, "loss": config["lr"] / (step + 1), "node_id": node_id})
+
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    storage = tempfile.TemporaryDirectory(prefix="raydllm-fake-tune-")
     try:
-        trainable = tune.with_resources(_sleepy_trainable, PlacementGroupFactory([dict(resources_per_trial)]))
+        trainable = tune.with_resources(sleepy_trainable, PlacementGroupFactory([dict(resources_per_trial)]))
         tuner = tune.Tuner(
             trainable,
             param_space={"lr": tune.grid_search([1e-3 * (i + 1) for i in range(num_trials)]),
@@ -57,7 +57,7 @@ def run_sweep(address: str, num_trials: int, resources_per_trial: dict) -> list[
             tune_config=tune.TuneConfig(metric="loss", mode="min"),
             run_config=tune.RunConfig(
                 name="fake-autoscaling",
-                storage_path=tempfile.mkdtemp(prefix="raydllm-fake-tune-"),
+                storage_path=storage.name,  # one machine: a local folder is shared storage
                 verbose=0,
             ),
         )
@@ -65,6 +65,7 @@ def run_sweep(address: str, num_trials: int, resources_per_trial: dict) -> list[
         return [dict(r.metrics or {}, error=repr(r.error) if r.error else None) for r in results]
     finally:
         ray.shutdown()
+        storage.cleanup()
 
 
 @pytest.mark.ray
@@ -86,7 +87,7 @@ def test_tune_sweep_scales_workers_up_then_down():
             t_sweep0 = time.monotonic()
             results = run_sweep(cluster.address, NUM_TRIALS, NODE_RESOURCES)
             t_sweep = time.monotonic() - t_sweep0
-            # Scale-down: idle timeout (6 s) + autoscaler update interval (1 s) + raylet shutdown.
+            # Scale-down: idle timeout (15 s) + autoscaler update interval (1 s) + raylet shutdown.
             cluster.wait_for_workers(lambda n: n == 0, timeout_s=90)
             time.sleep(1.0)  # one more sample at 0
         except BaseException:
@@ -94,10 +95,13 @@ def test_tune_sweep_scales_workers_up_then_down():
             raise
         finally:
             timeline.stop()
-            print(f"\nfake cluster: head up in {t_up:.1f}s; sweep of {NUM_TRIALS} trials took {t_sweep0 - t_start:.1f}s"
-                  f" after start, ran {locals().get('t_sweep', float('nan')):.1f}s")
+            print(f"\nfake cluster: head up in {t_up:.1f}s; sweep of {NUM_TRIALS} trials ran"
+                  f" {locals().get('t_sweep', float('nan')):.1f}s")
             print("alive worker nodes over time (t = seconds since the head came up; only changes shown):")
             print(timeline.render())
+            events = cluster.autoscaler_events()
+            print("autoscaler decisions (monitor.log):")
+            print("\n".join("  " + e.split(" -- ", 1)[-1][:150] for e in events) or "  (none)")
             if timeline.errors:
                 print(f"sampling errors: {timeline.errors[:3]}")
 

@@ -31,7 +31,7 @@ def _history(workdir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
     result = _train(tmp_path, "--set", "train.max_steps=30", "--set", "train.eval_every=10")
-    assert result["step"] == 30 and result["done"] is True
+    assert result["step"] == 30
     checkpoint = Path(result["checkpoint"])
     # Two ZeRO ranks each saved their optimizer shard: DeepSpeed ran on both workers.
     shards = sorted(p.name for p in checkpoint.rglob("zero_pp_rank_*optim_states.pt"))

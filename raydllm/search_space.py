@@ -1,0 +1,227 @@
+"""Search-space YAML files (`search_spaces/<task>.yaml`): schema, validation, and the Tune objects they become.
+
+A file is validated completely before Ray starts: the schema, every config key (by building a trial config
+at each end of each distribution), the metric, and the t_L < t_H constraint. The constraint is enforced by
+the space itself: every t_L the space can draw is below every t_H it can draw, so the sampler cannot
+produce an invalid pair and no trial is spent discovering one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .config import ConfigError, Config, deep_merge, parse_overrides, preset_dict, validate
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SEARCHABLE_METRICS = ("val_loss_diff", "loss_diff", "loss_total", "val_accuracy")
+METRIC_MODES = {"val_loss_diff": "min", "loss_diff": "min", "loss_total": "min", "val_accuracy": "max"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Exactly one of: choice/grid (a list of values), uniform/loguniform [low, high], randint [low, high]
+    (both ends included)."""
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one distribution of {', '.join(DISTRIBUTIONS)}")
+        kind = given[0]
+        values = getattr(self, kind)
+        if kind in ("choice", "grid") and not values:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not values[0] < values[1] + (kind == "randint"):
+            raise ValueError(f"{kind} needs low < high, got {list(values)}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    @property
+    def support(self) -> list[Any]:
+        """Values that bound what the distribution can draw (ends of a range, or every listed value)."""
+        values = getattr(self, self.kind)
+        return list(values)
+
+    def to_tune(self):
+        from ray import tune
+
+        kind, values = self.kind, getattr(self, self.kind)
+        if kind == "choice":
+            return tune.choice(values)
+        if kind == "grid":
+            return tune.grid_search(values)
+        if kind == "uniform":
+            return tune.uniform(*values)
+        if kind == "loguniform":
+            return tune.loguniform(*values)
+        return tune.randint(values[0], values[1] + 1)  # tune.randint excludes the upper end
+
+
+class AshaSettings(_Strict):
+    grace_period: int = Field(gt=0)
+    reduction_factor: float = Field(3, gt=1)
+    max_t: int | None = Field(None, gt=0)  # default: the trials' train.max_steps
+
+
+class SearchSettings(_Strict):
+    algorithm: Literal["random", "grid", "optuna"] = "random"
+    seed: int | None = 0
+
+
+class Resources(_Strict):
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+
+
+class RepeatSettings(_Strict):
+    """Re-run the best `top` configs (and the baseline) with every seed after the first."""
+    top: int = Field(0, ge=0)
+
+
+class SweepSpec(_Strict):
+    task: str
+    preset: str = "local"
+    name: str | None = None
+    metric: Literal["val_loss_diff", "loss_diff", "loss_total", "val_accuracy"] = "val_loss_diff"
+    mode: Literal["min", "max"] | None = None
+    fixed: dict[str, Any] = {}
+    space: dict[str, Distribution]
+    baseline: bool = True  # pin one lambda = 0 arm at the base config's values
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    repeat: RepeatSettings = RepeatSettings()
+    scheduler: AshaSettings
+    search: SearchSettings = SearchSettings()
+    num_samples: int = Field(8, gt=0)
+    max_concurrent_trials: int = Field(2, gt=0)
+    resources: Resources = Resources()
+    max_failures: int = Field(0, ge=0)  # Tune-level retries of a whole trial
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.mode is None:
+            self.mode = METRIC_MODES[self.metric]
+        if "train.seed" in self.space:
+            raise ValueError("space.train.seed: seeds are given by `seeds:`, not searched")
+        if self.search.algorithm == "optuna" and any(d.kind == "grid" for d in self.space.values()):
+            raise ValueError("search.algorithm: optuna cannot run grid distributions; use choice")
+        return self
+
+
+def load_spec(path: str | Path, extra_fixed: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a space file; errors are one line naming the file and the key.
+
+    `extra_fixed` (e.g. the data path from --data) joins the file's `fixed:` before validation."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such search-space file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if extra_fixed:
+        raw["fixed"] = {**(raw.get("fixed") or {}), **extra_fixed}
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {field or 'file'}: {msg}") from None
+    check_against_config(spec, path)
+    return spec
+
+
+def base_raw(spec: SweepSpec) -> dict[str, Any]:
+    """The config every trial starts from: task <- preset <- resources <- fixed."""
+    raw = deep_merge({"task": spec.task}, preset_dict(spec.preset))
+    res = spec.resources
+    raw = deep_merge(raw, parse_overrides([f"train.workers={res.workers}",
+                                           f"train.cpus_per_worker={res.cpus_per_worker}",
+                                           f"train.use_gpu={str(res.use_gpu).lower()}"]))
+    return deep_merge(raw, _nest(spec.fixed))
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def trial_config(spec: SweepSpec, sampled: dict[str, Any], seed: int) -> Config:
+    # Every dotted key of a trial's Tune config is a config field (searched, pinned baseline, or seed).
+    raw = deep_merge(base_raw(spec), _nest({k: v for k, v in sampled.items() if "." in k}))
+    raw = deep_merge(raw, {"train": {"seed": seed}})
+    return validate(raw)
+
+
+def check_against_config(spec: SweepSpec, path: Path) -> None:
+    """Build the trial configs at the corners of the space, so a bad key or value fails now, not in trial 5."""
+    try:
+        base = validate(base_raw(spec), source=f"{path}: fixed")
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec.scheduler.max_t is None and not base.train.max_steps:
+        raise ConfigError(f"{path}: scheduler.max_t: required when fixed train.max_steps is not set")
+    for key, dist in spec.space.items():
+        for value in dist.support:
+            try:
+                validate(deep_merge(base_raw(spec), _nest({key: value})))
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: space.{key}: {exc}") from None
+    low = _support(spec, base, "jepa.t_low", lambda c: c.jepa.t_low)
+    high = _support(spec, base, "jepa.t_high", lambda c: c.jepa.t_high)
+    if max(low) >= min(high):
+        raise ConfigError(f"{path}: space.jepa.t_low/jepa.t_high: every t_low must be below every t_high "
+                          f"(t_low up to {max(low)}, t_high from {min(high)})")
+
+
+def _support(spec: SweepSpec, base: Config, key: str, read) -> list[float]:
+    return [float(v) for v in spec.space[key].support] if key in spec.space else [read(base)]
+
+
+def max_steps(spec: SweepSpec) -> int:
+    return spec.scheduler.max_t or validate(base_raw(spec)).train.max_steps
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    return {key: dist.to_tune() for key, dist in spec.space.items()} | {"train.seed": spec.seeds[0]}
+
+
+def baseline_point(spec: SweepSpec) -> dict[str, Any]:
+    """The pinned lambda = 0 arm: the base config's value for every searched key."""
+    flat = validate(base_raw(spec)).flat()
+    point = {key: flat[key] for key in spec.space if key in flat}
+    point["jepa.lambda"] = 0.0
+    return point
+
+
+def config_key(spec: SweepSpec, sampled: dict[str, Any]) -> str:
+    """A stable id for a config apart from its seed: trials with the same key are seed repeats."""
+    values = {k: v for k, v in sorted(sampled.items()) if "." in k and k != "train.seed"}
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]

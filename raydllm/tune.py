@@ -1,0 +1,378 @@
+"""`raydllm tune`: Ray Tune + ASHA over the training engine, every trial a child run in MLflow.
+
+Pattern (Ray Train V2): each Tune trial is a function trainable that builds the same `TorchTrainer` as
+`raydllm train` and forwards its workers' reports to Tune with `TuneReportCallback`; ASHA's clock is the
+`step` the workers report. Traps of Ray 2.60 handled here (see ../shared/notes/ray-2.60-tune-train.md):
+- code after `trainer.fit()` never runs for a trial ASHA stops: curves are written by the workers and the
+  final status by a driver-side callback, never by the trial after `fit()`;
+- a restored sweep would open duplicate MLflow runs: a trial's run is looked up by its trial id;
+- `max_concurrent_trials` is ignored after `Tuner.restore`: each trial actor holds one unit of a custom
+  `trial_slot` resource, of which the local cluster has exactly `max_concurrent_trials`;
+- a trial whose workers cannot be placed hangs forever: the resources a trial needs are checked against
+  the cluster before anything starts, and `train.start_attempts` bounds the wait.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .config import ConfigError
+from mlflow.tracking import MlflowClient
+
+from .results import best_configs, format_table, plot_sweep, trial_runs
+from .search_space import (SweepSpec, baseline_point, config_key, load_spec, max_steps, param_space,
+                           trial_config)
+
+log = logging.getLogger(__name__)
+SLOT = "trial_slot"
+
+
+def default_space_file(task: str) -> Path:
+    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package."""
+    local = Path("search_spaces") / f"{task}.yaml"
+    if local.exists():
+        return local
+    packaged = Path(__file__).resolve().parent.parent / "search_spaces" / f"{task}.yaml"
+    if packaged.exists():
+        return packaged
+    raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")
+
+
+# -- inside a trial (a Tune actor) -----------------------------------------------------------------------
+
+def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experiment: str, parent_run_id: str,
+              train_storage: str, phase: str) -> None:
+    """One Tune trial: the training engine with this trial's config, reporting to Tune through Train."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .search_space import SweepSpec
+    from .train import build_trainer
+
+    sweep = SweepSpec.model_validate(spec)
+    if "point" in config:  # a repeat-phase trial: a whole config from the search phase, and a new seed
+        config = {**config["point"], "train.seed": config["train.seed"]}
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    cfg = trial_config(sweep, config, int(config["train.seed"]))
+    cfg.train.max_steps = max_steps(sweep)
+    run_id, resumed = tracking.open_run(
+        tracking_uri, experiment, key="raydllm.trial_id", name=trial_id, params=cfg.flat(),
+        run_name=f"{phase}-{trial_id}",
+        tags={"mlflow.parentRunId": parent_run_id, "raydllm.kind": "trial", "raydllm.phase": phase, "raydllm.status": "running",
+              "raydllm.config_key": config_key(sweep, config), "raydllm.searched": json.dumps(
+                  {k: v for k, v in config.items() if "." in k}, sort_keys=True, default=str)})
+    if not resumed:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri).log_text(run_id, json.dumps(cfg.to_dict(), indent=1), "config.json")
+    trainer = build_trainer(cfg, name=f"train-{trial_id}", storage_path=train_storage,
+                            tracking={"tracking_uri": tracking_uri, "run_id": run_id},
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# -- on the driver ------------------------------------------------------------------------------------------
+
+def _rung(step: int, grace: int, factor: float) -> int:
+    return max(0, round(math.log(max(step, 1) / grace, factor))) if step >= grace else 0
+
+
+class TrialStatusCallback:
+    """Writes each trial's final status to its MLflow run from the driver (the trial itself may be killed)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, max_t: int, grace: int, factor: float):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.max_t, self.grace, self.factor = max_t, grace, factor
+
+    def _run_id(self, trial_id: str) -> str | None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        run = experiment and tracking.find_run(client, experiment.experiment_id, "raydllm.trial_id", trial_id)
+        return run.info.run_id if run else None
+
+    def complete(self, trial) -> None:
+        run_id = self._run_id(trial.trial_id)
+        if run_id is None:
+            return
+        step = int((trial.last_result or {}).get("step", 0))
+        if step >= self.max_t:
+            tags = {"raydllm.status": "completed", "raydllm.last_step": str(step)}
+        else:
+            tags = {"raydllm.status": "stopped_early", "raydllm.last_step": str(step),
+                    "raydllm.stopped_at_rung": str(_rung(step, self.grace, self.factor))}
+        tracking.finish_run(self.tracking_uri, run_id, "FINISHED", tags)
+
+    def error(self, trial) -> None:
+        run_id = self._run_id(trial.trial_id)
+        if run_id is None:
+            return
+        message = _trial_error(trial)
+        tracking.finish_run(self.tracking_uri, run_id, "FAILED",
+                            {"raydllm.status": "failed", "raydllm.error": message[:5000],
+                             "raydllm.last_step": str((trial.last_result or {}).get("step", 0))})
+
+
+def _trial_error(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    if path and Path(path).exists():
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return lines[-1] if lines else "error"
+    return str(getattr(trial, "error_msg", "") or "error")
+
+
+class SweepProgress:
+    """One status line instead of Ray's scrolling table: trial counts and the best config so far."""
+
+    def __init__(self, metric: str, mode: str, keys: list[str], total: int, max_t: int):
+        self.metric, self.mode, self.keys, self.total, self.max_t = metric, mode, keys, total, max_t
+        self.best: tuple[float, str, dict] | None = None
+        self.started = time.time()
+        self.last_line = ""
+
+    def update(self, trials, trial=None, result=None) -> None:
+        if result is not None and self.metric in result:
+            value = float(result[self.metric])
+            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+            if better:
+                self.best = (value, trial.trial_id, {k: trial.config.get(k) for k in self.keys})
+        counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
+        stopped = 0
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+            if t.status == "TERMINATED" and (t.last_result or {}).get("step", 0) < self.max_t:
+                stopped += 1
+        line = (f"[{time.time() - self.started:6.0f}s] trials {len(trials)}/{self.total}: "
+                f"{counts['RUNNING']} running, {counts['PENDING']} pending, {counts['TERMINATED'] - stopped} done, "
+                f"{stopped} stopped early, {counts['ERROR']} failed")
+        if self.best:
+            params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in self.best[2].items())
+            line += f" | best {self.metric}={self.best[0]:.4f} ({params})"
+        if line != self.last_line:
+            end = "\r" if sys.stdout.isatty() else "\n"
+            sys.stdout.write(line + end)
+            sys.stdout.flush()
+            self.last_line = line
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _callbacks(status: TrialStatusCallback, progress: SweepProgress | None):
+    from ray.tune import Callback
+
+    class SweepHooks(Callback):
+        """Tune's driver-side hooks -> MLflow trial status and the progress line."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if progress:
+                progress.update(trials, trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            status.complete(trial)
+            if progress:
+                progress.update(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            status.error(trial)
+            if progress:
+                progress.update(trials)
+
+    return [SweepHooks()]
+
+
+def ensure_ray_for_sweep(spec: SweepSpec) -> None:
+    """A local cluster with `max_concurrent_trials` trial slots, or the cluster in RAY_ADDRESS."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, configure_logging=False)
+        else:
+            # The dashboard must run: it serves the State API that Train's placement-group cleaner uses to
+            # free the workers of trials ASHA stops (without it they leak and later trials hang).
+            ray.init(resources={SLOT: spec.max_concurrent_trials}, include_dashboard=True,
+                     configure_logging=False)
+    check_resources(spec)
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Refuse, before any trial starts, a trial that this cluster can never place (unless it autoscales)."""
+    import ray
+
+    total = ray.cluster_resources()
+    autoscaling = os.environ.get("RAYDLLM_AUTOSCALING") == "1"
+    res = spec.resources
+    need_cpu = res.workers * res.cpus_per_worker
+    if not autoscaling and need_cpu > total.get("CPU", 0):
+        raise ConfigError(f"resources: a trial needs {need_cpu:g} CPUs for its workers but the cluster has "
+                          f"{total.get('CPU', 0):g}; lower resources.workers or cpus_per_worker")
+    if not autoscaling and res.use_gpu and res.workers > total.get("GPU", 0):
+        raise ConfigError(f"resources: a trial needs {res.workers} GPUs but the cluster has "
+                          f"{total.get('GPU', 0):g}")
+
+
+def _trial_resources() -> dict[str, float]:
+    import ray
+
+    # The trial actor itself only waits on its TorchTrainer: no CPU, one slot (when the cluster has slots).
+    return {"CPU": 0, SLOT: 1} if ray.cluster_resources().get(SLOT) else {"CPU": 0}
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    restored: bool
+    trials: int
+
+
+def sweep_name(spec: SweepSpec, space_file: Path) -> str:
+    return spec.name or f"sweep-{spec.task}-{space_file.stem}"
+
+
+def run_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None, name: str | None = None,
+              progress: bool = True, extra_fixed: dict[str, Any] | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep in `space_file`. Re-running the same command resumes the same sweep."""
+    from .train import default_storage_path, warm_deepspeed_ops
+
+    # Tune's own console output is replaced by SweepProgress (a line per change) and the final table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    space_file = Path(space_file)
+    spec = load_spec(space_file, extra_fixed)
+    name = name or sweep_name(spec, space_file)
+    storage = storage or default_storage_path()
+    tracking.check_tracking(tracking_uri)
+    check_storage(storage)
+    experiment = tracking.experiment_name(spec.task)
+    parent_run_id, _ = tracking.open_run(
+        tracking_uri, experiment, key="raydllm.sweep", name=name,
+        params={"space_file": str(space_file), "num_samples": spec.num_samples,
+                "max_concurrent_trials": spec.max_concurrent_trials},
+        tags={"raydllm.kind": "sweep", "raydllm.metric": spec.metric, "raydllm.mode": spec.mode,
+              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **tracking.environment_tags()})
+    MlflowClient(tracking_uri).log_text(parent_run_id, space_file.read_text(), f"space/{space_file.name}")
+
+    ensure_ray_for_sweep(spec)
+    warm_deepspeed_ops()
+    common = dict(spec=spec, storage=storage, tracking_uri=tracking_uri, experiment=experiment,
+                  parent_run_id=parent_run_id, progress=progress)
+    restored = _fit_phase(name=name, phase="search", param_space=param_space(spec), asha=True, **common)
+    if spec.repeat.top and len(spec.seeds) > 1:
+        report = best_configs(spec.task, tracking_uri=tracking_uri, top=spec.repeat.top, sweep=name)
+        points = [r["params"] for r in report["best"]] + ([report["baseline"]["params"]]
+                                                           if report["baseline"] else [])
+        from ray import tune
+
+        _fit_phase(name=f"{name}-repeat", phase="repeat", asha=False, **common,
+                   param_space={"point": tune.grid_search(points), "train.seed": tune.grid_search(spec.seeds[1:])})
+    tracking.finish_run(tracking_uri, parent_run_id, "FINISHED")
+    _log_summary(spec, tracking_uri, parent_run_id, name)
+    return SweepOutcome(name=name, parent_run_id=parent_run_id, restored=restored,
+                        trials=len(trial_runs(MlflowClient(tracking_uri), MlflowClient(tracking_uri).get_run(
+                            parent_run_id))))
+
+
+def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, storage: str,
+               tracking_uri: str, experiment: str, parent_run_id: str, progress: bool) -> bool:
+    """Run one Tuner (or restore it if its folder exists): True if it was restored."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    steps = max_steps(spec)
+    train_storage = f"{storage.rstrip('/')}/{name}/train"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec.model_dump(), tracking_uri=tracking_uri, experiment=experiment,
+                             parent_run_id=parent_run_id, train_storage=train_storage, phase=phase),
+        _trial_resources())
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+        restored = True
+    else:
+        status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
+                                     spec.scheduler.reduction_factor)
+        total = spec.num_samples + spec.baseline if asha else None
+        reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps) if progress else None
+        scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
+                                   reduction_factor=spec.scheduler.reduction_factor) if asha else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples if asha else 1,
+                max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
+                search_alg=_search_alg(spec) if asha else None),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
+        restored = False
+    tuner.fit()
+    if progress:
+        sys.stdout.write("\n")
+    return restored
+
+
+def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: str) -> None:
+    """The final table on stdout and, as artifacts of the parent run, the table, JSON and a plot."""
+    import tempfile
+
+    client = MlflowClient(tracking_uri)
+    report = best_configs(spec.task, tracking_uri=tracking_uri, top=10, sweep=name)
+    table = format_table(report)
+    print(table)
+    client.log_text(parent_run_id, table, "summary/best.txt")
+    client.log_dict(parent_run_id, report, "summary/best.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = plot_sweep(trial_runs(client, client.get_run(parent_run_id)), spec.metric, sorted(spec.space),
+                          Path(tmp) / "metric_vs_params.png")
+        if plot:
+            client.log_artifact(parent_run_id, str(plot), "summary")
+
+
+def _search_alg(spec: SweepSpec):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    points = [baseline_point(spec) | {"train.seed": spec.seeds[0]}] if spec.baseline else []
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
+        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points or None, sampler=sampler),
+                                  max_concurrent=spec.max_concurrent_trials)
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.search.seed,
+                                 max_concurrent=spec.max_concurrent_trials)
+
+
+def check_storage(storage: str) -> None:
+    """An unwritable or full storage path is reported before training starts."""
+    if "://" in storage:
+        return
+    import shutil
+
+    path = Path(storage)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".raydllm-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--storage {storage}: not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(path).free
+    if free < 1 << 30:
+        raise ConfigError(f"--storage {storage}: only {free / 2**20:.0f} MiB free; checkpoints need more")

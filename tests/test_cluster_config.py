@@ -1,0 +1,266 @@
+"""cluster.yaml checked offline with Ray's own autoscaler config code (no AWS credentials, no network).
+
+What `ray up` does with a config, in order (ray/autoscaler/_private/commands.py `_bootstrap_config`):
+  prepare_config (merge with aws/defaults.yaml, merge setup commands, docker checks, per-type min/max workers)
+  -> validate_config (JSON schema ray-schema.json + head/worker consistency)
+  -> provider.fillout_available_node_types_resources + bootstrap_config   <- these call AWS; not run here.
+On the head, the autoscaler (v2 by default under `ray up` since Ray 2.50) re-reads the file through
+`AutoscalingConfig`, which runs prepare_config + validate_config again; that is checked here too.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_FILES = sorted(p for p in (REPO / "cluster.yaml", REPO / "cluster-gcp.yaml") if p.exists())
+GPU_INSTANCES = {"p4de.24xlarge": 8, "p4d.24xlarge": 8}
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _schema() -> dict:
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def ray_up_checks(raw: dict) -> dict:
+    """The offline part of `ray up`'s config handling; raises on a bad config, returns the prepared one."""
+    jsonschema.validate(raw, _schema())  # the raw file itself: unknown keys and wrong types fail here
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)
+    return prepared
+
+
+def _write(tmp_path: Path, cfg: dict, name="broken.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _worker_types(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
+def _pyproject_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(params=CLUSTER_FILES, ids=lambda p: p.name)
+def cluster_file(request) -> Path:
+    return request.param
+
+
+def test_cluster_yaml_exists():
+    assert (REPO / "cluster.yaml").is_file()
+
+
+def test_passes_ray_up_offline_checks(cluster_file):
+    prepared = ray_up_checks(_load(cluster_file))
+    # prepare_config filled what `ray up` needs from the provider defaults.
+    assert "cluster_synced_files" in prepared and "auth" in prepared
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+
+
+def test_passes_autoscaler_v2_config_reader(cluster_file):
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+
+    raw = _load(cluster_file)
+    cfg = AutoscalingConfig(copy.deepcopy(raw), skip_content_hash=True)
+    assert cfg.get_head_node_type() == raw["head_node_type"]
+    assert cfg.get_idle_timeout_s() == pytest.approx(raw["idle_timeout_minutes"] * 60)
+    types = cfg.get_node_type_configs()
+    for name in _worker_types(raw):
+        assert types[name].min_worker_nodes == 0
+
+
+def test_round_trip_through_a_file(cluster_file, tmp_path):
+    # What `ray up` reads is the file: dump + reload (YAML anchors resolved) must still validate.
+    path = _write(tmp_path, _load(cluster_file), "copy.yaml")
+    ray_up_checks(_load(path))
+
+
+# --- broken copies must be refused -------------------------------------------------------------------------------
+
+def _break_unknown_top_level_key(cfg):
+    cfg["idle_timeout_minuts"] = 5  # typo
+
+
+def _break_unknown_node_type_key(cfg):
+    worker = next(iter(_worker_types(cfg).values()))
+    worker["min_worker"] = worker.pop("min_workers")  # typo
+
+
+def _break_missing_head_node_type_entry(cfg):
+    del cfg["available_node_types"][cfg["head_node_type"]]
+
+
+def _break_head_node_type_points_nowhere(cfg):
+    cfg["head_node_type"] = "ray.head.gpu"
+
+
+def _break_fractional_resource(cfg):
+    next(iter(_worker_types(cfg).values()))["resources"]["GPU"] = 0.5  # schema: integers only
+
+
+def _break_unknown_docker_key(cfg):
+    cfg["docker"]["imag"] = cfg["docker"]["image"]
+
+
+def _break_missing_node_config(cfg):
+    del next(iter(_worker_types(cfg).values()))["node_config"]
+
+
+def _break_min_workers_above_max(cfg):
+    cfg["max_workers"] = 1
+    for worker in _worker_types(cfg).values():
+        worker["min_workers"] = 1
+        worker["max_workers"] = max(worker["max_workers"], 1)
+
+
+def _break_missing_provider(cfg):
+    del cfg["provider"]
+
+
+BREAKERS = [  # (how to break it, what Ray's refusal says)
+    (_break_unknown_top_level_key, r"'idle_timeout_minuts' was unexpected"),
+    (_break_unknown_node_type_key, r"'min_worker' was unexpected"),
+    (_break_missing_head_node_type_entry, r"`head_node_type` must be one of `available_node_types`"),
+    (_break_head_node_type_points_nowhere, r"`head_node_type` must be one of `available_node_types`"),
+    (_break_fractional_resource, r"0\.5 is not of type 'integer'"),
+    (_break_unknown_docker_key, r"'imag' was unexpected"),
+    (_break_missing_node_config, r"'node_config' is a required property"),
+    (_break_min_workers_above_max, r"global `max_workers` is smaller than the sum of `min_workers`"),
+    (_break_missing_provider, r"'provider' is a required property"),
+]
+
+
+@pytest.mark.parametrize("breaker,message", BREAKERS, ids=[b.__name__.removeprefix("_break_") for b, _ in BREAKERS])
+def test_broken_copy_is_refused(cluster_file, tmp_path, breaker, message):
+    cfg = _load(cluster_file)
+    breaker(cfg)
+    path = _write(tmp_path, cfg)
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=message):
+        ray_up_checks(_load(path))
+
+
+def test_missing_head_node_type_key_is_defaulted_by_ray(cluster_file, tmp_path):
+    """Deleting only the `head_node_type` key is NOT an error for Ray: prepare_config takes the provider default
+    ("ray.head.default"), so our head type must carry exactly that name for the config to stay correct."""
+    cfg = _load(cluster_file)
+    assert cfg["head_node_type"] == "ray.head.default"
+    del cfg["head_node_type"]
+    prepared = ray_up_checks(_load(_write(tmp_path, cfg)))
+    assert prepared["head_node_type"] == "ray.head.default"
+
+
+# --- structural facts --------------------------------------------------------------------------------------------
+
+def test_head_is_cpu_only(cluster_file):
+    cfg = _load(cluster_file)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"].get("GPU") == 0
+    assert head.get("min_workers", 0) == 0 and head.get("max_workers", 0) == 0
+    if cfg["provider"]["type"] == "aws":
+        assert not head["node_config"]["InstanceType"].startswith(("p", "g")), "head should be a CPU instance"
+
+
+def test_gpu_workers_scale_from_zero(cluster_file):
+    cfg = _load(cluster_file)
+    workers = _worker_types(cfg)
+    assert workers, "no worker node types"
+    for name, worker in workers.items():
+        assert worker.get("min_workers", 0) == 0, f"{name}: min_workers must be 0 (no idle GPU nodes)"
+        assert worker["resources"]["GPU"] > 0, f"{name}: declare GPUs so the autoscaler can plan"
+    assert max(w["max_workers"] for w in workers.values()) >= 1, "no GPU node type can be launched"
+    assert sum(w.get("min_workers", 0) for w in workers.values()) <= cfg["max_workers"]
+
+
+def test_aws_gpu_instance_types(cluster_file):
+    cfg = _load(cluster_file)
+    if cfg["provider"]["type"] != "aws":
+        pytest.skip("AWS only")
+    workers = _worker_types(cfg)
+    types = {w["node_config"]["InstanceType"] for w in workers.values()}
+    assert "p4de.24xlarge" in types and "p4d.24xlarge" in types
+    for name, worker in workers.items():
+        gpus = GPU_INSTANCES[worker["node_config"]["InstanceType"]]
+        assert worker["resources"]["GPU"] == gpus, name
+        assert "IamInstanceProfile" in worker["node_config"], f"{name}: workers need S3 access for checkpoints"
+    spot = [w for w in workers.values() if w["node_config"].get("InstanceMarketOptions")]
+    assert spot and all(w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for w in spot)
+    default_80gb = workers["gpu_a100_80gb"]
+    assert default_80gb["node_config"]["InstanceType"] == "p4de.24xlarge" and default_80gb["max_workers"] >= 1
+
+
+def test_idle_timeout_set(cluster_file):
+    cfg = _load(cluster_file)
+    assert 0 < cfg["idle_timeout_minutes"] <= 30
+
+
+def test_docker_image_matches_installed_ray(cluster_file):
+    cfg = _load(cluster_file)
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    images = {cfg["docker"][k] for k in ("image", "head_image", "worker_image") if k in cfg["docker"]}
+    assert images
+    for image in images:
+        m = re.fullmatch(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-(?P<py>py3\d+)-(?P<platform>cpu|gpu|cu\d+)", image)
+        assert m, f"unexpected image tag {image!r}"
+        assert m["ray"] == ray.__version__, f"{image}: Ray version differs from installed ray {ray.__version__}"
+        assert m["py"] == py, f"{image}: Python {m['py']} differs from this environment's {py}"
+    worker_image = cfg["docker"].get("worker_image", cfg["docker"]["image"])
+    assert worker_image.endswith(("-gpu",)) or re.search(r"-cu\d+$", worker_image)
+
+
+def test_setup_installs_this_raydllm_version(cluster_file):
+    cfg = _load(cluster_file)
+    setup = " ".join(cfg["setup_commands"])
+    assert f"raydllm=={_pyproject_version()}" in setup
+
+
+def test_mlflow_server_on_head(cluster_file):
+    cfg = _load(cluster_file)
+    cmds = " ".join(cfg["head_setup_commands"] + cfg["head_start_ray_commands"])
+    m = re.search(r"mlflow server (?P<args>[^>&]*)", cmds)
+    assert m, "no mlflow server started on the head"
+    args = m["args"]
+    assert "--backend-store-uri sqlite:///" in args
+    assert re.search(r"--artifacts-destination (s3|gs)://", args)
+    assert "--port 5000" in args
+    # Never on a public interface by config: the head's security group admits SSH only (see cluster.yaml).
+    assert "--allowed-hosts" not in args and "--cors-allowed-origins" not in args
+    # The autoscaler must be started by the head's ray start.
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in cmds
+
+
+def test_shared_storage_is_object_store(cluster_file):
+    text = cluster_file.read_text()
+    assert re.search(r"RAYDLLM_STORAGE=(s3|gs)://", text)
+
+
+def test_fake_cluster_config_is_valid():
+    """The config tests/fake_cluster.py hands to the autoscaler passes the same schema + checks as-is
+    (it must be complete: the wheel lacks fake_multi_node/example.yaml, so prepare_config cannot fill it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_cluster import fake_cluster_config
+
+    cfg = fake_cluster_config(idle_timeout_minutes=0.1, gcs_address="127.0.0.1:6379")
+    jsonschema.validate(cfg, _schema())
+    validate_config(cfg)
+    assert cfg["available_node_types"]["ray.worker.slot"]["min_workers"] == 0
+
+
+def test_checks_did_not_touch_the_aws_provider():
+    # Nothing above may need boto3 or credentials: the AWS node provider module (imports boto3) stays unimported.
+    assert "ray.autoscaler._private.aws.node_provider" not in sys.modules
