@@ -108,6 +108,8 @@ class TrainConfig(_Section):
     workers: int = Field(2, gt=0)
     use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: float = Field(1, gt=0)
+    # Custom Ray resources each worker also asks for, e.g. {"node_slot": 1} to take a whole node.
+    extra_resources: dict[str, float] = {}
     checkpoints_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=-1)  # Ray Train worker failures tolerated inside one run
     # Worker-group start attempts (60 s each) before a run that cannot get its resources fails, instead

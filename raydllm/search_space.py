@@ -90,6 +90,7 @@ class Resources(_Strict):
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
+    custom: dict[str, float] = {}  # custom Ray resources per worker (e.g. a node type's marker resource)
 
 
 class RepeatSettings(_Strict):
@@ -101,7 +102,7 @@ class SweepSpec(_Strict):
     task: str
     preset: str = "local"
     name: str | None = None
-    metric: Literal["val_loss_diff", "loss_diff", "loss_total", "val_accuracy"] = "val_loss_diff"
+    metric: Literal["val_loss_diff", "loss_diff", "loss_total", "val_accuracy"]
     mode: Literal["min", "max"] | None = None
     fixed: dict[str, Any] = {}
     space: dict[str, Distribution]
@@ -159,6 +160,7 @@ def base_raw(spec: SweepSpec) -> dict[str, Any]:
     raw = deep_merge(raw, parse_overrides([f"train.workers={res.workers}",
                                            f"train.cpus_per_worker={res.cpus_per_worker}",
                                            f"train.use_gpu={str(res.use_gpu).lower()}"]))
+    raw = deep_merge(raw, {"train": {"extra_resources": dict(res.custom)}})
     return deep_merge(raw, _nest(spec.fixed))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,25 @@ log = logging.getLogger(__name__)
 def default_storage_path() -> str:
     """RAYDLLM_STORAGE (set on every node by cluster.yaml), else ./raydllm_runs."""
     return os.environ.get("RAYDLLM_STORAGE") or str(Path.cwd() / "raydllm_runs")
+
+
+def check_storage(storage: str) -> None:
+    """An unwritable or full storage path is reported before training starts."""
+    if "://" in storage:
+        return
+    import shutil
+
+    path = Path(storage)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".raydllm-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--storage {storage}: not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(path).free
+    if free < 1 << 30:
+        raise ConfigError(f"--storage {storage}: only {free / 2**20:.0f} MiB free; checkpoints need more")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -62,7 +81,7 @@ def scaling_config(cfg: Config):
     from ray.train import ScalingConfig
 
     use_gpu = choose_gpu(cfg)
-    resources = {"CPU": cfg.train.cpus_per_worker}
+    resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.extra_resources}
     if use_gpu:
         resources["GPU"] = 1
     return ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources)
@@ -106,7 +125,7 @@ def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
     tracking.check_tracking(tracking_uri)
     name = cfg.run.name or f"train-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = cfg.run.storage_path or default_storage_path()
-    Path(storage).mkdir(parents=True, exist_ok=True) if "://" not in storage else None
+    check_storage(storage)
     run_id, resumed = tracking.open_run(tracking_uri, tracking.experiment_name(cfg.task), key="raydllm.run_name",
                                         name=name, params=cfg.flat(),
                                         tags={"raydllm.kind": "train", **tracking.environment_tags()})

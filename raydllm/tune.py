@@ -246,7 +246,7 @@ def sweep_name(spec: SweepSpec, space_file: Path) -> str:
 def run_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None, name: str | None = None,
               progress: bool = True, extra_fixed: dict[str, Any] | None = None) -> SweepOutcome:
     """Run (or resume) the sweep in `space_file`. Re-running the same command resumes the same sweep."""
-    from .train import default_storage_path, warm_deepspeed_ops
+    from .train import check_storage, default_storage_path, warm_deepspeed_ops
 
     # Tune's own console output is replaced by SweepProgress (a line per change) and the final table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -357,22 +357,3 @@ def _search_alg(spec: SweepSpec):
                                   max_concurrent=spec.max_concurrent_trials)
     return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.search.seed,
                                  max_concurrent=spec.max_concurrent_trials)
-
-
-def check_storage(storage: str) -> None:
-    """An unwritable or full storage path is reported before training starts."""
-    if "://" in storage:
-        return
-    import shutil
-
-    path = Path(storage)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".raydllm-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"--storage {storage}: not writable ({exc.strerror or exc})") from None
-    free = shutil.disk_usage(path).free
-    if free < 1 << 30:
-        raise ConfigError(f"--storage {storage}: only {free / 2**20:.0f} MiB free; checkpoints need more")

@@ -122,6 +122,10 @@ class MetricsSink:
         self.points += [Metric(k, float(v), now, step) for k, v in values.items()
                         if v is not None and step > self.logged_upto.get(k, -1)]
 
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
+
     def flush(self) -> None:
         if self.client is None or not self.points:
             return
@@ -270,6 +274,7 @@ class WorkerLoop:
             with checkpoint.as_directory() as directory:
                 self.restore(directory)
             log.info("rank %d resumed at step %d", self.rank, self.step)
+            self.sink.tag("raydllm.resumed_from_step", str(self.step))
         window: list[dict[str, float]] = []
         step_seconds = 0.0
         while self.step < self.total_steps:

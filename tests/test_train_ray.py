@@ -88,3 +88,59 @@ def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
                               filter_string="tags.`raydllm.run_name` = 'victim'")
     assert len(runs) == 1 and runs[0].info.run_id == resumed["run_id"]
     assert [s for s, _ in _history(tmp_path, resumed["run_id"], "loss_total")] == list(range(1, 9))
+
+
+def test_killed_worker_process_restarts_from_last_checkpoint(tmp_path):
+    """FailureConfig(max_failures=1): a Ray Train worker killed mid-run is replaced, the run resumes from its
+    last checkpoint (not from step 0) and its MLflow run shows one continuous curve."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY,
+           "--set", "train.max_steps=10", "--set", "train.eval_every=2", "--set", "train.max_failures=1",
+           "--name", "worker-fault"]
+    run = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           start_new_session=True)
+    storage = tmp_path / "raydllm_runs" / "worker-fault"
+    killed_after = None
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None and killed_after is None:
+        saved = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/raydllm.json")]
+        if saved and max(saved) >= 4:
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers:
+                workers[0].kill()
+                killed_after = max(saved)
+        time.sleep(0.2)
+    out, _ = run.communicate(timeout=400)
+    assert run.returncode == 0 and killed_after is not None and killed_after < 10
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["step"] == 10
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    resumed_from = int(client.get_run(result["run_id"]).data.tags["raydllm.resumed_from_step"])
+    assert 4 <= resumed_from <= killed_after + 2  # from a checkpoint, not from scratch
+    assert [s for s, _ in _history(tmp_path, result["run_id"], "loss_total")] == list(range(1, 11))
+
+
+def test_unwritable_storage_reported_before_training(tmp_path, capsys):
+    from raydllm.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["train", "gsm8k", "--storage", str(blocker / "runs"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert "--storage" in err and "not writable" in err
+
+
+def test_full_disk_reported_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from raydllm.config import ConfigError
+    from raydllm.train import check_storage
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+    with pytest.raises(ConfigError, match="only 5 MiB free"):
+        check_storage(str(tmp_path))

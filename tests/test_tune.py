@@ -1,0 +1,193 @@
+"""`raydllm tune` / `raydllm best` end to end: Ray Tune + ASHA over DeepSpeed trials, asserted on MLflow.
+
+Traps of Ray 2.60 (../shared/notes/ray-2.60-tune-train.md) each shown handled here:
+- placement groups of ASHA-stopped trials leaking: trials start after others were stopped and all finish;
+- code after fit() never running for stopped trials: every child run ends FINISHED with a status tag;
+- duplicate MLflow runs after a restore: every trial appears exactly once after kill + resume;
+- max_concurrent_trials ignored after a restore: the resumed sweep finishes with no trial failing on resources.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from raydllm.cli import main
+
+TINY_SPACE = {
+    "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
+    "fixed": {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "data.synthetic_size": 300,
+              "data.val_limit": 16, "train.micro_batch_size": 8, "train.max_steps": 8, "train.eval_every": 2},
+    "space": {"jepa.lambda": {"choice": [0.5, 2.0]}, "jepa.k": {"randint": [1, 2]},
+              "jepa.t_low": {"uniform": [0.1, 0.3]}, "jepa.t_high": {"uniform": [0.6, 0.9]},
+              # a learning rate that learns nothing next to one that learns: ASHA has something to stop
+              "train.lr": {"choice": [1.0e-6, 3.0e-3]}},
+    "baseline": True, "seeds": [42],
+    "scheduler": {"grace_period": 2, "reduction_factor": 2},
+    "search": {"algorithm": "random", "seed": 3},
+    "num_samples": 4, "max_concurrent_trials": 2,
+    "resources": {"workers": 1, "cpus_per_worker": 1},
+}
+
+
+def _write_space(folder: Path, **changes) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump({**TINY_SPACE, **changes}))
+    return path
+
+
+def _cli(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raydllm.cli", *args], cwd=workdir, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _children(client: MlflowClient, parent_id: str):
+    experiment = client.get_experiment_by_name("raydllm-gsm8k")
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _parents(client: MlflowClient):
+    experiment = client.get_experiment_by_name("raydllm-gsm8k")
+    return client.search_runs([experiment.experiment_id], "tags.`raydllm.kind` = 'sweep'")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"fixed": {**TINY_SPACE["fixed"], "jepa.t_low": 0.8, "jepa.t_high": 0.5},
+      "space": {"jepa.lambda": {"choice": [1.0]}}}, "jepa.t_low"),
+    ({"space": {"jepa.lambda": {"normal": [0, 1]}}}, "space.jepa.lambda.normal"),
+    ({"space": {"jepa.k": {"randint": [1, 3]}, "jepa.t_low": {"uniform": [0.1, 0.8]},
+                "jepa.t_high": {"uniform": [0.6, 0.9]}}}, "space.jepa.t_low"),
+    ({"space": {"jepa.lamda": {"choice": [1.0]}}}, "space.jepa.lamda"),
+    ({"space": {"jepa.t_low": {"uniform": [0.1, 0.5]}, "jepa.t_high": {"uniform": [0.45, 0.9]}}},
+     "every t_low must be below every t_high"),
+    ({"metric": None}, "metric"),
+])
+def test_invalid_space_file_refused_before_ray(tmp_path, capsys, edit, message):
+    spec = {**TINY_SPACE, **edit}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    import ray
+
+    assert main(["tune", "gsm8k", "--space", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and message in err, err
+    assert not ray.is_initialized()
+
+
+def test_unreachable_tracking_server_reported_before_trials(tmp_path, capsys):
+    space = _write_space(tmp_path)
+    assert main(["tune", "gsm8k", "--space", str(space), "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the MLflow server" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
+    space = _write_space(tmp_path)
+    command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    finished_before: dict[str, int] = {}
+    deadline = time.time() + 600
+    while time.time() < deadline and sweep.poll() is None:
+        time.sleep(2)
+        if not (tmp_path / "mlflow.db").exists() or client.get_experiment_by_name("raydllm-gsm8k") is None:
+            continue
+        parents = _parents(client)
+        done = [r for r in (_children(client, parents[0].info.run_id) if parents else [])
+                if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
+        if len(done) >= 2:
+            finished_before = {r.data.tags["raydllm.trial_id"]: len(client.get_metric_history(r.info.run_id,
+                                                                                               "loss_total"))
+                               for r in done}
+            os.killpg(sweep.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+            break
+    sweep.wait(timeout=60)
+    assert finished_before, "the sweep finished (or stalled) before it could be interrupted"
+
+    resumed = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--json")  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    outcome = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert outcome["restored"] is True
+
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(tmp_path / "raydllm_runs" / outcome["sweep"]))
+    trials = {t.trial_id: t for t in analysis.trials}
+    assert len(trials) == TINY_SPACE["num_samples"] + 1  # + the pinned baseline; nothing re-created
+
+    parents = _parents(client)
+    assert len(parents) == 1
+    children = _children(client, parents[0].info.run_id)
+    by_trial = {}
+    for run in children:
+        by_trial.setdefault(run.data.tags["raydllm.trial_id"], []).append(run)
+    assert sorted(by_trial) == sorted(trials) and all(len(v) == 1 for v in by_trial.values())
+    statuses = []
+    for trial_id, (run,) in by_trial.items():
+        config = trials[trial_id].config
+        for key in TINY_SPACE["space"]:
+            assert float(run.data.params[key]) == pytest.approx(float(config[key])), (key, run.data.params)
+        assert run.info.status == "FINISHED", (trial_id, run.info.status, run.data.tags.get("raydllm.error"))
+        statuses.append(run.data.tags["raydllm.status"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_total")]
+        assert steps == sorted(set(steps)) == list(range(1, max(steps) + 1))  # one continuous curve
+        if trial_id in finished_before:  # finished before the kill: not re-run
+            assert len(steps) == finished_before[trial_id]
+    assert "stopped_early" in statuses and "completed" in statuses
+    assert any(r.data.params["jepa.lambda"] == "0.0" for r in children)  # the pinned baseline arm
+
+    best = _cli(tmp_path, "best", "gsm8k", "--json")
+    assert best.returncode == 0, best.stderr
+    report = json.loads(best.stdout.strip().splitlines()[-1])
+    assert report["baseline"] is not None and report["best"]
+    jepa_values = [r.data.metrics["val_loss_diff"] for r in children
+                   if r.data.params["jepa.lambda"] != "0.0" and "val_loss_diff" in r.data.metrics]
+    assert report["best"][0]["mean"] == pytest.approx(min(jepa_values))
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
+    assert "summary/metric_vs_params.png" in artifacts
+
+
+@pytest.mark.ray
+def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        for _ in range(120):
+            try:
+                if requests.get(uri + "/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        space = _write_space(tmp_path, num_samples=2)
+        done = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--tracking-uri", uri, "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        best = _cli(tmp_path, "best", "gsm8k", "--tracking-uri", uri, "--json")
+        assert best.returncode == 0, best.stderr
+        report = json.loads(best.stdout.strip().splitlines()[-1])
+        client = MlflowClient(uri)
+        children = _children(client, report["parent_run_id"])
+        assert len(children) == 3 and not (tmp_path / "mlflow.db").exists()  # all of it went to the server
+        winner = min((r for r in children if r.data.params["jepa.lambda"] != "0.0"),
+                     key=lambda r: r.data.metrics["val_loss_diff"])
+        assert report["best"][0]["run_ids"] == [winner.info.run_id]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
