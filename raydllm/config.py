@@ -122,6 +122,22 @@ class EvalConfig(_Section):
     # t_L/t_H are compared on the same yardstick.
     val_mask_rates: list[float] = [0.2, 0.5, 0.8]
     val_seed: int = 1234
+    # The cheap per-report metric for ASHA: val_loss_diff always; "accuracy" adds val_accuracy from
+    # generating answers for the first `gen_limit` validation problems.
+    metric: Literal["loss", "accuracy"] = "loss"
+    gen_limit: int = Field(32, gt=0)
+    # End of a run: generation accuracy on `final_limit` validation problems per shot count, and the
+    # probes against the base model (WikiText diffusion loss at 50% masking, layer drift, collapse).
+    final: bool = True
+    final_limit: int = Field(64, gt=0)
+    final_shots: list[int] = [0]
+    probes: bool = True
+    wikitext_path: str | None = None  # None: ../shared/data/wikitext/test.txt if present, else the hub
+    probe_chunks: int = Field(32, gt=0)
+    # Sampler (None = from data.answer_tokens: one token per step, LLaDA's low-confidence remasking).
+    gen_length: int | None = Field(None, gt=0)
+    block_length: int | None = Field(None, gt=0)
+    sampler_steps: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _rates_in_range(self):

@@ -76,6 +76,8 @@ class Distribution(_Strict):
 
 
 class AshaSettings(_Strict):
+    # asha: early stopping on `step`; fifo: every trial runs to max_t (the full-grid arm of `bench sweep`).
+    type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(gt=0)
     reduction_factor: float = Field(3, gt=1)
     max_t: int | None = Field(None, gt=0)  # default: the trials' train.max_steps

@@ -94,23 +94,29 @@ class TrialStatusCallback:
         self.max_t, self.grace, self.factor = max_t, grace, factor
 
     def _run_id(self, trial_id: str) -> str | None:
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment)
         run = experiment and tracking.find_run(client, experiment.experiment_id, "raydllm.trial_id", trial_id)
         return run.info.run_id if run else None
 
+    def _last_step(self, trial, run_id: str) -> int:
+        """The last step trained: Tune's last result, or later (a stopped trial's worker may finish one
+        more report after ASHA's decision; a restored trial may have trained past Tune's last record)."""
+        history = MlflowClient(self.tracking_uri).get_metric_history(run_id, "loss_total")
+        return max([int((trial.last_result or {}).get("step", 0))] + [m.step for m in history])
+
     def complete(self, trial) -> None:
         run_id = self._run_id(trial.trial_id)
         if run_id is None:
             return
-        step = int((trial.last_result or {}).get("step", 0))
+        step = self._last_step(trial, run_id)
         if step >= self.max_t:
             tags = {"raydllm.status": "completed", "raydllm.last_step": str(step)}
         else:
+            decided_at = int((trial.last_result or {}).get("step", step))  # the result ASHA stopped it on
             tags = {"raydllm.status": "stopped_early", "raydllm.last_step": str(step),
-                    "raydllm.stopped_at_rung": str(_rung(step, self.grace, self.factor))}
+                    "raydllm.stopped_at_step": str(decided_at),
+                    "raydllm.stopped_at_rung": str(_rung(decided_at, self.grace, self.factor))}
         tracking.finish_run(self.tracking_uri, run_id, "FINISHED", tags)
 
     def error(self, trial) -> None:
@@ -120,7 +126,7 @@ class TrialStatusCallback:
         message = _trial_error(trial)
         tracking.finish_run(self.tracking_uri, run_id, "FAILED",
                             {"raydllm.status": "failed", "raydllm.error": message[:5000],
-                             "raydllm.last_step": str((trial.last_result or {}).get("step", 0))})
+                             "raydllm.last_step": str(self._last_step(trial, run_id))})
 
 
 def _trial_error(trial) -> str:
@@ -246,37 +252,45 @@ def sweep_name(spec: SweepSpec, space_file: Path) -> str:
 def run_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None, name: str | None = None,
               progress: bool = True, extra_fixed: dict[str, Any] | None = None) -> SweepOutcome:
     """Run (or resume) the sweep in `space_file`. Re-running the same command resumes the same sweep."""
+    space_file = Path(space_file)
+    spec = load_spec(space_file, extra_fixed)
+    return run_spec(spec, space_text=space_file.read_text(), space_name=space_file.name,
+                    name=name or sweep_name(spec, space_file), tracking_uri=tracking_uri, storage=storage,
+                    progress=progress)
+
+
+def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tracking_uri: str,
+             storage: str | None = None, progress: bool = True) -> SweepOutcome:
+    """Run (or resume) a validated sweep."""
     from .train import check_storage, default_storage_path, warm_deepspeed_ops
 
     # Tune's own console output is replaced by SweepProgress (a line per change) and the final table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    space_file = Path(space_file)
-    spec = load_spec(space_file, extra_fixed)
-    name = name or sweep_name(spec, space_file)
     storage = storage or default_storage_path()
     tracking.check_tracking(tracking_uri)
     check_storage(storage)
     experiment = tracking.experiment_name(spec.task)
     parent_run_id, _ = tracking.open_run(
         tracking_uri, experiment, key="raydllm.sweep", name=name,
-        params={"space_file": str(space_file), "num_samples": spec.num_samples,
+        params={"space_file": space_name, "num_samples": spec.num_samples,
                 "max_concurrent_trials": spec.max_concurrent_trials},
         tags={"raydllm.kind": "sweep", "raydllm.metric": spec.metric, "raydllm.mode": spec.mode,
               "raydllm.searched_keys": json.dumps(sorted(spec.space)), **tracking.environment_tags()})
-    MlflowClient(tracking_uri).log_text(parent_run_id, space_file.read_text(), f"space/{space_file.name}")
+    MlflowClient(tracking_uri).log_text(parent_run_id, space_text, f"space/{space_name}")
 
     ensure_ray_for_sweep(spec)
     warm_deepspeed_ops()
     common = dict(spec=spec, storage=storage, tracking_uri=tracking_uri, experiment=experiment,
                   parent_run_id=parent_run_id, progress=progress)
-    restored = _fit_phase(name=name, phase="search", param_space=param_space(spec), asha=True, **common)
+    restored = _fit_phase(name=name, phase="search", param_space=param_space(spec),
+                          asha=spec.scheduler.type == "asha", search=True, **common)
     if spec.repeat.top and len(spec.seeds) > 1:
         report = best_configs(spec.task, tracking_uri=tracking_uri, top=spec.repeat.top, sweep=name)
         points = [r["params"] for r in report["best"]] + ([report["baseline"]["params"]]
                                                            if report["baseline"] else [])
         from ray import tune
 
-        _fit_phase(name=f"{name}-repeat", phase="repeat", asha=False, **common,
+        _fit_phase(name=f"{name}-repeat", phase="repeat", asha=False, search=False, **common,
                    param_space={"point": tune.grid_search(points), "train.seed": tune.grid_search(spec.seeds[1:])})
     tracking.finish_run(tracking_uri, parent_run_id, "FINISHED")
     _log_summary(spec, tracking_uri, parent_run_id, name)
@@ -285,7 +299,7 @@ def run_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None 
                             parent_run_id))))
 
 
-def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, storage: str,
+def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, search: bool, storage: str,
                tracking_uri: str, experiment: str, parent_run_id: str, progress: bool) -> bool:
     """Run one Tuner (or restore it if its folder exists): True if it was restored."""
     from ray import tune
@@ -305,7 +319,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     else:
         status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
                                      spec.scheduler.reduction_factor)
-        total = spec.num_samples + spec.baseline if asha else None
+        total = spec.num_samples if search else None  # the pinned baseline is one of the num_samples
         reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps) if progress else None
         scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
                                    reduction_factor=spec.scheduler.reduction_factor) if asha else FIFOScheduler())
@@ -313,9 +327,9 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples if asha else 1,
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples if search else 1,
                 max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
-                search_alg=_search_alg(spec) if asha else None),
+                search_alg=_search_alg(spec) if search else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
@@ -357,3 +371,42 @@ def _search_alg(spec: SweepSpec):
                                   max_concurrent=spec.max_concurrent_trials)
     return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.search.seed,
                                  max_concurrent=spec.max_concurrent_trials)
+
+
+def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None) -> dict[str, Any]:
+    """The same space run twice: as a full grid (every trial to max_t, the grid-best repeated over the seeds
+    to measure seed noise) and under ASHA. Compute is counted in trial-steps, read back from MLflow."""
+    from .search_space import RepeatSettings
+
+    space_file = Path(space_file)
+    spec = load_spec(space_file)
+    base = sweep_name(spec, space_file)
+    arms = {
+        "grid": spec.model_copy(update={"scheduler": spec.scheduler.model_copy(update={"type": "fifo"}),
+                                        "repeat": RepeatSettings(top=1), "baseline": False}),
+        "asha": spec.model_copy(update={"repeat": RepeatSettings(top=0), "baseline": False}),
+    }
+    figures: dict[str, Any] = {}
+    for arm, arm_spec in arms.items():
+        start = time.time()
+        outcome = run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name,
+                           name=f"{base}-{arm}", tracking_uri=tracking_uri, storage=storage)
+        client = MlflowClient(tracking_uri)
+        children = trial_runs(client, client.get_run(outcome.parent_run_id))
+        search = [r for r in children if r.data.tags.get("raydllm.phase") == "search"]
+        report = best_configs(spec.task, tracking_uri=tracking_uri, top=1, sweep=f"{base}-{arm}")
+        best = report["best"][0]
+        figures[arm] = {"trials": len(search), "wall_s": round(time.time() - start, 1),
+                        "trial_steps": sum(int(r.data.tags.get("raydllm.last_step", 0)) for r in search),
+                        "best_config": best["params"], "best_metric": min(
+                            (v for v, s in zip(best["values"], best["seeds"]) if s == spec.seeds[0]),
+                            default=best["mean"]) if spec.mode == "min" else best["mean"],
+                        "best_metric_mean_over_seeds": best["mean"], "best_metric_std_over_seeds": best["std"],
+                        "seeds": best["seeds"]}
+    grid, asha = figures["grid"], figures["asha"]
+    noise = grid["best_metric_std_over_seeds"]
+    sign = 1 if spec.mode == "min" else -1
+    figures["compute_ratio"] = asha["trial_steps"] / max(grid["trial_steps"], 1)
+    figures["asha_gap"] = sign * (asha["best_metric"] - grid["best_metric"])
+    figures["within_seed_noise"] = figures["asha_gap"] <= 2 * noise
+    return figures

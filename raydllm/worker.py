@@ -122,6 +122,9 @@ class MetricsSink:
         self.points += [Metric(k, float(v), now, step) for k, v in values.items()
                         if v is not None and step > self.logged_upto.get(k, -1)]
 
+    def has(self, key: str) -> bool:
+        return self.client is not None and key in self.client.get_run(self.run_id).data.metrics
+
     def tag(self, key: str, value: str) -> None:
         if self.client is not None:
             self.client.set_tag(self.run_id, key, value)
@@ -147,8 +150,10 @@ class WorkerLoop:
         task = get_task(cfg.task)
         encode = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, answer_tokens=cfg.data.answer_tokens,
                       eos_id=backbone.ids.eos)
-        self.train_records = tokenize_sft(load_examples(cfg, "train"), tokenizer, task, **encode)
-        val = tokenize_sft(load_examples(cfg, "validation"), tokenizer, task, **encode)
+        self.train_examples = load_examples(cfg, "train")
+        self.val_examples = load_examples(cfg, "validation")
+        self.train_records = tokenize_sft(self.train_examples, tokenizer, task, **encode)
+        val = tokenize_sft(self.val_examples, tokenizer, task, **encode)
         self.val_records = val[rank::world]
         self.total_steps = steps_for(cfg, len(self.train_records))
 
@@ -248,6 +253,51 @@ class WorkerLoop:
             dist.all_reduce(totals)
         return float(totals[0] / totals[1].clamp(min=1))
 
+    # -- generation and probes (rank 0) -------------------------------------------------------------------
+    def _generate_metrics(self, limit: int, shots: int) -> tuple[dict[str, float], list[dict]]:
+        from .evaluation import default_sampler, evaluate_task, prompt_budget
+
+        cfg = self.cfg
+        sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
+                                  steps=cfg.eval.sampler_steps)
+        backbone = self.engine.module.backbone
+        backbone.eval()
+        try:
+            return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
+                                 shots=shots, train_examples=self.train_examples, sampler=sampler,
+                                 batch_size=cfg.train.micro_batch_size, progress=False,
+                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots))
+        finally:
+            backbone.train()
+
+    def final_evaluation(self) -> dict[str, float]:
+        """Generation accuracy per shot count and the probes against the base model; rank 0 only."""
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        primary = get_task(cfg.task).primary_metric
+        for shots in cfg.eval.final_shots:
+            metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots)
+            out |= {f"final/val/{shots}shot/{k}": float(v) for k, v in metrics.items()}
+            out.setdefault("final_val_" + primary, float(metrics[primary]))
+        if cfg.eval.probes:
+            from .probes import run_probes
+
+            torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
+            base, _ = load_backbone(cfg.model)
+            base.to(self.device).eval()
+            finetuned = self.engine.module.backbone.eval()
+            with torch.no_grad():
+                out |= run_probes(base, finetuned, self.tokenizer, wikitext_path=cfg.eval.wikitext_path,
+                                  max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size)
+            finetuned.train()
+        return out
+
+    def _final_evaluation_once(self) -> dict[str, float]:
+        # A run restored at its final checkpoint has usually logged its final evaluation already.
+        if self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric):
+            return {}
+        return self.final_evaluation()
+
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
         """DeepSpeed engine state (weights, optimizer shards, scheduler) + EMA + step, into `directory`."""
@@ -277,6 +327,10 @@ class WorkerLoop:
             self.sink.tag("raydllm.resumed_from_step", str(self.step))
         window: list[dict[str, float]] = []
         step_seconds = 0.0
+        if self.step >= self.total_steps:
+            # Restored from the final checkpoint (killed after it was saved, before the run was marked done):
+            # report the final state again so Tune and the driver see this run's last metrics.
+            self.report(window, step_seconds)
         while self.step < self.total_steps:
             start = time.perf_counter()
             metrics = self.train_step()
@@ -297,13 +351,34 @@ class WorkerLoop:
         summary = _mean_across_ranks(window, self.device)
         summary["val_loss_diff"] = self.validation_loss()
         summary["step"] = self.step
-        summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
+        if window:
+            summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
         summary.pop("tokens", None)
-        self.sink.add(self.step, {"val_loss_diff": summary["val_loss_diff"]})
+        if self.cfg.eval.metric == "accuracy":
+            summary["val_accuracy"] = self._rank0_value(
+                lambda: self._generate_metrics(self.cfg.eval.gen_limit, 0)[0][get_task(self.cfg.task).primary_metric])
+        if self.step >= self.total_steps and self.cfg.eval.final:
+            summary |= self._rank0_dict(self._final_evaluation_once)
+        self.sink.add(self.step, {k: v for k, v in summary.items()
+                                  if k.startswith(("val_", "final", "probe/")) and isinstance(v, float)})
         with tempfile.TemporaryDirectory() as directory:
             self.save(directory)
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
         self.sink.flush()  # after the checkpoint is persisted: points past it would be re-done on resume
+
+
+    def _rank0_value(self, compute) -> float:
+        """Computed on rank 0 and shared, so every worker reports the same number."""
+        value = torch.tensor([compute() if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast(value, src=0)
+        return float(value[0])
+
+    def _rank0_dict(self, compute) -> dict[str, float]:
+        holder = [compute() if self.rank == 0 else None]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
 
 def _predictor_heads(width: int) -> int:

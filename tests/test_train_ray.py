@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 
 TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
         "--set", "data.synthetic_size=800", "--set", "data.val_limit=32", "--set", "train.micro_batch_size=8",
-        "--set", "train.lr=3e-3"]
+        "--set", "train.lr=3e-3", "--set", "eval.final=false"]
 
 
 def _train(workdir: Path, *args: str, timeout: int = 400, **popen) -> dict:
@@ -30,7 +30,8 @@ def _history(workdir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
-    result = _train(tmp_path, "--set", "train.max_steps=30", "--set", "train.eval_every=10")
+    result = _train(tmp_path, "--set", "train.max_steps=30", "--set", "train.eval_every=10",
+                    "--set", "eval.final=true", "--set", "eval.final_limit=8", "--set", "eval.probe_chunks=4")
     assert result["step"] == 30
     checkpoint = Path(result["checkpoint"])
     # Two ZeRO ranks each saved their optimizer shard: DeepSpeed ran on both workers.
@@ -47,6 +48,11 @@ def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["jepa.lambda"] == "1.0"
+    # End-of-run evaluation and probes land in the run, with the sampler settings as params.
+    metrics = run.data.metrics
+    assert metrics["final/val/0shot/n"] == 8 and 0.0 <= metrics["final/val/0shot/accuracy"] <= 1.0
+    assert {"probe/wikitext_delta", "probe/drift_early", "probe/z_eff_rank"} <= set(metrics)
+    assert "eval.gen_length" in run.data.params
 
 
 def test_baseline_reports_no_jepa_loss(tmp_path):

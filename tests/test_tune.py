@@ -94,7 +94,7 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    finished_before: dict[str, int] = {}
+    finished_before: set[str] = set()
     deadline = time.time() + 600
     while time.time() < deadline and sweep.poll() is None:
         time.sleep(2)
@@ -104,9 +104,7 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
         done = [r for r in (_children(client, parents[0].info.run_id) if parents else [])
                 if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
         if len(done) >= 2:
-            finished_before = {r.data.tags["raydllm.trial_id"]: len(client.get_metric_history(r.info.run_id,
-                                                                                               "loss_total"))
-                               for r in done}
+            finished_before = {r.data.tags["raydllm.trial_id"] for r in done}
             os.killpg(sweep.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
             break
     sweep.wait(timeout=60)
@@ -121,7 +119,7 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
 
     analysis = ExperimentAnalysis(str(tmp_path / "raydllm_runs" / outcome["sweep"]))
     trials = {t.trial_id: t for t in analysis.trials}
-    assert len(trials) == TINY_SPACE["num_samples"] + 1  # + the pinned baseline; nothing re-created
+    assert len(trials) == TINY_SPACE["num_samples"]  # the pinned baseline included; nothing re-created
 
     parents = _parents(client)
     assert len(parents) == 1
@@ -139,8 +137,11 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
         statuses.append(run.data.tags["raydllm.status"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_total")]
         assert steps == sorted(set(steps)) == list(range(1, max(steps) + 1))  # one continuous curve
-        if trial_id in finished_before:  # finished before the kill: not re-run
-            assert len(steps) == finished_before[trial_id]
+        if trial_id in finished_before:
+            # Finished before the kill: never trained again. (If Tune had not yet saved its state when the
+            # driver died, the trial is restored at its final checkpoint and only re-reports.)
+            last = int(run.data.tags["raydllm.last_step"])
+            assert int(run.data.tags.get("raydllm.resumed_from_step", last)) == last
     assert "stopped_early" in statuses and "completed" in statuses
     assert any(r.data.params["jepa.lambda"] == "0.0" for r in children)  # the pinned baseline arm
 
@@ -184,7 +185,7 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
         report = json.loads(best.stdout.strip().splitlines()[-1])
         client = MlflowClient(uri)
         children = _children(client, report["parent_run_id"])
-        assert len(children) == 3 and not (tmp_path / "mlflow.db").exists()  # all of it went to the server
+        assert len(children) == 2 and not (tmp_path / "mlflow.db").exists()  # all of it went to the server
         winner = min((r for r in children if r.data.params["jepa.lambda"] != "0.0"),
                      key=lambda r: r.data.metrics["val_loss_diff"])
         assert report["best"][0]["run_ids"] == [winner.info.run_id]

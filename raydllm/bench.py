@@ -1,0 +1,743 @@
+"""`raydllm bench`: what DLLM-JEPA costs over the diffusion-only baseline, measured in one process.
+
+One WorkerLoop (the real DeepSpeed engine trials use, in a one-rank process group created here when none
+exists) runs interleaved optimizer steps of three phases on the same model, the same batches and the same
+masks (step i of every phase sees batch i):
+
+* baseline: lambda = 0, no EMA, no target forward (exactly the path `train_step` takes for a lambda = 0
+  trial: the loop's EMA is detached and the config's lambda set to 0 for the phase);
+* jepa: the configured lambda with the target branch on every step;
+* jepa_dropout: the target branch on a fraction `target_prob` of steps (JEPA loss dropout).
+
+Headline figures come from untouched `WorkerLoop.train_step` calls. The split of a step into parts comes
+from separate instrumented steps: timestamps taken in forward hooks on the online backbone, the EMA target
+and the predictor, and around `engine.backward`, `engine.step` and `EmaTarget.update` (each preceded by
+`torch.cuda.synchronize()` on a GPU). The parts partition the step's wall time, so they sum to it.
+
+FLOP model: a training step costs 6·N·T (forward 2NT + backward 4NT) and the target forward adds 2·N·T,
+so JEPA / baseline = 8/6 = 4/3 (N = backbone parameters without the input embedding table, T = positions
+processed, padding included). With the target branch on a fraction p of steps: 1 + p/3.
+
+`estimate_memory` is the per-GPU arithmetic for a model under DeepSpeed ZeRO (the README quotes it for
+LLaDA-8B); `raydllm bench` prints it for LLaDA-8B at world size 8 with predictor depths 1..5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name().
+# Checked in order: the first match wins.
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM5 / HBM3
+    ("A100", 312.0),
+)
+
+# Usable memory of the cards the README talks about: torch.cuda.get_device_properties().total_memory of
+# an A100-SXM4-40GB / -80GB, less 1 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
+A100_USABLE_BYTES = {"a100_40gb": 42_505_273_344 - GIB, "a100_80gb": 85_198_045_184 - GIB}
+
+# LLaDA-8B-Base (the paper preset's model).
+LLADA_8B = {"name": "GSAI-ML/LLaDA-8B-Base", "n_params": 8.02e9, "hidden_size": 4096, "n_layers": 32,
+            "vocab_size": 126_464}
+
+PARTS = ("data", "online_forward", "target_forward", "predictor_jepa_loss", "backward", "optimizer_step",
+         "ema_update", "other")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory arithmetic
+# ---------------------------------------------------------------------------------------------------
+
+def predictor_params(hidden_size: int, k_layers: int) -> int:
+    """Parameters of a k-block predictor at backbone width d: per block qkv 3d²+3d, proj d²+d,
+    MLP 8d²+5d, two LayerNorms 4d = 12d² + 13d (raydllm.model.Block)."""
+    d = hidden_size
+    return k_layers * (12 * d * d + 13 * d)
+
+
+def _zero_state_bytes(n: float, *, world_size: int, zero_stage: int, bf16: bool) -> dict[str, float]:
+    """Per-GPU bytes of n trainable parameters under DeepSpeed ZeRO with an Adam-type optimizer.
+
+    bf16 (DeepSpeed "bf16": {"enabled": true}): the model holds bf16 weights (2n), gradients are bf16
+    (2n, reduce-scattered at stage >= 2), the optimizer keeps an fp32 master copy plus Adam m and v
+    (4n + 8n = 12n, partitioned at stage >= 1). fp32: weights 4n, gradients 4n; ZeRO 1/2 still keep an
+    fp32 master copy of the partition next to Adam m, v (12n / W); stage 0 is a plain torch optimizer (8n).
+    Stage 0 with bf16 runs DeepSpeed's BF16_Optimizer (fp32 master + Adam partitioned like stage 1, plus
+    full-size fp32 gradient accumulators); treat the stage-0/1/3 figures as approximate, stage 2 is exact
+    up to alignment padding.
+    """
+    w = world_size
+    elt = 2 if bf16 else 4
+    params = elt * n / (w if zero_stage >= 3 else 1)
+    grads = elt * n / (w if zero_stage >= 2 else 1)
+    if zero_stage == 0 and bf16:
+        optimizer, extra = 12 * n / w, 4 * n  # BF16_Optimizer: fp32 grad accumulators, replicated
+    elif zero_stage == 0:
+        optimizer, extra = 8 * n, 0.0
+    else:
+        optimizer, extra = 12 * n / w, 0.0
+    return {"params": params, "grads": grads + extra, "optimizer": optimizer}
+
+
+def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predictor_layers: int,
+                    hidden_size: int, ema_dtype: str, ema_on_cpu: bool, bf16: bool,
+                    activation_gb: float | None = None, lam_zero: bool = False,
+                    reduce_bucket_elements: float = 5e8) -> dict[str, Any]:
+    """Per-GPU memory of one DLLM-JEPA rank under DeepSpeed ZeRO (bytes, plus GiB and fit verdicts).
+
+    Terms (N backbone params, P predictor params, W world size), for ZeRO-2 + bf16:
+    * weights: bf16 backbone + predictor, replicated: 2(N + P);
+    * gradients: bf16, reduce-scattered, each rank keeps its partition: 2(N + P)/W;
+    * optimizer: fp32 master + Adam m, v of the rank's partition: 12(N + P)/W;
+    * EMA target: a full replicated copy, 4N (float32) or 2N (bfloat16), on every GPU unless it lives in
+      host memory (`ema_on_cpu`, then counted under host_bytes_per_rank instead);
+    * transient, backward: DeepSpeed's contiguous reduce bucket (reduce_bucket_size elements, default
+      5e8, in the gradient dtype) plus activations (`activation_gb`; None = not counted, say so);
+    * transient, optimizer step: the fp32 copy of the rank's gradient partition, 4(N + P)/W.
+    Peak = resident + max(backward transient, step transient).
+    `lam_zero` = the lambda = 0 baseline: no EMA (the predictor is still built by today's worker).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    if ema_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"ema_dtype must be float32 or bfloat16, got {ema_dtype!r}")
+    w = world_size
+    n = float(n_params)
+    p = float(predictor_params(hidden_size, k_predictor_layers))
+    backbone = _zero_state_bytes(n, world_size=w, zero_stage=zero_stage, bf16=bf16)
+    predictor = _zero_state_bytes(p, world_size=w, zero_stage=zero_stage, bf16=bf16)
+    ema_bytes = 0.0 if lam_zero else (4 if ema_dtype == "float32" else 2) * n
+    ema_gpu = 0.0 if ema_on_cpu else ema_bytes
+    grad_elt = 2 if bf16 else 4
+    bucket = reduce_bucket_elements * grad_elt if zero_stage >= 2 else 0.0
+    activations = (activation_gb or 0.0) * 1e9
+    step_transient = 4 * (n + p) / w if zero_stage >= 1 else 0.0
+    resident = {
+        "backbone_weights": backbone["params"], "backbone_grads": backbone["grads"],
+        "backbone_optimizer": backbone["optimizer"],
+        "predictor_weights": predictor["params"], "predictor_grads": predictor["grads"],
+        "predictor_optimizer": predictor["optimizer"],
+        "ema": ema_gpu,
+    }
+    resident_total = sum(resident.values())
+    backward_peak = resident_total + bucket + activations
+    step_peak = resident_total + step_transient
+    peak = max(backward_peak, step_peak)
+    out: dict[str, Any] = {
+        "n_params": int(n), "predictor_params": int(p), "world_size": w, "zero_stage": zero_stage,
+        "k_predictor_layers": k_predictor_layers, "bf16": bf16, "ema_dtype": None if lam_zero else ema_dtype,
+        "ema_on_cpu": ema_on_cpu, "lam_zero": lam_zero,
+        "bytes": {**resident, "reduce_bucket": bucket, "activations": activations,
+                  "step_fp32_grad_partition": step_transient},
+        "resident_bytes": resident_total, "peak_bytes": peak,
+        "host_bytes_per_rank": ema_bytes if ema_on_cpu else 0.0,
+        "resident_gib": resident_total / GIB, "peak_gib": peak / GIB,
+        "activations_counted": activation_gb is not None,
+    }
+    for card, usable in A100_USABLE_BYTES.items():
+        out[f"fits_{card}"] = peak <= usable
+    return out
+
+
+def rough_activation_gb(*, micro_batch: int, seq_len: int, hidden_size: int, n_layers: int, vocab_size: int,
+                        checkpointing: bool = True, jepa: bool = True) -> float:
+    """A rough bf16 activation figure (GB) for a LLaMA-shaped bidirectional model; meant for the fit
+    verdicts only. With activation checkpointing: each layer's input is kept (2·B·L·d per layer) plus one
+    layer recomputed in backward (~34·B·L·d bytes with flash/SDPA attention); the logits are bf16
+    (2·B·L·V) with their fp32 CE copy on the masked rows (~4·B·L·V·t, counted at t = 1 to stay on the
+    safe side) and the same again for their gradient. The no-grad target forward holds one layer's
+    activations and its own (unused) logits, 2·B·L·V, freed before the backward."""
+    b, length, d, v = micro_batch, seq_len, hidden_size, vocab_size
+    tokens = b * length
+    if checkpointing:
+        layers = 2 * tokens * d * n_layers + 34 * tokens * d
+    else:
+        layers = 34 * tokens * d * n_layers
+    logits = 2 * tokens * v + 2 * 4 * tokens * v
+    target = (2 * tokens * v + 34 * tokens * d) if jepa else 0
+    # The target forward finishes before the backward starts, so it only adds where it exceeds the
+    # online graph's own transient; count the larger of the two to be safe.
+    return (layers + logits + max(0, target - 34 * tokens * d)) / 1e9
+
+
+def llada_memory_table(*, world_size: int = 8, ks=(1, 2, 3, 4, 5), micro_batch: int = 4,
+                       seq_len: int = 512) -> dict[str, Any]:
+    """The README's table: LLaDA-8B under ZeRO-2 + bf16 at `world_size`, per predictor depth and EMA
+    placement, with and without a rough activation term (micro-batch 4 x 512 tokens, checkpointing on)."""
+    m = LLADA_8B
+    act = rough_activation_gb(micro_batch=micro_batch, seq_len=seq_len, hidden_size=m["hidden_size"],
+                              n_layers=m["n_layers"], vocab_size=m["vocab_size"])
+    act_base = rough_activation_gb(micro_batch=micro_batch, seq_len=seq_len, hidden_size=m["hidden_size"],
+                                   n_layers=m["n_layers"], vocab_size=m["vocab_size"], jepa=False)
+    common = dict(world_size=world_size, zero_stage=2, hidden_size=m["hidden_size"], bf16=True)
+    rows = []
+
+    def row(label: str, est_no_act: dict, est_act: dict) -> dict:
+        return {"config": label, "k": est_act["k_predictor_layers"],
+                "resident_gib": round(est_act["resident_gib"], 2),
+                "peak_gib_without_activations": round(est_no_act["peak_gib"], 2),
+                "peak_gib": round(est_act["peak_gib"], 2),
+                "fits_a100_40gb": est_act["fits_a100_40gb"], "fits_a100_80gb": est_act["fits_a100_80gb"],
+                "host_gib_per_rank": round(est_act["host_bytes_per_rank"] / GIB, 2)}
+
+    for k in (ks[0],):
+        kw = dict(common, k_predictor_layers=k, ema_dtype="float32", ema_on_cpu=False, lam_zero=True)
+        rows.append(row("baseline (lambda=0)", estimate_memory(int(m["n_params"]), **kw),
+                        estimate_memory(int(m["n_params"]), activation_gb=act_base, **kw)))
+    for ema_dtype, on_cpu in (("float32", False), ("bfloat16", False), ("float32", True)):
+        for k in ks:
+            kw = dict(common, k_predictor_layers=k, ema_dtype=ema_dtype, ema_on_cpu=on_cpu)
+            label = f"jepa, ema {ema_dtype} on {'cpu' if on_cpu else 'gpu'}"
+            rows.append(row(label, estimate_memory(int(m["n_params"]), **kw),
+                            estimate_memory(int(m["n_params"]), activation_gb=act, **kw)))
+    return {"model": m["name"], "n_params": m["n_params"], "hidden_size": m["hidden_size"],
+            "n_layers": m["n_layers"], "world_size": world_size, "zero_stage": 2, "bf16": True,
+            "activation_gb_rough": round(act, 2), "activation_gb_rough_baseline": round(act_base, 2),
+            "activation_assumption": f"micro-batch {micro_batch} x {seq_len} tokens, activation checkpointing",
+            "usable_gib": {k: round(v / GIB, 2) for k, v in A100_USABLE_BYTES.items()},
+            "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process group, timing helpers
+# ---------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def one_rank_group(device: torch.device):
+    """A one-process group (gloo on CPU, nccl on CUDA) unless one exists; torn down if created here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                       "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timeline:
+    """Charges wall time to the current part; `enter(part)` closes the running one and opens `part`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.part: str | None = None
+        self.t = 0.0
+        self.totals: dict[str, float] = defaultdict(float)
+        self.active = False
+
+    def enter(self, part: str | None) -> None:
+        if not self.active:
+            return
+        _sync(self.device)
+        now = time.perf_counter()
+        if self.part is not None:
+            self.totals[self.part] += now - self.t
+        self.part, self.t = part, now
+
+
+class _Instrument:
+    """Hooks that split `train_step` into parts; inert unless the timeline is active."""
+
+    def __init__(self, loop, ema):
+        self.loop = loop
+        self.timeline = _Timeline(loop.device)
+        self.positions = 0  # padded positions the online backbone processed (for the FLOP model)
+        tl = self.timeline
+        backbone = loop.engine.module.backbone
+
+        def count(_module, args, kwargs):
+            ids = args[0] if args else kwargs.get("input_ids")
+            if isinstance(ids, torch.Tensor):
+                self.positions += int(ids.numel())
+            tl.enter("online_forward")
+
+        self.handles = [
+            backbone.register_forward_pre_hook(count, with_kwargs=True),
+            ema.module.register_forward_pre_hook(lambda *_: tl.enter("target_forward")),
+            loop.engine.module.predictor.register_forward_pre_hook(lambda *_: tl.enter("predictor_jepa_loss")),
+        ]
+        self.engine = loop.engine
+        self.ema = ema
+        self._patch(loop.engine, "backward", "backward")
+        self._patch(loop.engine, "step", "optimizer_step")
+        self._patch(ema, "update", "ema_update")
+
+    def _patch(self, obj, name: str, part: str) -> None:
+        original = getattr(obj, name)
+        tl = self.timeline
+
+        def wrapped(*args, **kwargs):
+            tl.enter(part)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                tl.enter("other")
+
+        setattr(obj, name, wrapped)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for obj, name in ((self.engine, "backward"), (self.engine, "step"), (self.ema, "update")):
+            obj.__dict__.pop(name, None)
+
+    def timed_step(self) -> tuple[float, dict[str, float]]:
+        tl = self.timeline
+        tl.totals = defaultdict(float)
+        tl.active = True
+        tl.part = None
+        tl.enter("data")
+        start = tl.t
+        try:
+            self.loop.train_step()
+        finally:
+            tl.enter(None)
+            tl.active = False
+        return tl.t - start, dict(tl.totals)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------
+
+def _pick_device(cfg) -> torch.device:
+    if cfg.train.use_gpu is not False and torch.cuda.is_available():
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    if cfg.train.use_gpu is True:
+        print("raydllm bench: train.use_gpu=true but no CUDA device is visible; running on CPU",
+              file=sys.stderr)
+    return torch.device("cpu")
+
+
+def _peak_tflops(device: torch.device, bf16: bool) -> float | None:
+    if device.type != "cuda" or not bf16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def _storage_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _training_state_bytes(loop) -> int:
+    """Bytes of the trainable state: module weights, ZeRO's flat groups and fp32 master partitions,
+    persistent gradient buffers, and the inner optimizer's state (Adam m, v), each storage counted once."""
+    engine = loop.engine
+    opt = engine.optimizer
+    tensors = [p for p in engine.module.parameters()] + [p.grad for p in engine.module.parameters()]
+    for attr in ("bit16_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                 "grads_in_partition", "averaged_gradients"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                if isinstance(v, torch.Tensor):
+                    tensors += [v, v.grad]
+                elif isinstance(v, (list, tuple)):
+                    tensors += [x for x in v if isinstance(x, torch.Tensor)]
+    inner = getattr(opt, "optimizer", opt)
+    for state in getattr(inner, "state", {}).values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return _storage_bytes(tensors)
+
+
+def _ema_bytes(ema) -> int:
+    return sum(p.numel() * p.element_size() for p in ema.params)
+
+
+def _predictor_state_bytes(loop) -> int:
+    """Predictor weights + gradients + fp32 master + Adam m, v (what ZeRO keeps for them, W = 1)."""
+    params = list(loop.engine.module.predictor.parameters())
+    n = sum(p.numel() for p in params)
+    elt = params[0].element_size() if params else 4
+    return n * (elt + elt + 4 + 8)
+
+
+@contextmanager
+def _phase(loop, ema, cfg_phase):
+    """Run `loop` as a trial with `cfg_phase` would: lambda = 0 has no EMA at all."""
+    saved_cfg, saved_ema = loop.cfg, loop.ema
+    loop.cfg = cfg_phase
+    loop.ema = ema if cfg_phase.jepa.lam > 0 else None
+    try:
+        yield
+    finally:
+        loop.cfg, loop.ema = saved_cfg, saved_ema
+
+
+def _with_jepa(cfg, **changes):
+    jepa = cfg.jepa.model_copy(update=changes)
+    return cfg.model_copy(update={"jepa": jepa})
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _sampler_bench(loop, *, batch_size: int, gen_length: int, steps: int) -> dict[str, Any]:
+    from .sampler import SamplerConfig, sampler_throughput
+
+    records = loop.val_records or loop.train_records
+    rows = [records[i % len(records)].prompt_ids for i in range(batch_size)]
+    length = max(len(r) for r in rows)
+    pad = loop.ids.pad
+    prompts = torch.full((batch_size, length), pad, dtype=torch.long)
+    mask = torch.zeros((batch_size, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompts[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r):] = 1
+    prompts, mask = prompts.to(loop.device), mask.to(loop.device)
+    backbone = loop.engine.module.backbone
+    config = SamplerConfig(steps=steps, gen_length=gen_length, block_length=gen_length)
+
+    def logits_fn(ids, attention_mask):
+        return backbone.logits(ids, attention_mask)
+
+    backbone.eval()
+    try:
+        result = sampler_throughput(logits_fn, prompts, mask, mask_id=loop.ids.mask, config=config)
+    finally:
+        backbone.train()
+    return {"batch_size": batch_size, "gen_length": gen_length, "denoising_steps": steps,
+            "batched_tokens_per_s": result["batched_tokens_per_s"],
+            "one_at_a_time_tokens_per_s": result["sequential_tokens_per_s"],
+            "ratio": result["speedup"], "outputs_match": result["outputs_match"]}
+
+
+def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | None = 0.5,
+              sampler_batch: int = 16, sampler_gen_length: int = 32, sampler_steps: int = 16,
+              split: bool = True, memory_table: bool = True) -> dict[str, Any]:
+    """Build one WorkerLoop for `cfg` and measure baseline vs JEPA (vs JEPA loss dropout). See the module
+    docstring. `cfg.jepa.lambda` = 0 is bumped to 1 for the JEPA phases (the baseline needs no bump)."""
+    from .worker import WorkerLoop
+
+    if steps < 1 or warmup < 0:
+        raise ValueError("bench: --steps must be >= 1 and --warmup >= 0")
+    lam = cfg.jepa.lam if cfg.jepa.lam > 0 else 1.0
+    cfg_jepa = _with_jepa(cfg, lam=lam, target_prob=1.0)
+    cfg_base = _with_jepa(cfg, lam=0.0, target_prob=1.0)
+    phases = {"baseline": cfg_base, "jepa": cfg_jepa}
+    if target_prob is not None and 0 < target_prob < 1:
+        phases["jepa_dropout"] = _with_jepa(cfg, lam=lam, target_prob=target_prob)
+
+    device = _pick_device(cfg)
+    with one_rank_group(device):
+        loop = WorkerLoop(cfg_jepa, rank=0, world=1, device=device)
+        ema = loop.ema
+        instrument = _Instrument(loop, ema)
+        times: dict[str, list[float]] = {name: [] for name in phases}
+        tokens: dict[str, list[float]] = {name: [] for name in phases}
+        positions: dict[str, list[int]] = {name: [] for name in phases}
+        peak_alloc: dict[str, int] = {name: 0 for name in phases}
+        target_runs = 0
+        target_counter = {"n": 0}
+        ema_hook = ema.module.register_forward_hook(lambda *_: target_counter.__setitem__("n", target_counter["n"] + 1))
+        names = list(phases)
+        for i in range(warmup + steps):
+            order = names[i % len(names):] + names[:i % len(names)]  # rotate: no phase always goes first
+            for name in order:
+                with _phase(loop, ema, phases[name]):
+                    loop.step = i  # every phase sees batch i and the masks of step i
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    before_pos, before_tgt = instrument.positions, target_counter["n"]
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    metrics = loop.train_step()
+                    _sync(device)
+                    elapsed = time.perf_counter() - t0
+                if i < warmup:
+                    continue
+                times[name].append(elapsed)
+                tokens[name].append(metrics["tokens"])
+                positions[name].append(instrument.positions - before_pos)
+                if device.type == "cuda":
+                    peak_alloc[name] = max(peak_alloc[name], torch.cuda.max_memory_allocated(device))
+                if name == "jepa_dropout":
+                    target_runs += int(target_counter["n"] > before_tgt)
+        ema_hook.remove()
+
+        splits: dict[str, dict[str, float]] = {}
+        split_paired = None
+        split_totals: dict[str, float] = {}
+        if split:
+            parts: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
+            totals: dict[str, list[float]] = {n: [] for n in ("baseline", "jepa")}
+            for i in range(steps):
+                for name in (("baseline", "jepa") if i % 2 == 0 else ("jepa", "baseline")):
+                    with _phase(loop, ema, phases[name]):
+                        loop.step = i
+                        total, part = instrument.timed_step()
+                    totals[name].append(total)
+                    for key in PARTS:
+                        parts[name][key].append(part.get(key, 0.0))
+            for name in parts:
+                splits[name] = {key: _median(parts[name][key]) for key in PARTS}
+                split_totals[name] = _median(totals[name])
+            split_paired = _median([j / b for j, b in zip(totals["jepa"], totals["baseline"])])
+        instrument.remove()
+
+        sampler = (_sampler_bench(loop, batch_size=sampler_batch, gen_length=sampler_gen_length,
+                                  steps=sampler_steps) if sampler_batch > 0 else None)
+
+        backbone = loop.engine.module.backbone
+        n_backbone = sum(p.numel() for p in backbone.parameters())
+        # Embedding lookups cost no matmul FLOPs (the LM head does, and stays in N).
+        n_flop = n_backbone - sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Embedding))
+        n_predictor = sum(p.numel() for p in loop.engine.module.predictor.parameters())
+        state_bytes = _training_state_bytes(loop)
+        ema_bytes = _ema_bytes(ema)
+        pred_bytes = _predictor_state_bytes(loop)
+        bf16, zero_stage = loop.bf16, cfg.train.zero_stage
+
+    med = {name: _median(ts) for name, ts in times.items()}
+    mean = {name: statistics.fmean(ts) for name, ts in times.items()}
+    tok_s = {name: _median([t / s for t, s in zip(tokens[name], times[name])]) for name in phases}
+    peak_tf = _peak_tflops(device, bf16)
+    mfu: dict[str, float | None] = {}
+    flops_factor = {"baseline": 6.0, "jepa": 8.0}
+    for name in ("baseline", "jepa"):
+        if peak_tf is None:
+            mfu[name] = None
+        else:
+            per_s = _median([flops_factor[name] * n_flop * p / s for p, s in zip(positions[name], times[name])])
+            mfu[name] = per_s / (peak_tf * 1e12)
+    if device.type == "cuda":
+        peak_mb = {name: peak_alloc[name] / MIB for name in ("baseline", "jepa")}
+        memory_kind = ("torch.cuda.max_memory_allocated per phase (the EMA copy stays resident during "
+                       "baseline steps here; baseline_without_ema subtracts it)")
+        peak_mb["baseline_without_ema"] = peak_mb["baseline"] - ema_bytes / MIB
+    else:
+        peak_mb = {"baseline": state_bytes / MIB, "jepa": (state_bytes + ema_bytes) / MIB}
+        memory_kind = ("static bytes, not a peak: weights + ZeRO flat groups/fp32 master + gradient buffers + "
+                       "Adam state (+ EMA for jepa), counted from the modules; activations excluded "
+                       "(CPU has no per-phase allocator peak)")
+
+    ratio = med["jepa"] / med["baseline"]
+    result: dict[str, Any] = {
+        "preset_model": cfg.model.name, "task": cfg.task, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "bf16": bf16, "zero_stage": zero_stage,
+        "engine": "WorkerLoop.train_step (DeepSpeed, one-rank group)",
+        "lambda": lam, "k": cfg.jepa.k, "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum, "steps": steps, "warmup": warmup,
+        "positions_per_step": _median(positions["baseline"]),
+        "n_params_backbone": n_backbone, "n_params_flop": n_flop, "n_params_predictor": n_predictor,
+        "step_time_s": {name: med[name] for name in ("baseline", "jepa")},
+        "step_time_s_min": {name: min(times[name]) for name in ("baseline", "jepa")},
+        "step_ratio": ratio,
+        "step_ratio_mean": mean["jepa"] / mean["baseline"],
+        # median over iterations of jepa_i / baseline_i (adjacent steps): steadier on a shared machine
+        "step_ratio_paired": _median([j / b for j, b in zip(times["jepa"], times["baseline"])]),
+        "step_ratio_expected": 4.0 / 3.0,
+        "tokens_per_s": {name: tok_s[name] for name in ("baseline", "jepa")},
+        "mfu": mfu, "peak_tflops_bf16": peak_tf,
+        "peak_memory_mb": peak_mb, "peak_memory_kind": memory_kind,
+        "ema_extra_mb": ema_bytes / MIB, "predictor_extra_mb": pred_bytes / MIB,
+        "predictor_in_baseline": True,
+    }
+    if split:
+        result["split_s"] = splits
+        result["split_total_s"] = split_totals
+        result["split_ratio_paired"] = split_paired
+        if splits:
+            j, b = splits["jepa"], splits["baseline"]
+            result["split_extra_s"] = {k: j[k] - b[k] for k in PARTS}
+    if "jepa_dropout" in phases:
+        q = target_runs / max(1, len(times["jepa_dropout"]))
+        p = phases["jepa_dropout"].jepa.target_prob
+        result["jepa_dropout"] = {
+            "target_prob": p, "target_fraction": q,
+            # a bimodal step time: mean, not median
+            "ratio": mean["jepa_dropout"] / mean["baseline"],
+            "expected_nominal": 1.0 + p / 3.0,
+            "expected_from_measured": 1.0 + q * (mean["jepa"] / mean["baseline"] - 1.0),
+            "tokens_per_s": sum(tokens["jepa_dropout"]) / sum(times["jepa_dropout"]),
+        }
+    if sampler is not None:
+        result["sampler_tokens_per_s"] = {"batched": sampler["batched_tokens_per_s"],
+                                          "one_at_a_time": sampler["one_at_a_time_tokens_per_s"]}
+        result["sampler_ratio"] = sampler["ratio"]
+        result["sampler"] = sampler
+    if memory_table:
+        result["memory_estimate"] = llada_memory_table()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"raydllm bench: {r['preset_model']} on {r['device_name']} ({r['threads']} threads), "
+             f"bf16={r['bf16']}, ZeRO-{r['zero_stage']}, {r['steps']} steps after {r['warmup']} warm-up",
+             "",
+             f"{'':24}{'baseline':>12}{'jepa':>12}",
+             f"{'step time (s, median)':24}{_fmt(r['step_time_s']['baseline']):>12}{_fmt(r['step_time_s']['jepa']):>12}",
+             f"{'tokens/s':24}{_fmt(r['tokens_per_s']['baseline'], '.0f'):>12}"
+             f"{_fmt(r['tokens_per_s']['jepa'], '.0f'):>12}",
+             f"{'MFU':24}{_fmt(r['mfu']['baseline'], '.3f'):>12}{_fmt(r['mfu']['jepa'], '.3f'):>12}",
+             f"{'memory (MB)':24}{_fmt(r['peak_memory_mb']['baseline'], '.1f'):>12}"
+             f"{_fmt(r['peak_memory_mb']['jepa'], '.1f'):>12}",
+             f"  ({r['peak_memory_kind']})",
+             "",
+             f"step_ratio = {r['step_ratio']:.3f} (paired {r['step_ratio_paired']:.3f}, mean-based "
+             f"{r['step_ratio_mean']:.3f}; FLOP model 4/3 = 1.333)"]
+    if "split_s" in r:
+        lines += ["", f"instrumented steps: jepa / baseline = {_fmt(r['split_ratio_paired'])} (paired median)",
+                  f"{'part (s, median)':24}{'baseline':>12}{'jepa':>12}{'extra':>12}"]
+        for k in PARTS:
+            lines.append(f"{k:24}{_fmt(r['split_s']['baseline'][k], '.4f'):>12}"
+                         f"{_fmt(r['split_s']['jepa'][k], '.4f'):>12}{_fmt(r['split_extra_s'][k], '.4f'):>12}")
+    if "jepa_dropout" in r:
+        d = r["jepa_dropout"]
+        lines += ["", f"jepa_dropout: target_prob {d['target_prob']}, ran on {d['target_fraction']:.2f} of steps, "
+                      f"ratio {d['ratio']:.3f} (expected {d['expected_from_measured']:.3f} from the measured "
+                      f"ratio, {d['expected_nominal']:.3f} nominal)"]
+    if "sampler" in r:
+        s = r["sampler"]
+        lines += ["", f"sampler: batch {s['batch_size']} {s['batched_tokens_per_s']:.0f} tok/s vs one at a time "
+                      f"{s['one_at_a_time_tokens_per_s']:.0f} tok/s: {s['ratio']:.2f}x "
+                      f"(outputs match: {s['outputs_match']})"]
+    if "memory_estimate" in r:
+        m = r["memory_estimate"]
+        lines += ["", f"memory estimate, {m['model']} ({m['n_params']:.3g} params), ZeRO-2 bf16, world "
+                      f"{m['world_size']}, per GPU (GiB; activations ~{m['activation_gb_rough']} GB: "
+                      f"{m['activation_assumption']}):",
+                  f"{'config':32}{'k':>3}{'resident':>10}{'no-act':>10}{'peak':>8}{'A100-40':>9}{'A100-80':>9}"
+                  f"{'host/rank':>11}"]
+        for row in m["rows"]:
+            lines.append(f"{row['config']:32}{row['k']:>3}{row['resident_gib']:>10.1f}"
+                         f"{row['peak_gib_without_activations']:>10.1f}{row['peak_gib']:>8.1f}"
+                         f"{'yes' if row['fits_a100_40gb'] else 'no':>9}{'yes' if row['fits_a100_80gb'] else 'no':>9}"
+                         f"{row['host_gib_per_rank']:>11.1f}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    if args.mode == "sweep":
+        try:
+            from .tune import bench_sweep
+        except ImportError:
+            print("raydllm: error: `raydllm bench sweep` is not available yet (raydllm.tune.bench_sweep is not "
+                  "implemented); use `raydllm bench` for the one-process step benchmark", file=sys.stderr)
+            return 2
+        return bench_sweep(args)
+    from .config import load_config
+
+    cfg = load_config(args.task, args.preset, args.overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup,
+                       target_prob=args.target_prob if args.target_prob > 0 else None,
+                       sampler_batch=args.sampler_batch, sampler_gen_length=args.sampler_gen_length,
+                       sampler_steps=args.sampler_steps, split=not args.no_split)
+    result["preset"] = args.preset
+    if args.json:
+        print(json.dumps(result, default=_json_default))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
+    p.add_argument("mode", nargs="?", choices=["step", "sweep"], default="step",
+                   help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`")
+    p.add_argument("--task", default="gsm8k", help="task whose data to use (default: gsm8k)")
+    p.add_argument("--preset", default="local", help="local | paper | wide-t (default: local)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per phase (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per phase, not measured (default 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set jepa.k=2 (repeatable)")
+    p.add_argument("--target-prob", type=float, default=0.5,
+                   help="jepa.target_prob of the loss-dropout phase; 0 skips it (default 0.5)")
+    p.add_argument("--sampler-batch", type=int, default=16, help="sampler batch; 0 skips the sampler (default 16)")
+    p.add_argument("--sampler-gen-length", type=int, default=32, help="answer tokens generated (default 32)")
+    p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps (default 16)")
+    p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 is steadier "
+                                               "on a busy machine)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m raydllm.bench ...` until the lead wires register_cli into raydllm.cli."""
+    parser = argparse.ArgumentParser(prog="raydllm")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"raydllm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

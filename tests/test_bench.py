@@ -1,0 +1,115 @@
+"""`raydllm bench` in one process: a tiny model, a few steps, the real DeepSpeed engine (one-rank gloo group)."""
+import argparse
+import json
+import math
+
+import pytest
+
+from raydllm.bench import (GIB, cmd_bench, estimate_memory, format_report, llada_memory_table, predictor_params,
+                           register_cli, run_bench)
+from raydllm.config import load_config
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=16",
+        "train.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def report(process_group):
+    cfg = load_config("gsm8k", "local", TINY)
+    return run_bench(cfg, steps=3, warmup=1, target_prob=0.5, sampler_batch=4, sampler_gen_length=8,
+                     sampler_steps=4)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_report_has_the_fields_and_sane_ratios(report):
+    for key in ("step_ratio", "step_time_s", "tokens_per_s", "mfu", "peak_memory_mb", "peak_memory_kind",
+                "ema_extra_mb", "predictor_extra_mb", "split_s", "jepa_dropout", "sampler_tokens_per_s",
+                "sampler_ratio", "memory_estimate"):
+        assert key in report, key
+    assert _positive(report["step_ratio"])
+    for phase in ("baseline", "jepa"):
+        assert _positive(report["step_time_s"][phase]) and _positive(report["tokens_per_s"][phase])
+        assert _positive(report["peak_memory_mb"][phase])
+        assert report["mfu"][phase] is None  # CPU: no known peak
+    assert report["peak_memory_mb"]["jepa"] > report["peak_memory_mb"]["baseline"]  # + the EMA copy
+    assert _positive(report["ema_extra_mb"]) and _positive(report["predictor_extra_mb"])
+    assert _positive(report["sampler_ratio"]) and report["sampler"]["outputs_match"] is True
+    assert _positive(report["sampler_tokens_per_s"]["batched"])
+    # The split partitions the instrumented step; only the JEPA step has target/EMA parts.
+    split = report["split_s"]
+    assert split["baseline"]["target_forward"] == 0 and split["baseline"]["ema_update"] == 0
+    assert split["jepa"]["target_forward"] > 0 and split["jepa"]["ema_update"] > 0
+    assert split["jepa"]["online_forward"] > 0 and split["jepa"]["backward"] > 0
+    json.dumps(report)  # one JSON object
+    assert "step_ratio" in format_report(report)
+
+
+def test_jepa_dropout_ratio_lies_between_baseline_and_full_jepa(report):
+    d = report["jepa_dropout"]
+    assert d["target_prob"] == 0.5 and 0 < d["target_fraction"] < 1
+    assert _positive(d["ratio"])
+    # Loosely (a few steps on a shared 2-core machine): about 1 <= ratio <= the full-JEPA ratio.
+    assert 0.6 < d["ratio"] < 1.6 * max(report["step_ratio_mean"], 1.0), (d, report["step_ratio_mean"])
+
+
+def test_estimate_memory_arithmetic_small_case():
+    # N = 1000 parameters, W = 4, ZeRO-2, bf16, no predictor, fp32 EMA on the GPU, no reduce bucket.
+    est = estimate_memory(1000, world_size=4, zero_stage=2, k_predictor_layers=0, hidden_size=8,
+                          ema_dtype="float32", ema_on_cpu=False, bf16=True, reduce_bucket_elements=0)
+    b = est["bytes"]
+    assert b["backbone_weights"] == 2000  # bf16, replicated
+    assert b["backbone_grads"] == 500  # bf16, reduce-scattered: 2N / W
+    assert b["backbone_optimizer"] == 3000  # fp32 master + Adam m, v: 12N / W
+    assert b["ema"] == 4000  # fp32 copy, replicated
+    assert est["resident_bytes"] == 9500
+    assert b["step_fp32_grad_partition"] == 1000 and est["peak_bytes"] == 10500
+    assert est["host_bytes_per_rank"] == 0
+
+    on_cpu = estimate_memory(1000, world_size=4, zero_stage=2, k_predictor_layers=0, hidden_size=8,
+                             ema_dtype="float32", ema_on_cpu=True, bf16=True, reduce_bucket_elements=0)
+    assert on_cpu["bytes"]["ema"] == 0 and on_cpu["host_bytes_per_rank"] == 4000
+    bf16_ema = estimate_memory(1000, world_size=4, zero_stage=2, k_predictor_layers=0, hidden_size=8,
+                               ema_dtype="bfloat16", ema_on_cpu=False, bf16=True, reduce_bucket_elements=0)
+    assert bf16_ema["bytes"]["ema"] == 2000
+
+    # A 1-block predictor at width 8: 12·64 + 13·8 = 872 params, trained under the same ZeRO-2 rules.
+    assert predictor_params(8, 1) == 872
+    with_pred = estimate_memory(1000, world_size=4, zero_stage=2, k_predictor_layers=1, hidden_size=8,
+                                ema_dtype="float32", ema_on_cpu=False, bf16=True, reduce_bucket_elements=0,
+                                activation_gb=1e-6)
+    assert with_pred["bytes"]["predictor_weights"] == 2 * 872
+    assert with_pred["bytes"]["predictor_optimizer"] == 12 * 872 / 4
+    # Backward-phase peak: resident + activations (1000 B) vs step-phase: resident + 4(N + P)/W.
+    assert with_pred["peak_bytes"] == with_pred["resident_bytes"] + max(1000, 4 * 1872 / 4)
+
+
+def test_llada_8b_table():
+    table = llada_memory_table()
+    rows = {(r["config"], r["k"]): r for r in table["rows"]}
+    fp32_gpu = rows[("jepa, ema float32 on gpu", 1)]
+    assert not fp32_gpu["fits_a100_40gb"] and fp32_gpu["fits_a100_80gb"]
+    assert rows[("baseline (lambda=0)", 1)]["fits_a100_80gb"]
+    # The EMA copy is 4N = 32 GB replicated: that is the difference between the baseline and fp32 JEPA.
+    est_base = estimate_memory(8_020_000_000, world_size=8, zero_stage=2, k_predictor_layers=1, hidden_size=4096,
+                               ema_dtype="float32", ema_on_cpu=False, bf16=True, lam_zero=True)
+    est_jepa = estimate_memory(8_020_000_000, world_size=8, zero_stage=2, k_predictor_layers=1, hidden_size=4096,
+                               ema_dtype="float32", ema_on_cpu=False, bf16=True)
+    assert est_jepa["resident_bytes"] - est_base["resident_bytes"] == pytest.approx(4 * 8.02e9)
+    assert rows[("jepa, ema float32 on gpu", 5)]["peak_gib"] > fp32_gpu["peak_gib"]
+
+
+def test_cli_parses_mode_and_flags(capsys):
+    parser = argparse.ArgumentParser(prog="raydllm")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--preset", "local", "--steps", "3", "--set", "jepa.k=2", "--json"])
+    assert args.mode == "step" and args.steps == 3 and args.overrides == ["jepa.k=2"] and args.json
+    args = parser.parse_args(["bench", "sweep"])
+    assert args.mode == "sweep"
+    import raydllm.tune as tune
+
+    if not hasattr(tune, "bench_sweep"):
+        assert cmd_bench(args) == 2
+        assert "bench sweep" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""The offline base: pretraining, the cache (built once, atomically, under a lock) and model.init."""
+import argparse
+import json
+import threading
+
+import pytest
+import torch
+
+from raydllm import pretrain
+from raydllm.backbone import load_backbone
+from raydllm.config import ConfigError, ModelConfig
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run fastest on one thread (and do not oversubscribe a shared CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fast_defaults(monkeypatch, tmp_path):
+    """A private cache and a recipe small enough for a unit test."""
+    monkeypatch.setenv("RAYDLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "DEFAULT_STEPS", 6)
+    monkeypatch.setattr(pretrain, "DEFAULT_SEQ_LEN", 32)
+    monkeypatch.setattr(pretrain, "DEFAULT_BATCH_SIZE", 4)
+    return tmp_path / "cache"
+
+
+def test_pretrain_loss_falls_and_shows_a_progress_bar(capsys):
+    stats = {}
+    state = pretrain.pretrain_tiny(ModelConfig(**SMALL), steps=40, seed=0, seq_len=48, batch_size=8, lr=5e-3,
+                                   progress=True, stats=stats)
+    assert stats["final_loss"] < stats["first_loss"] - 0.5
+    assert "tok_emb.weight" in state and all(torch.isfinite(v).all() for v in state.values())
+    assert "pretrain tiny" in capsys.readouterr().err
+
+
+def test_fast_byte_encoding_matches_the_tokenizer():
+    from raydllm.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    text = "Héllo, wörld ☃ \x00\x7f\t\n#### 42 <unk> = 3 " * 50
+    assert pretrain.encode_text(tokenizer, text).tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_text_is_wikitext_valid_when_shared_data_exists(shared_data):
+    assert pretrain.wikitext_file("valid") == shared_data / "wikitext" / "valid.txt"
+    assert "valid.txt" in pretrain.corpus_tag(None)
+
+
+def test_fallback_text_without_shared_data(monkeypatch, caplog):
+    monkeypatch.setattr(pretrain, "shared_data_dir", lambda: None)
+    with caplog.at_level("WARNING", logger="raydllm.pretrain"):
+        text, tag = pretrain.corpus_text(None)
+    assert tag == "builtin-docstrings" and len(text) > 100_000
+    assert "built-in text" in caplog.text
+    state = pretrain.pretrain_tiny(ModelConfig(**SMALL), steps=2, seq_len=32, batch_size=4, progress=False)
+    assert "lm_head.weight" in state
+
+
+def test_base_is_built_once_even_when_two_workers_ask_together(fast_defaults, monkeypatch):
+    calls = []
+    real = pretrain.pretrain_tiny
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "pretrain_tiny", counting)
+    cfg = ModelConfig(init="pretrained", **SMALL)
+    results = [None, None]
+
+    def worker(i):
+        results[i] = pretrain.load_base_weights(cfg, progress=False)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    files = sorted(p.name for p in fast_defaults.iterdir())
+    path = pretrain.base_path(cfg)
+    assert path.parent == fast_defaults and path.name in files
+    assert not [f for f in files if f.endswith(".tmp")]  # only the renamed file, no leftovers
+    pretrain.load_base_weights(cfg, progress=False)  # cached: no third build
+    assert len(calls) == 1
+    # A different seed, step count or shape is a different cache entry.
+    assert pretrain.base_path(cfg, seed=1) != path and pretrain.base_path(cfg, steps=7) != path
+    assert pretrain.base_path(ModelConfig(init="pretrained", d_model=64, n_layers=2, n_heads=2)) != path
+
+
+def test_init_pretrained_and_init_path_through_load_backbone(fast_defaults, tmp_path):
+    backbone, _ = load_backbone(ModelConfig(init="pretrained", **SMALL))
+    cached, _ = pretrain.read_weights(pretrain.base_path(ModelConfig(**SMALL)))
+    assert all(torch.equal(backbone.model.state_dict()[k], v) for k, v in cached.items())
+
+    path = tmp_path / "my-base.pt"
+    pretrain.save_weights(cached, path)
+    from_file, _ = load_backbone(ModelConfig(init=str(path), **SMALL))
+    assert all(torch.equal(from_file.model.state_dict()[k], v) for k, v in cached.items())
+
+    with pytest.raises(ConfigError, match="model.init"):
+        load_backbone(ModelConfig(init=str(path), d_model=64, n_layers=2, n_heads=2))
+    with pytest.raises(ConfigError, match="model.init"):
+        load_backbone(ModelConfig(init=str(tmp_path / "missing.pt"), **SMALL))
+
+
+def test_cli_pretrain(fast_defaults, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    pretrain.register_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "base.pt"
+    args = parser.parse_args(["pretrain", "--steps", "3", "--seed", "1", "--out", str(out), "--json",
+                              "--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["weights"] == str(out) and out.is_file() and result["final_loss"] > 0
+    args = parser.parse_args(["pretrain", "--steps", "3", "--no-progress",
+                              "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert str(fast_defaults) in printed and "final loss" in printed
