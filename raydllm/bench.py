@@ -250,6 +250,17 @@ def one_rank_group(device: torch.device):
                 os.environ[k] = v
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (fresh pages the kernel had to map and zero); 0 where
+    getrusage is unavailable. On CPU they show allocations that glibc handed back to the OS and takes again."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -262,7 +273,9 @@ class _Timeline:
         self.device = device
         self.part: str | None = None
         self.t = 0.0
+        self.faults = 0
         self.totals: dict[str, float] = defaultdict(float)
+        self.fault_totals: dict[str, int] = defaultdict(int)
         self.active = False
 
     def enter(self, part: str | None) -> None:
@@ -270,9 +283,11 @@ class _Timeline:
             return
         _sync(self.device)
         now = time.perf_counter()
+        faults = _minor_faults()
         if self.part is not None:
             self.totals[self.part] += now - self.t
-        self.part, self.t = part, now
+            self.fault_totals[self.part] += faults - self.faults
+        self.part, self.t, self.faults = part, now, faults
 
 
 class _Instrument:
@@ -321,9 +336,10 @@ class _Instrument:
         for obj, name in ((self.engine, "backward"), (self.engine, "step"), (self.ema, "update")):
             obj.__dict__.pop(name, None)
 
-    def timed_step(self) -> tuple[float, dict[str, float]]:
+    def timed_step(self) -> tuple[float, dict[str, float], dict[str, int]]:
         tl = self.timeline
         tl.totals = defaultdict(float)
+        tl.fault_totals = defaultdict(int)
         tl.active = True
         tl.part = None
         tl.enter("data")
@@ -333,7 +349,7 @@ class _Instrument:
         finally:
             tl.enter(None)
             tl.active = False
-        return tl.t - start, dict(tl.totals)
+        return tl.t - start, dict(tl.totals), dict(tl.fault_totals)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,6 +432,50 @@ def _phase(loop, ema, cfg_phase):
         loop.cfg, loop.ema = saved_cfg, saved_ema
 
 
+def _target_first_losses(online, target, predictor, x0, attention_mask, maskable, *, mask_token_id, t_low, t_high,
+                         lam, generator=None, diffusion_norm="masked", run_target=True):
+    """`objective.dllm_jepa_losses` with the no-grad target branch moved before the online forward (the
+    `--target-first` experiment). Masks are drawn in the same order, so the losses are identical; the target
+    forward's temporaries are freed before the online graph exists instead of piling on top of it."""
+    from .masking import mask_tokens
+    from .objective import Losses, diffusion_loss, jepa_loss, pool
+
+    pad = ~attention_mask.bool()
+    x_low, masked_low = mask_tokens(x0, t_low, maskable, mask_token_id=mask_token_id, generator=generator)
+    branch = not (lam == 0 or target is None or not run_target)
+    z_high = None
+    if branch:
+        x_high, masked_high = mask_tokens(x0, t_high, maskable, mask_token_id=mask_token_id, generator=generator)
+        with torch.no_grad():
+            _, hidden_high = target(x_high, attention_mask)
+            z_high = pool(hidden_high, ~masked_high & ~pad)
+        del hidden_high
+    logits, hidden = online(x_low, attention_mask)
+    answer_lengths = maskable.sum(dim=1) if diffusion_norm == "answer_length" else None
+    l_diff = diffusion_loss(logits, x0, masked_low, t=t_low, norm=diffusion_norm, answer_lengths=answer_lengths)
+    z_low = pool(hidden, ~masked_low & ~pad)
+    if not branch:
+        return Losses(l_diff, l_diff.detach(), None, z_low.detach(), None, int(masked_low.sum()))
+    l_jepa = jepa_loss(predictor(z_low), z_high)
+    return Losses(l_diff + lam * l_jepa, l_diff.detach(), l_jepa.detach(), z_low.detach(), z_high,
+                  int(masked_low.sum()))
+
+
+@contextmanager
+def _patched_losses(target_first: bool):
+    from . import worker
+
+    if not target_first:
+        yield
+        return
+    saved = worker.dllm_jepa_losses
+    worker.dllm_jepa_losses = _target_first_losses
+    try:
+        yield
+    finally:
+        worker.dllm_jepa_losses = saved
+
+
 def _with_jepa(cfg, **changes):
     jepa = cfg.jepa.model_copy(update=changes)
     return cfg.model_copy(update={"jepa": jepa})
@@ -457,11 +517,10 @@ def _sampler_bench(loop, *, batch_size: int, gen_length: int, steps: int) -> dic
 
 def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | None = 0.5,
               sampler_batch: int = 16, sampler_gen_length: int = 32, sampler_steps: int = 16,
-              split: bool = True, memory_table: bool = True) -> dict[str, Any]:
+              split: bool = True, memory_table: bool = True, target_first: bool = False,
+              threads: int | None = None) -> dict[str, Any]:
     """Build one WorkerLoop for `cfg` and measure baseline vs JEPA (vs JEPA loss dropout). See the module
     docstring. `cfg.jepa.lambda` = 0 is bumped to 1 for the JEPA phases (the baseline needs no bump)."""
-    from .worker import WorkerLoop
-
     if steps < 1 or warmup < 0:
         raise ValueError("bench: --steps must be >= 1 and --warmup >= 0")
     lam = cfg.jepa.lam if cfg.jepa.lam > 0 else 1.0
@@ -472,7 +531,24 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | Non
         phases["jepa_dropout"] = _with_jepa(cfg, lam=lam, target_prob=target_prob)
 
     device = _pick_device(cfg)
-    with one_rank_group(device):
+    saved_threads = torch.get_num_threads()
+    if threads or device.type == "cpu":
+        # As trials run: train_loop_per_worker sets torch threads to train.cpus_per_worker.
+        torch.set_num_threads(threads or max(1, int(cfg.train.cpus_per_worker)))
+    try:
+        return _run(cfg, device, phases, lam, steps=steps, warmup=warmup, sampler_batch=sampler_batch,
+                    sampler_gen_length=sampler_gen_length, sampler_steps=sampler_steps, split=split,
+                    memory_table=memory_table, target_first=target_first)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_length, sampler_steps, split,
+         memory_table, target_first) -> dict[str, Any]:
+    from .worker import WorkerLoop
+
+    cfg_jepa = phases["jepa"]
+    with one_rank_group(device), _patched_losses(target_first):
         loop = WorkerLoop(cfg_jepa, rank=0, world=1, device=device)
         ema = loop.ema
         instrument = _Instrument(loop, ema)
@@ -510,20 +586,24 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | Non
 
         splits: dict[str, dict[str, float]] = {}
         split_paired = None
+        split_faults: dict[str, dict[str, float]] = {}
         split_totals: dict[str, float] = {}
         if split:
             parts: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
+            faults: dict[str, dict[str, list[int]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
             totals: dict[str, list[float]] = {n: [] for n in ("baseline", "jepa")}
             for i in range(steps):
                 for name in (("baseline", "jepa") if i % 2 == 0 else ("jepa", "baseline")):
                     with _phase(loop, ema, phases[name]):
                         loop.step = i
-                        total, part = instrument.timed_step()
+                        total, part, fault = instrument.timed_step()
                     totals[name].append(total)
                     for key in PARTS:
                         parts[name][key].append(part.get(key, 0.0))
+                        faults[name][key].append(fault.get(key, 0))
             for name in parts:
                 splits[name] = {key: _median(parts[name][key]) for key in PARTS}
+                split_faults[name] = {key: _median(faults[name][key]) for key in PARTS}
                 split_totals[name] = _median(totals[name])
             split_paired = _median([j / b for j, b in zip(totals["jepa"], totals["baseline"])])
         instrument.remove()
@@ -586,11 +666,13 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | Non
         "peak_memory_mb": peak_mb, "peak_memory_kind": memory_kind,
         "ema_extra_mb": ema_bytes / MIB, "predictor_extra_mb": pred_bytes / MIB,
         "predictor_in_baseline": True,
+        "experiment_target_first": target_first,
     }
     if split:
         result["split_s"] = splits
         result["split_total_s"] = split_totals
         result["split_ratio_paired"] = split_paired
+        result["split_minor_faults"] = split_faults  # median page faults per part (host memory)
         if splits:
             j, b = splits["jepa"], splits["baseline"]
             result["split_extra_s"] = {k: j[k] - b[k] for k in PARTS}
@@ -640,10 +722,12 @@ def format_report(r: dict[str, Any]) -> str:
              f"{r['step_ratio_mean']:.3f}; FLOP model 4/3 = 1.333)"]
     if "split_s" in r:
         lines += ["", f"instrumented steps: jepa / baseline = {_fmt(r['split_ratio_paired'])} (paired median)",
-                  f"{'part (s, median)':24}{'baseline':>12}{'jepa':>12}{'extra':>12}"]
+                  f"{'part (s, median)':24}{'baseline':>12}{'jepa':>12}{'extra':>12}{'faults b/j':>16}"]
+        f = r["split_minor_faults"]
         for k in PARTS:
             lines.append(f"{k:24}{_fmt(r['split_s']['baseline'][k], '.4f'):>12}"
-                         f"{_fmt(r['split_s']['jepa'][k], '.4f'):>12}{_fmt(r['split_extra_s'][k], '.4f'):>12}")
+                         f"{_fmt(r['split_s']['jepa'][k], '.4f'):>12}{_fmt(r['split_extra_s'][k], '.4f'):>12}"
+                         f"{f['baseline'][k]:>8.0f}/{f['jepa'][k]:<7.0f}")
     if "jepa_dropout" in r:
         d = r["jepa_dropout"]
         lines += ["", f"jepa_dropout: target_prob {d['target_prob']}, ran on {d['target_fraction']:.2f} of steps, "
@@ -681,12 +765,11 @@ def cmd_bench(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.task, args.preset, args.overrides)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup,
                        target_prob=args.target_prob if args.target_prob > 0 else None,
                        sampler_batch=args.sampler_batch, sampler_gen_length=args.sampler_gen_length,
-                       sampler_steps=args.sampler_steps, split=not args.no_split)
+                       sampler_steps=args.sampler_steps, split=not args.no_split, target_first=args.target_first,
+                       threads=args.threads)
     result["preset"] = args.preset
     if args.json:
         print(json.dumps(result, default=_json_default))
@@ -718,8 +801,10 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sampler-gen-length", type=int, default=32, help="answer tokens generated (default 32)")
     p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps (default 16)")
     p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 is steadier "
-                                               "on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: train.cpus_per_worker, "
+                                               "as trials run)")
+    p.add_argument("--target-first", action="store_true",
+                   help="experiment: run the no-grad target forward before the online forward (same masks)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.set_defaults(func=cmd_bench)
     return p

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=cmd_best)
+
+    from . import bench, evaluation, pretrain
+
+    evaluation.register_cli(sub)  # raydllm eval
+    pretrain.register_cli(sub)    # raydllm pretrain
+    bench.register_cli(sub)       # raydllm bench [sweep]
     return parser
 
 

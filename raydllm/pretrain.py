@@ -385,6 +385,21 @@ def _check_shapes(model_cfg: ModelConfig, state: dict[str, torch.Tensor], source
                           f"(missing {missing}, wrong shape {wrong})")
 
 
+def shipped_base(model_cfg: ModelConfig) -> Path | None:
+    """The base shipped in the package for this shape, if any: built by
+    `raydllm pretrain --out raydllm/assets/tiny-base-d<d>-l<l>-h<h>.pt` with the default seed and steps
+    (from WikiText valid + generated problems here); used whatever text this machine has, so a fresh install
+    starts from the same base without spending minutes on pretraining."""
+    path = (Path(__file__).resolve().parent / "assets"
+            / f"tiny-base-d{model_cfg.d_model}-l{model_cfg.n_layers}-h{model_cfg.n_heads}.pt")
+    if not path.is_file():
+        return None
+    _, meta = read_weights(path)
+    key = {k: v for k, v in meta.get("key", {}).items() if k != "corpus"}
+    want = {k: v for k, v in base_key(model_cfg).items() if k != "corpus"}
+    return path if key == want else None
+
+
 def load_base_weights(model_cfg: ModelConfig, *, progress: bool = True) -> dict[str, torch.Tensor]:
     """Start weights for the tiny model: init="pretrained" = the cached base of this shape (built on first
     use); init=<path> = that weights file (save_weights format, a plain state dict, a DeepSpeed
@@ -393,7 +408,8 @@ def load_base_weights(model_cfg: ModelConfig, *, progress: bool = True) -> dict[
     if init == "random":
         raise ConfigError("model.init=random has no base weights")
     if init == "pretrained":
-        path, _ = build_base(model_cfg, progress=progress)
+        shipped = shipped_base(model_cfg)
+        path = shipped if shipped is not None else build_base(model_cfg, progress=progress)[0]
         state, _ = read_weights(path)
     else:
         path = Path(init).expanduser()

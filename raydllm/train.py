@@ -69,6 +69,15 @@ def warm_deepspeed_ops() -> None:
         log.warning("DeepSpeed CPU comm op unavailable (%s); workers use plain torch.distributed", exc)
 
 
+def prepare_base(cfg: Config) -> None:
+    """Build (or find) the tiny model's pretrained base here, with a progress bar on the user's terminal,
+    rather than in every worker at start-up."""
+    if cfg.model.name == "tiny" and cfg.model.init == "pretrained":
+        from .pretrain import load_base_weights
+
+        load_base_weights(cfg.model, progress=True)
+
+
 def choose_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
         return cfg.train.use_gpu
@@ -129,6 +138,7 @@ def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
     run_id, resumed = tracking.open_run(tracking_uri, tracking.experiment_name(cfg.task), key="raydllm.run_name",
                                         name=name, params=cfg.flat(),
                                         tags={"raydllm.kind": "train", **tracking.environment_tags()})
+    prepare_base(cfg)
     ensure_ray()
     warm_deepspeed_ops()
     trainer = build_trainer(cfg, name=name, storage_path=storage,

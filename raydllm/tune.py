@@ -70,10 +70,13 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
         tags={"mlflow.parentRunId": parent_run_id, "raydllm.kind": "trial", "raydllm.phase": phase, "raydllm.status": "running",
               "raydllm.config_key": config_key(sweep, config), "raydllm.searched": json.dumps(
                   {k: v for k, v in config.items() if "." in k}, sort_keys=True, default=str)})
+    client = MlflowClient(tracking_uri)
     if not resumed:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri).log_text(run_id, json.dumps(cfg.to_dict(), indent=1), "config.json")
+        client.log_text(run_id, json.dumps(cfg.to_dict(), indent=1), "config.json")
+    elif client.get_run(run_id).data.tags.get("raydllm.status") in ("completed", "stopped_early"):
+        # The driver recorded this trial's end, but died before Tune saved its own state: a restored sweep
+        # must not train it again (nor overturn ASHA's decision to stop it).
+        return
     trainer = build_trainer(cfg, name=f"train-{trial_id}", storage_path=train_storage,
                             tracking={"tracking_uri": tracking_uri, "run_id": run_id},
                             callbacks=[TuneReportCallback()])
@@ -278,6 +281,11 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
               "raydllm.searched_keys": json.dumps(sorted(spec.space)), **tracking.environment_tags()})
     MlflowClient(tracking_uri).log_text(parent_run_id, space_text, f"space/{space_name}")
 
+    from .search_space import base_raw
+    from .config import validate
+    from .train import prepare_base
+
+    prepare_base(validate(base_raw(spec)))
     ensure_ray_for_sweep(spec)
     warm_deepspeed_ops()
     common = dict(spec=spec, storage=storage, tracking_uri=tracking_uri, experiment=experiment,

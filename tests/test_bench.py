@@ -16,7 +16,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthet
 @pytest.fixture(scope="module")
 def report(process_group):
     cfg = load_config("gsm8k", "local", TINY)
-    return run_bench(cfg, steps=3, warmup=1, target_prob=0.5, sampler_batch=4, sampler_gen_length=8,
+    return run_bench(cfg, steps=2, warmup=1, target_prob=0.5, sampler_batch=4, sampler_gen_length=8,
                      sampler_steps=4)
 
 
@@ -113,3 +113,26 @@ def test_cli_parses_mode_and_flags(capsys):
     if not hasattr(tune, "bench_sweep"):
         assert cmd_bench(args) == 2
         assert "bench sweep" in capsys.readouterr().err
+
+
+def test_target_first_experiment_gives_the_same_losses(process_group):
+    import torch
+
+    from raydllm.bench import _target_first_losses
+    from raydllm.backbone import load_backbone
+    from raydllm.objective import EmaTarget, Predictor, dllm_jepa_losses
+
+    cfg = load_config("gsm8k", "local", TINY)
+    backbone, _ = load_backbone(cfg.model)
+    ema = EmaTarget(backbone, 0.9)
+    predictor = Predictor(backbone.hidden_size, 1)
+    x0 = torch.randint(0, 200, (3, 12))
+    attention = torch.ones_like(x0)
+    maskable = torch.zeros_like(x0, dtype=torch.bool)
+    maskable[:, 6:] = True
+    kw = dict(mask_token_id=backbone.ids.mask, t_low=0.2, t_high=0.7, lam=1.0)
+    a = dllm_jepa_losses(backbone, ema.module, predictor, x0, attention, maskable,
+                         generator=torch.Generator().manual_seed(3), **kw)
+    b = _target_first_losses(backbone, ema.module, predictor, x0, attention, maskable,
+                             generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.total, b.total) and torch.equal(a.z_high, b.z_high)

@@ -9,7 +9,7 @@ from raydllm.tasks import DataError, get_task
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_backbone(load_config("gsm8k", "local").model)
+    return load_backbone(load_config("gsm8k", "local", ["model.init=random"]).model)
 
 
 def test_answers_padded_with_eos_which_are_maskable(tiny):

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.ray
 
-TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
+TINY = ["--set", "model.init=random", "--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
         "--set", "data.synthetic_size=800", "--set", "data.val_limit=32", "--set", "train.micro_batch_size=8",
         "--set", "train.lr=3e-3", "--set", "eval.final=false"]
 
@@ -150,3 +150,16 @@ def test_full_disk_reported_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
     with pytest.raises(ConfigError, match="only 5 MiB free"):
         check_storage(str(tmp_path))
+
+
+def test_nan_loss_fails_the_run_with_a_clear_status(tmp_path):
+    """An exploding learning rate: the loss turns NaN, the run stops at once and MLflow says why."""
+    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY,
+           "--set", "train.max_steps=20", "--set", "train.eval_every=10", "--set", "train.lr=1e30",
+           "--set", "train.grad_clip=0", "--set", "train.warmup_ratio=0", "--workers", "1"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert done.returncode != 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raydllm-gsm8k").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "non-finite loss" in run.data.tags["raydllm.error"]

@@ -22,7 +22,7 @@ from raydllm.cli import main
 
 TINY_SPACE = {
     "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
-    "fixed": {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "data.synthetic_size": 300,
+    "fixed": {"model.init": "random", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "data.synthetic_size": 300,
               "data.val_limit": 16, "train.micro_batch_size": 8, "train.max_steps": 8, "train.eval_every": 2},
     "space": {"jepa.lambda": {"choice": [0.5, 2.0]}, "jepa.k": {"randint": [1, 2]},
               "jepa.t_low": {"uniform": [0.1, 0.3]}, "jepa.t_high": {"uniform": [0.6, 0.9]},
@@ -137,11 +137,8 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
         statuses.append(run.data.tags["raydllm.status"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_total")]
         assert steps == sorted(set(steps)) == list(range(1, max(steps) + 1))  # one continuous curve
-        if trial_id in finished_before:
-            # Finished before the kill: never trained again. (If Tune had not yet saved its state when the
-            # driver died, the trial is restored at its final checkpoint and only re-reports.)
-            last = int(run.data.tags["raydllm.last_step"])
-            assert int(run.data.tags.get("raydllm.resumed_from_step", last)) == last
+        if trial_id in finished_before:  # finished before the kill: its Train run was never started again
+            assert "raydllm.resumed_from_step" not in run.data.tags
     assert "stopped_early" in statuses and "completed" in statuses
     assert any(r.data.params["jepa.lambda"] == "0.0" for r in children)  # the pinned baseline arm
 
@@ -171,12 +168,14 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
     try:
         import requests
 
-        for _ in range(120):
+        deadline = time.time() + 180
+        while time.time() < deadline:
             try:
-                if requests.get(uri + "/health", timeout=1).ok:
+                if requests.get(uri + "/health", timeout=2).ok:
                     break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
         space = _write_space(tmp_path, num_samples=2)
         done = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--tracking-uri", uri, "--json")
         assert done.returncode == 0, done.stderr[-3000:]
@@ -192,3 +191,22 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_failed_trial_status_in_mlflow(tmp_path):
+    """The driver-side callback marks an errored trial FAILED with its error, whatever killed the trial."""
+    from raydllm import tracking
+    from raydllm.tune import TrialStatusCallback
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    run_id, _ = tracking.open_run(uri, "raydllm-gsm8k", key="raydllm.trial_id", name="abc_00001")
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback ...\nFloatingPointError: non-finite loss nan at step 3\n")
+
+    class Trial:
+        trial_id, last_result, error_file = "abc_00001", {"step": 2}, str(tmp_path / "error.txt")
+
+    TrialStatusCallback(uri, "raydllm-gsm8k", max_t=8, grace=2, factor=2).error(Trial())
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["raydllm.status"] == "failed"
+    assert run.data.tags["raydllm.error"] == "FloatingPointError: non-finite loss nan at step 3"

@@ -5,7 +5,7 @@ import torch
 from raydllm.config import load_config
 from raydllm.worker import WorkerLoop
 
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
+SMALL = ["model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
          "data.val_limit=16", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3"]
 
 
