@@ -761,7 +761,7 @@ def cmd_bench(args) -> int:
             print("raydllm: error: `raydllm bench sweep` is not available yet (raydllm.tune.bench_sweep is not "
                   "implemented); use `raydllm bench` for the one-process step benchmark", file=sys.stderr)
             return 2
-        return bench_sweep(args)
+        return _cmd_bench_sweep(args, bench_sweep)
     from .config import load_config
 
     cfg = load_config(args.task, args.preset, args.overrides)
@@ -775,6 +775,26 @@ def cmd_bench(args) -> int:
         print(json.dumps(result, default=_json_default))
     else:
         print(format_report(result))
+    return 0
+
+
+def _cmd_bench_sweep(args, bench_sweep) -> int:
+    """`raydllm bench sweep`: raydllm.tune.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
+    from .tracking import resolve_tracking_uri
+    from .tune import default_space_file
+
+    space = args.space or default_space_file("local" if args.preset == "local" else args.task)
+    result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+    sys.stderr.flush()
+    print(json.dumps(result, default=_json_default) if args.json else json.dumps(result, indent=1,
+                                                                                default=_json_default))
     return 0
 
 
@@ -805,6 +825,10 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                                                "as trials run)")
     p.add_argument("--target-first", action="store_true",
                    help="experiment: run the no-grad target forward before the online forward (same masks)")
+    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/<task or local>.yaml)")
+    p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                          "./mlflow.db)")
+    p.add_argument("--storage", help="sweep mode: where trials keep checkpoints")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.set_defaults(func=cmd_bench)
     return p

@@ -157,7 +157,9 @@ class WorkerLoop:
         self.val_records = val[rank::world]
         self.total_steps = steps_for(cfg, len(self.train_records))
 
-        predictor = Predictor(backbone.hidden_size, cfg.jepa.k, n_heads=_predictor_heads(backbone.hidden_size))
+        # The baseline never uses the predictor: depth 0 keeps its parameters out of ZeRO's optimizer state.
+        depth = cfg.jepa.k if cfg.jepa.lam > 0 else 0
+        predictor = Predictor(backbone.hidden_size, depth, n_heads=_predictor_heads(backbone.hidden_size))
         module = OnlineModel(backbone, predictor)
         # lambda = 0 is the baseline: no EMA copy exists and no target forward ever runs.
         self.ema = (EmaTarget(backbone, cfg.jepa.ema_decay, dtype=getattr(torch, cfg.jepa.ema_dtype))
@@ -317,8 +319,10 @@ class WorkerLoop:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:
+        import ray
         import ray.train
 
+        self.sink.tag("raydllm.node_id", ray.get_runtime_context().get_node_id())  # where rank 0 trains
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:

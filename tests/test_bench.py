@@ -106,8 +106,8 @@ def test_cli_parses_mode_and_flags(capsys):
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", "--preset", "local", "--steps", "3", "--set", "jepa.k=2", "--json"])
     assert args.mode == "step" and args.steps == 3 and args.overrides == ["jepa.k=2"] and args.json
-    args = parser.parse_args(["bench", "sweep"])
-    assert args.mode == "sweep"
+    args = parser.parse_args(["bench", "sweep", "--space", "s.yaml", "--storage", "/tmp/x"])
+    assert args.mode == "sweep" and args.space == "s.yaml" and args.storage == "/tmp/x"
     import raydllm.tune as tune
 
     if not hasattr(tune, "bench_sweep"):

@@ -27,44 +27,44 @@ IDLE_TIMEOUT_MIN = 0.25  # 15 s. With 0.1 (6 s) a freshly launched node was once
 
 
 def run_sweep(address: str, num_trials: int, resources_per_trial: dict) -> list[dict]:
-    """Run a small Tune sweep on the cluster at `address`; return one dict per trial (its last result).
-
-    Hook for the lead: replace the body with raydllm's real sweep. Contract: connect to `address`, run
-    `num_trials` trials that each need `resources_per_trial`, disconnect, return the final results.
-    """
+    """raydllm's real sweep (`raydllm.tune.run_spec`: Tune + ASHA over TorchTrainer/DeepSpeed trials, MLflow)
+    on the cluster at `address`. The node-sized request comes from the space's `resources`, exactly as on
+    the real cluster; only the address and RAYDLLM_AUTOSCALING (skip the fits-now check) differ."""
     import ray
-    from ray import tune
-    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from mlflow.tracking import MlflowClient
 
-    def sleepy_trainable(config):
-        """Stand-in trial: a few seconds of 'training' that reports where it ran. Defined here so that
-        cloudpickle ships it by value (a module-level function would be imported by name on the workers)."""
-        node_id = ray.get_runtime_context().get_node_id()
-        for step in range(config["steps"]):
-            time.sleep(config["step_s"])
-            tune.report({"step": step + 1, "loss": config["lr"] / (step + 1), "node_id": node_id})
+    from raydllm.results import trial_runs
+    from raydllm.search_space import SweepSpec
+    from raydllm.tune import run_spec
 
+    custom = {k: v for k, v in resources_per_trial.items() if k != "CPU"}
+    spec = SweepSpec.model_validate({
+        "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
+        "fixed": {"model.init": "random", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+                  "data.synthetic_size": 200, "data.val_limit": 8, "train.micro_batch_size": 4,
+                  "train.max_steps": 4, "train.eval_every": 2, "eval.final": False},
+        "space": {"jepa.lambda": {"grid": [0.5, 1.0, 2.0][:num_trials]}},
+        "baseline": False, "scheduler": {"grace_period": 4}, "search": {"algorithm": "grid"},
+        "num_samples": 1, "max_concurrent_trials": num_trials,
+        "resources": {"workers": 1, "cpus_per_worker": resources_per_trial.get("CPU", 1), "custom": custom},
+    })
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAYDLLM_AUTOSCALING")}
+    os.environ.update({"RAY_ADDRESS": address, "RAYDLLM_AUTOSCALING": "1"})
     storage = tempfile.TemporaryDirectory(prefix="raydllm-fake-tune-")
     try:
-        trainable = tune.with_resources(sleepy_trainable, PlacementGroupFactory([dict(resources_per_trial)]))
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"lr": tune.grid_search([1e-3 * (i + 1) for i in range(num_trials)]),
-                         "steps": 4, "step_s": 1.0},
-            tune_config=tune.TuneConfig(metric="loss", mode="min"),
-            run_config=tune.RunConfig(
-                name="fake-autoscaling",
-                storage_path=storage.name,  # one machine: a local folder is shared storage
-                verbose=0,
-            ),
-        )
-        results = tuner.fit()
-        return [dict(r.metrics or {}, error=repr(r.error) if r.error else None) for r in results]
+        uri = f"sqlite:///{storage.name}/mlflow.db"
+        outcome = run_spec(spec, space_text=spec.model_dump_json(), space_name="fake-autoscaling.yaml",
+                           name="fake-autoscaling", tracking_uri=uri, storage=storage.name, progress=False)
+        client = MlflowClient(uri)
+        return [{"step": int(r.data.tags.get("raydllm.last_step", 0)), "node_id": r.data.tags.get("raydllm.node_id"),
+                 "error": r.data.tags.get("raydllm.error"), "status": r.data.tags.get("raydllm.status")}
+                for r in trial_runs(client, client.get_run(outcome.parent_run_id))]
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         storage.cleanup()
 
 
