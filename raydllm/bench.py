@@ -432,50 +432,6 @@ def _phase(loop, ema, cfg_phase):
         loop.cfg, loop.ema = saved_cfg, saved_ema
 
 
-def _target_first_losses(online, target, predictor, x0, attention_mask, maskable, *, mask_token_id, t_low, t_high,
-                         lam, generator=None, diffusion_norm="masked", run_target=True):
-    """`objective.dllm_jepa_losses` with the no-grad target branch moved before the online forward (the
-    `--target-first` experiment). Masks are drawn in the same order, so the losses are identical; the target
-    forward's temporaries are freed before the online graph exists instead of piling on top of it."""
-    from .masking import mask_tokens
-    from .objective import Losses, diffusion_loss, jepa_loss, pool
-
-    pad = ~attention_mask.bool()
-    x_low, masked_low = mask_tokens(x0, t_low, maskable, mask_token_id=mask_token_id, generator=generator)
-    branch = not (lam == 0 or target is None or not run_target)
-    z_high = None
-    if branch:
-        x_high, masked_high = mask_tokens(x0, t_high, maskable, mask_token_id=mask_token_id, generator=generator)
-        with torch.no_grad():
-            _, hidden_high = target(x_high, attention_mask)
-            z_high = pool(hidden_high, ~masked_high & ~pad)
-        del hidden_high
-    logits, hidden = online(x_low, attention_mask)
-    answer_lengths = maskable.sum(dim=1) if diffusion_norm == "answer_length" else None
-    l_diff = diffusion_loss(logits, x0, masked_low, t=t_low, norm=diffusion_norm, answer_lengths=answer_lengths)
-    z_low = pool(hidden, ~masked_low & ~pad)
-    if not branch:
-        return Losses(l_diff, l_diff.detach(), None, z_low.detach(), None, int(masked_low.sum()))
-    l_jepa = jepa_loss(predictor(z_low), z_high)
-    return Losses(l_diff + lam * l_jepa, l_diff.detach(), l_jepa.detach(), z_low.detach(), z_high,
-                  int(masked_low.sum()))
-
-
-@contextmanager
-def _patched_losses(target_first: bool):
-    from . import worker
-
-    if not target_first:
-        yield
-        return
-    saved = worker.dllm_jepa_losses
-    worker.dllm_jepa_losses = _target_first_losses
-    try:
-        yield
-    finally:
-        worker.dllm_jepa_losses = saved
-
-
 def _with_jepa(cfg, **changes):
     jepa = cfg.jepa.model_copy(update=changes)
     return cfg.model_copy(update={"jepa": jepa})
@@ -517,7 +473,7 @@ def _sampler_bench(loop, *, batch_size: int, gen_length: int, steps: int) -> dic
 
 def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | None = 0.5,
               sampler_batch: int = 16, sampler_gen_length: int = 32, sampler_steps: int = 16,
-              split: bool = True, memory_table: bool = True, target_first: bool = False,
+              split: bool = True, memory_table: bool = True,
               threads: int | None = None) -> dict[str, Any]:
     """Build one WorkerLoop for `cfg` and measure baseline vs JEPA (vs JEPA loss dropout). See the module
     docstring. `cfg.jepa.lambda` = 0 is bumped to 1 for the JEPA phases (the baseline needs no bump)."""
@@ -538,17 +494,17 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | Non
     try:
         return _run(cfg, device, phases, lam, steps=steps, warmup=warmup, sampler_batch=sampler_batch,
                     sampler_gen_length=sampler_gen_length, sampler_steps=sampler_steps, split=split,
-                    memory_table=memory_table, target_first=target_first)
+                    memory_table=memory_table)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_length, sampler_steps, split,
-         memory_table, target_first) -> dict[str, Any]:
+         memory_table) -> dict[str, Any]:
     from .worker import WorkerLoop
 
     cfg_jepa = phases["jepa"]
-    with one_rank_group(device), _patched_losses(target_first):
+    with one_rank_group(device):
         loop = WorkerLoop(cfg_jepa, rank=0, world=1, device=device)
         ema = loop.ema
         instrument = _Instrument(loop, ema)
@@ -666,7 +622,6 @@ def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_
         "peak_memory_mb": peak_mb, "peak_memory_kind": memory_kind,
         "ema_extra_mb": ema_bytes / MIB, "predictor_extra_mb": pred_bytes / MIB,
         "predictor_in_baseline": True,
-        "experiment_target_first": target_first,
     }
     if split:
         result["split_s"] = splits
@@ -755,20 +710,14 @@ def format_report(r: dict[str, Any]) -> str:
 
 def cmd_bench(args) -> int:
     if args.mode == "sweep":
-        try:
-            from .tune import bench_sweep
-        except ImportError:
-            print("raydllm: error: `raydllm bench sweep` is not available yet (raydllm.tune.bench_sweep is not "
-                  "implemented); use `raydllm bench` for the one-process step benchmark", file=sys.stderr)
-            return 2
-        return _cmd_bench_sweep(args, bench_sweep)
+        return _cmd_bench_sweep(args)
     from .config import load_config
 
     cfg = load_config(args.task, args.preset, args.overrides)
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup,
                        target_prob=args.target_prob if args.target_prob > 0 else None,
                        sampler_batch=args.sampler_batch, sampler_gen_length=args.sampler_gen_length,
-                       sampler_steps=args.sampler_steps, split=not args.no_split, target_first=args.target_first,
+                       sampler_steps=args.sampler_steps, split=not args.no_split,
                        threads=args.threads)
     result["preset"] = args.preset
     if args.json:
@@ -778,12 +727,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _cmd_bench_sweep(args, bench_sweep) -> int:
+def _cmd_bench_sweep(args) -> int:
     """`raydllm bench sweep`: raydllm.tune.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
     from .tracking import resolve_tracking_uri
-    from .tune import default_space_file
+    from .tune import bench_sweep, default_space_file
 
-    space = args.space or default_space_file("local" if args.preset == "local" else args.task)
+    space = args.space or default_space_file("bench-sweep")
     result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
     try:
         import ray
@@ -823,30 +772,10 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: train.cpus_per_worker, "
                                                "as trials run)")
-    p.add_argument("--target-first", action="store_true",
-                   help="experiment: run the no-grad target forward before the online forward (same masks)")
-    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/<task or local>.yaml)")
+    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml)")
     p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                           "./mlflow.db)")
     p.add_argument("--storage", help="sweep mode: where trials keep checkpoints")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.set_defaults(func=cmd_bench)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m raydllm.bench ...` until the lead wires register_cli into raydllm.cli."""
-    parser = argparse.ArgumentParser(prog="raydllm")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
-    from .config import ConfigError
-
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"raydllm: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -236,8 +236,10 @@ def check_resources(spec: SweepSpec) -> None:
 def _trial_resources() -> dict[str, float]:
     import ray
 
-    # The trial actor itself only waits on its TorchTrainer: no CPU, one slot (when the cluster has slots).
-    return {"CPU": 0, SLOT: 1} if ray.cluster_resources().get(SLOT) else {"CPU": 0}
+    # The trial actor itself only waits on its TorchTrainer: no CPU, one slot when the cluster has slots
+    # (cluster.yaml's head has them; so does the local cluster). Elsewhere a sliver of CPU, because Tune
+    # refuses a trial that requests nothing at all.
+    return {"CPU": 0, SLOT: 1} if ray.cluster_resources().get(SLOT) else {"CPU": 0.01}
 
 
 @dataclass
@@ -336,7 +338,8 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples if search else 1,
-                max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
+                # the search phase's generator limits concurrency itself (Tune ignores this with it)
+                max_concurrent_trials=None if search else spec.max_concurrent_trials, scheduler=scheduler,
                 search_alg=_search_alg(spec) if search else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),

@@ -108,31 +108,3 @@ def test_cli_parses_mode_and_flags(capsys):
     assert args.mode == "step" and args.steps == 3 and args.overrides == ["jepa.k=2"] and args.json
     args = parser.parse_args(["bench", "sweep", "--space", "s.yaml", "--storage", "/tmp/x"])
     assert args.mode == "sweep" and args.space == "s.yaml" and args.storage == "/tmp/x"
-    import raydllm.tune as tune
-
-    if not hasattr(tune, "bench_sweep"):
-        assert cmd_bench(args) == 2
-        assert "bench sweep" in capsys.readouterr().err
-
-
-def test_target_first_experiment_gives_the_same_losses(process_group):
-    import torch
-
-    from raydllm.bench import _target_first_losses
-    from raydllm.backbone import load_backbone
-    from raydllm.objective import EmaTarget, Predictor, dllm_jepa_losses
-
-    cfg = load_config("gsm8k", "local", TINY)
-    backbone, _ = load_backbone(cfg.model)
-    ema = EmaTarget(backbone, 0.9)
-    predictor = Predictor(backbone.hidden_size, 1)
-    x0 = torch.randint(0, 200, (3, 12))
-    attention = torch.ones_like(x0)
-    maskable = torch.zeros_like(x0, dtype=torch.bool)
-    maskable[:, 6:] = True
-    kw = dict(mask_token_id=backbone.ids.mask, t_low=0.2, t_high=0.7, lam=1.0)
-    a = dllm_jepa_losses(backbone, ema.module, predictor, x0, attention, maskable,
-                         generator=torch.Generator().manual_seed(3), **kw)
-    b = _target_first_losses(backbone, ema.module, predictor, x0, attention, maskable,
-                             generator=torch.Generator().manual_seed(3), **kw)
-    assert torch.equal(a.total, b.total) and torch.equal(a.z_high, b.z_high)
