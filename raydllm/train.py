@@ -148,7 +148,8 @@ def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
     except BaseException as exc:
         tracking.finish_run(tracking_uri, run_id, "FAILED", {"raydllm.error": f"{type(exc).__name__}: {exc}"[:5000]})
         raise
-    tracking.finish_run(tracking_uri, run_id, "FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    # `raydllm eval <run id>` finds the weights through this tag.
+    tracking.finish_run(tracking_uri, run_id, "FINISHED", {"raydllm.checkpoint": checkpoint} if checkpoint else None)
     return TrainOutcome(run_id=run_id, name=name, metrics=dict(result.metrics or {}), checkpoint=checkpoint,
                         resumed=resumed)

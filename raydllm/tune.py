@@ -120,6 +120,9 @@ class TrialStatusCallback:
             tags = {"raydllm.status": "stopped_early", "raydllm.last_step": str(step),
                     "raydllm.stopped_at_step": str(decided_at),
                     "raydllm.stopped_at_rung": str(_rung(decided_at, self.grace, self.factor))}
+        checkpoint = (trial.last_result or {}).get("checkpoint_path")
+        if checkpoint:  # forwarded by TuneReportCallback; `raydllm eval <run id>` finds the weights with it
+            tags["raydllm.checkpoint"] = str(checkpoint)
         tracking.finish_run(self.tracking_uri, run_id, "FINISHED", tags)
 
     def error(self, trial) -> None:

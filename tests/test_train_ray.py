@@ -48,6 +48,7 @@ def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["jepa.lambda"] == "1.0"
+    assert run.data.tags["raydllm.checkpoint"] == result["checkpoint"]
     # End-of-run evaluation and probes land in the run, with the sampler settings as params.
     metrics = run.data.metrics
     assert metrics["final/val/0shot/n"] == 8 and 0.0 <= metrics["final/val/0shot/accuracy"] <= 1.0
