@@ -32,3 +32,12 @@ def process_group():
                            "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run fastest on one thread (and do not oversubscribe a shared 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,11 +21,8 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthe
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 class Oracle(nn.Module):

@@ -14,12 +14,8 @@ SMALL = dict(d_model=32, n_layers=2, n_heads=2)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread (and do not oversubscribe a shared CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -63,6 +63,17 @@ def few_shot_exemplars(train: Sequence[Example], n: int, *, seed: int = 1234) ->
     return random.Random(seed).sample(list(train), n)
 
 
+def first_answer_line(generation: str, cue: str) -> str:
+    """The first non-empty line of a generation, with a repeated answer cue (e.g. "Code:") dropped."""
+    for line in generation.splitlines():
+        line = line.strip()
+        if line.startswith(cue):
+            line = line[len(cue):].strip()
+        if line:
+            return line
+    return ""
+
+
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")

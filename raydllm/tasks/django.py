@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from raydllm.tasks.base import DataError, Example, check_split
+from raydllm.tasks.base import DataError, Example, check_split, first_answer_line
 
 SPLIT_ROWS = {"train": (0, 16000), "validation": (16000, 17000), "test": (17000, 18805)}
 TOTAL_ROWS = 18805
@@ -65,13 +65,8 @@ class DjangoTask:
 
     def extract(self, generation: str) -> str:
         """The first non-empty line (a repeated "Code:" cue dropped), whitespace-normalized."""
-        for line in generation.splitlines():
-            line = line.strip()
-            if line.startswith(ANSWER_CUE):
-                line = line[len(ANSWER_CUE):].strip()
-            if line:
-                return normalize(line)
-        return ""
+        line = first_answer_line(generation, ANSWER_CUE)
+        return normalize(line) if line else ""
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         predicted, gold = normalize(prediction), normalize(example.answer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from raydllm.tasks.base import DataError, Example, check_split
+from raydllm.tasks.base import DataError, Example, check_split, first_answer_line
 from raydllm.tasks.regex_dfa import equivalent
 
 # Our split names -> the file suffixes of the release (it ships its own validation split).
@@ -62,13 +62,8 @@ class NlRxTask:
 
     def extract(self, generation: str) -> str:
         """The regex is the first non-empty line; a repeated "Regex:" cue is dropped."""
-        for line in generation.splitlines():
-            line = line.strip()
-            if line.startswith(ANSWER_CUE):
-                line = line[len(ANSWER_CUE):].strip()
-            if line:
-                return _collapse(line)
-        return ""
+        line = first_answer_line(generation, ANSWER_CUE)
+        return _collapse(line) if line else ""
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         exact = _collapse(prediction) == _collapse(example.answer)

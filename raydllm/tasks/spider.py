@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from raydllm.tasks.base import DataError, Example, carve_validation, check_split
+from raydllm.tasks.base import DataError, Example, carve_validation, check_split, first_answer_line
 
 ANSWER_CUE = "SQL:"
 ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
@@ -158,13 +158,8 @@ class SpiderTask:
 
     def extract(self, generation: str) -> str:
         """The first non-empty line (a repeated "SQL:" cue dropped), cut after its first statement."""
-        for line in generation.splitlines():
-            line = line.strip()
-            if line.startswith(ANSWER_CUE):
-                line = line[len(ANSWER_CUE):].strip()
-            if line:
-                return first_statement(line)
-        return ""
+        line = first_answer_line(generation, ANSWER_CUE)
+        return first_statement(line) if line else ""
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         exact = normalize_sql(prediction) == normalize_sql(example.answer)
