@@ -297,6 +297,11 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
                   parent_run_id=parent_run_id, progress=progress)
     restored = _fit_phase(name=name, phase="search", param_space=param_space(spec),
                           asha=spec.scheduler.type == "asha", search=True, **common)
+    if spec.baseline and spec.search.algorithm == "optuna":
+        # Optuna cannot warm-start from a point outside its space (lambda = 0 is not among the searched
+        # lambdas): the pinned baseline runs as its own one-trial phase, to max_t.
+        _fit_phase(name=f"{name}-baseline", phase="baseline", asha=False, search=False, **common,
+                   param_space={**baseline_point(spec), "train.seed": spec.seeds[0]})
     if spec.repeat.top and len(spec.seeds) > 1:
         report = best_configs(spec.task, tracking_uri=tracking_uri, top=spec.repeat.top, sweep=name)
         points = [r["params"] for r in report["best"]] + ([report["baseline"]["params"]]
@@ -374,15 +379,14 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 def _search_alg(spec: SweepSpec):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    points = [baseline_point(spec) | {"train.seed": spec.seeds[0]}] if spec.baseline else []
+    points = [baseline_point(spec)] if spec.baseline else []
     if spec.search.algorithm == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
         import optuna
 
         sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
-        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points or None, sampler=sampler),
-                                  max_concurrent=spec.max_concurrent_trials)
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=spec.max_concurrent_trials)
     return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.search.seed,
                                  max_concurrent=spec.max_concurrent_trials)
 

@@ -210,3 +210,22 @@ def test_failed_trial_status_in_mlflow(tmp_path):
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["raydllm.status"] == "failed"
     assert run.data.tags["raydllm.error"] == "FloatingPointError: non-finite loss nan at step 3"
+
+
+@pytest.mark.parametrize("space_file", ["search_spaces/gsm8k.yaml", "search_spaces/nlrx.yaml"])
+def test_optuna_accepts_the_paper_spaces(space_file):
+    """The paper-scale spaces use Optuna TPE (their lambda = 0 baseline runs as its own phase, since Optuna
+    cannot warm-start outside its space): the searcher sets up and suggests valid trial configs."""
+    from raydllm.search_space import load_spec, param_space, trial_config
+    from raydllm.tune import _search_alg
+
+    spec = load_spec(space_file, {"data.path": "/data"} if "nlrx" in space_file else None)
+    assert spec.search.algorithm == "optuna"
+    algorithm = _search_alg(spec)
+    assert algorithm.set_search_properties(spec.metric, spec.mode, param_space(spec)) is not False
+    for i in range(3):
+        suggested = algorithm.suggest(f"trial_{i}")
+        if suggested is None:
+            continue
+        config = trial_config(spec, {k: v for k, v in suggested.items() if k in spec.space}, spec.seeds[0])
+        assert config.jepa.t_low < config.jepa.t_high
