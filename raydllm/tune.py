@@ -379,7 +379,6 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 def _search_alg(spec: SweepSpec):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    points = [baseline_point(spec)] if spec.baseline else []
     if spec.search.algorithm == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
@@ -387,6 +386,7 @@ def _search_alg(spec: SweepSpec):
 
         sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
         return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=spec.max_concurrent_trials)
+    points = [baseline_point(spec) | {"train.seed": spec.seeds[0]}] if spec.baseline else []
     return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.search.seed,
                                  max_concurrent=spec.max_concurrent_trials)
 
