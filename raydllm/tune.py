@@ -73,10 +73,14 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
     client = MlflowClient(tracking_uri)
     if not resumed:
         client.log_text(run_id, json.dumps(cfg.to_dict(), indent=1), "config.json")
-    elif client.get_run(run_id).data.tags.get("raydllm.status") in ("completed", "stopped_early"):
-        # The driver recorded this trial's end, but died before Tune saved its own state: a restored sweep
-        # must not train it again (nor overturn ASHA's decision to stop it).
-        return
+    else:
+        run = client.get_run(run_id)
+        if run.data.tags.get("raydllm.status") in ("completed", "stopped_early"):
+            # The driver recorded this trial's end, but died before Tune saved its own state: a restored sweep
+            # must not train it again (nor overturn ASHA's decision to stop it). Hand Tune the final result
+            # MLflow holds (Tune insists every result carries the sweep's metric), then end.
+            tune.report({**run.data.metrics, "step": int(run.data.tags.get("raydllm.last_step", 0))})
+            return
     trainer = build_trainer(cfg, name=f"train-{trial_id}", storage_path=train_storage,
                             tracking={"tracking_uri": tracking_uri, "run_id": run_id},
                             callbacks=[TuneReportCallback()])
