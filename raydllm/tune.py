@@ -117,7 +117,9 @@ class TrialStatusCallback:
         if run_id is None:
             return
         step = self._last_step(trial, run_id)
-        if step >= self.max_t:
+        # Completed or stopped is ASHA's decision, read from the result it decided on; a stopped trial's
+        # worker may still train a few steps past that before it is killed (counted in last_step).
+        if int((trial.last_result or {}).get("step", step)) >= self.max_t:
             tags = {"raydllm.status": "completed", "raydllm.last_step": str(step)}
         else:
             decided_at = int((trial.last_result or {}).get("step", step))  # the result ASHA stopped it on
