@@ -593,7 +593,8 @@ def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_
         peak_mb = {name: peak_alloc[name] / MIB for name in ("baseline", "jepa")}
         memory_kind = ("torch.cuda.max_memory_allocated per phase (the EMA copy stays resident during "
                        "baseline steps here; baseline_without_ema subtracts it)")
-        peak_mb["baseline_without_ema"] = peak_mb["baseline"] - ema_bytes / MIB
+        # jepa.ema_device=cpu: the EMA is not resident on the GPU, so there is nothing to subtract.
+        peak_mb["baseline_without_ema"] = peak_mb["baseline"] - (0 if ema.offload else ema_bytes) / MIB
     else:
         peak_mb = {"baseline": state_bytes / MIB, "jepa": (state_bytes + ema_bytes) / MIB}
         memory_kind = ("static bytes, not a peak: weights + ZeRO flat groups/fp32 master + gradient buffers + "

@@ -72,6 +72,10 @@ class JepaConfig(_Section):
     # JEPA loss dropout: the target branch runs on this fraction of steps (LLM-JEPA's jepa_ratio).
     target_prob: float = Field(1.0, ge=0, le=1)
     ema_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Where the EMA target lives. "auto": on the training device. "cpu": the master copy stays in host
+    # memory (pinned when training on CUDA) and is streamed to the device one module at a time for the
+    # target forward: for models whose EMA does not fit next to the ZeRO state (LLaDA-8B on 40 GB cards).
+    ema_device: Literal["auto", "cpu"] = "auto"
 
     @model_validator(mode="after")
     def _ordered_rates(self):

@@ -82,14 +82,61 @@ class EmaTarget:
     Kept outside the optimizer (and outside DeepSpeed) in `dtype` (float32 by default: a 0.004 step is
     below bf16 resolution, so a bf16 EMA would stop moving). `update` is one `_foreach_lerp_` per chunk
     of tensors: theta' <- decay * theta' + (1 - decay) * theta.
+
+    `device` is where the target forward computes. `offload=True` keeps the master weights in host memory
+    (pinned for CUDA, so host->device copies can be asynchronous) because a float32 8B copy does not fit a
+    40 GB card next to the ZeRO state: a pre-hook on every module that directly owns tensors swaps in device
+    copies and a post-hook swaps the masters back, so only the modules now running (a leaf and its
+    parents' own tensors, if any) hold device weights. The swap is done through `.data`, so `params` and
+    `state_dict()` always name the masters.
+    Limitation: a module that reads another module's weights outside that module's forward (tied embeddings
+    applied with F.linear) sees the host tensor and fails with a device mismatch.
     """
 
     def __init__(self, online: nn.Module, decay: float, *, dtype: torch.dtype = torch.float32,
-                 chunk_size: int = 64):
+                 chunk_size: int = 64, device: torch.device | str | None = None, offload: bool = False):
         self.decay = decay
         self.module = copy.deepcopy(online).to(dtype).eval().requires_grad_(False)
-        self.params = [p for p in self.module.parameters()]
         self.chunk_size = chunk_size  # bounds the temporary casts of online params for huge models
+        self.offload = offload
+        self.device = torch.device(device) if device is not None else None
+        if offload:
+            if self.device is None:
+                raise ValueError("EmaTarget(offload=True) needs the compute device")
+            self._host: dict[int, torch.Tensor] = {}  # id(tensor) -> its host master while swapped out
+            self._swapped: dict[int, list[torch.Tensor]] = {}  # id(module) -> the tensors its pre-hook swapped
+            self.module.to("cpu")
+            if self.device.type == "cuda":
+                for t in self._tensors(self.module, recurse=True):
+                    t.data = t.data.pin_memory()
+            for m in self.module.modules():
+                if next(self._tensors(m, recurse=False), None) is not None:
+                    m.register_forward_pre_hook(self._to_device)
+                    # always_call: a forward that raises still puts the masters back.
+                    m.register_forward_hook(self._to_host, always_call=True)
+        elif self.device is not None:
+            self.module.to(self.device)
+        self.params = [p for p in self.module.parameters()]
+
+    @staticmethod
+    def _tensors(module: nn.Module, *, recurse: bool):
+        yield from module.parameters(recurse=recurse)
+        yield from module.buffers(recurse=recurse)
+
+    def _to_device(self, module: nn.Module, args) -> None:
+        swapped = []
+        for t in self._tensors(module, recurse=False):
+            if id(t) in self._host:  # shared with an enclosing module that already swapped it in
+                continue
+            self._host[id(t)] = t.data
+            # copy=True: a real copy even when the compute device is the host (keeps the CPU tests honest).
+            t.data = t.data.to(self.device, copy=True, non_blocking=True)
+            swapped.append(t)
+        self._swapped[id(module)] = swapped
+
+    def _to_host(self, module: nn.Module, args, output) -> None:
+        for t in self._swapped.pop(id(module), []):
+            t.data = self._host.pop(id(t))  # the device copy is freed here
 
     @torch.no_grad()
     def update(self, online_params: Iterable[torch.Tensor]) -> None:
@@ -99,13 +146,19 @@ class EmaTarget:
         weight = 1.0 - self.decay
         for start in range(0, len(online), self.chunk_size):
             targets = self.params[start:start + self.chunk_size]
-            sources = [s.to(t.dtype) for s, t in zip(online[start:start + self.chunk_size], targets)]
-            torch._foreach_lerp_(targets, sources, weight)
+            chunk = online[start:start + self.chunk_size]
+            # Move first, cast second: a bf16 online weight crosses PCIe at 2 bytes, not 4. A CUDA->CPU
+            # non_blocking copy lands in pinned memory and must be waited for before the CPU reads it.
+            moved = [s.to(t.device, non_blocking=True) for s, t in zip(chunk, targets)]
+            for device in {s.device for s, t in zip(chunk, targets) if s.is_cuda and not t.is_cuda}:
+                torch.cuda.synchronize(device)
+            torch._foreach_lerp_(targets, [m.to(t.dtype) for m, t in zip(moved, targets)], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        # Copies into the existing tensors, so a checkpoint from either placement loads into either.
         self.module.load_state_dict(state)
 
 

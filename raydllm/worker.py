@@ -97,7 +97,7 @@ class MetricsSink:
     keeps one continuous curve with every step exactly once.
     """
 
-    KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff")
+    KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s")
 
     def __init__(self, tracking: dict | None):
         self.client = None
@@ -162,10 +162,10 @@ class WorkerLoop:
         predictor = Predictor(backbone.hidden_size, depth, n_heads=_predictor_heads(backbone.hidden_size))
         module = OnlineModel(backbone, predictor)
         # lambda = 0 is the baseline: no EMA copy exists and no target forward ever runs.
-        self.ema = (EmaTarget(backbone, cfg.jepa.ema_decay, dtype=getattr(torch, cfg.jepa.ema_dtype))
+        # jepa.ema_device=cpu: the EMA master stays in host memory, streamed in for the target forward.
+        self.ema = (EmaTarget(backbone, cfg.jepa.ema_decay, dtype=getattr(torch, cfg.jepa.ema_dtype),
+                              device=device, offload=cfg.jepa.ema_device == "cpu")
                     if cfg.jepa.lam > 0 else None)
-        if self.ema is not None:
-            self.ema.module.to(device)
         if cfg.loss.anchor == "l2":
             attach_l2_anchor(list(backbone.parameters()), cfg.loss.l2_lambda, scale=1.0 / cfg.train.grad_accum)
 
@@ -179,6 +179,7 @@ class WorkerLoop:
             model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.bf16))
         self.step = 0
+        self.train_seconds = 0.0  # in training steps only, summed over the run's attempts (kept in checkpoints)
         self.target_rng = torch.Generator().manual_seed(cfg.train.seed + 7)
 
     # -- one optimizer step -------------------------------------------------------------------------
@@ -303,22 +304,29 @@ class WorkerLoop:
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
         """DeepSpeed engine state (weights, optimizer shards, scheduler) + EMA + step, into `directory`."""
-        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"step": self.step}, save_latest=False)
+        self.engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False,
+                                    client_state={"step": self.step, "train_seconds": self.train_seconds})
         if self.rank == 0:
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), os.path.join(directory, "ema.pt"))
             Path(directory, "raydllm.json").write_text(json.dumps(
-                {"step": self.step, "data_position": self.step, "config": self.cfg.to_dict()}, indent=1))
+                {"step": self.step, "data_position": self.step, "train_seconds": self.train_seconds,
+                 "config": self.cfg.to_dict()}, indent=1))
 
     def restore(self, directory: str) -> None:
         _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
         self.step = int(client_state["step"])
+        self.train_seconds = float(client_state.get("train_seconds", 0.0))
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(os.path.join(directory, "ema.pt"), map_location=self.device))
+            # Through host memory: the offloaded EMA's masters live there, and a resident one is copied
+            # into place without a second full copy on the GPU.
+            self.ema.load_state_dict(torch.load(os.path.join(directory, "ema.pt"), map_location="cpu"))
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, scheduled_at: float | None = None) -> None:
+        """Train to the end, reporting every eval_every steps. `scheduled_at` (epoch seconds): when the
+        trial was scheduled; the time from then to the first step is logged as time/startup_s."""
         import ray
         import ray.train
 
@@ -335,11 +343,16 @@ class WorkerLoop:
             # Restored from the final checkpoint (killed after it was saved, before the run was marked done):
             # report the final state again so Tune and the driver see this run's last metrics.
             self.report(window, step_seconds)
+        if scheduled_at is not None and self.step < self.total_steps and not self.sink.has("time/startup_s"):
+            # Ray worker start, DeepSpeed init, model and data load: what a user pays before any training.
+            # First attempt only: a restarted worker group still carries the trial's original schedule time.
+            self.sink.add(self.step, {"time/startup_s": time.time() - scheduled_at})
         while self.step < self.total_steps:
             start = time.perf_counter()
             metrics = self.train_step()
             elapsed = time.perf_counter() - start
             step_seconds += elapsed
+            self.train_seconds += elapsed
             metrics["tokens_per_s"] = metrics["tokens"] * self.world / elapsed
             window.append(metrics)
             self.sink.add(self.step, {k: v for k, v in metrics.items() if k != "tokens"})
@@ -358,13 +371,14 @@ class WorkerLoop:
         if window:
             summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
         summary.pop("tokens", None)
+        summary["time/train_s"] = self._rank0_value(lambda: self.train_seconds)
         if self.cfg.eval.metric == "accuracy":
             summary["val_accuracy"] = self._rank0_value(
                 lambda: self._generate_metrics(self.cfg.eval.gen_limit, 0)[0][get_task(self.cfg.task).primary_metric])
         if self.step >= self.total_steps and self.cfg.eval.final:
             summary |= self._rank0_dict(self._final_evaluation_once)
         self.sink.add(self.step, {k: v for k, v in summary.items()
-                                  if k.startswith(("val_", "final", "probe/")) and isinstance(v, float)})
+                                  if k.startswith(("val_", "final", "probe/", "time/")) and isinstance(v, float)})
         with tempfile.TemporaryDirectory() as directory:
             self.save(directory)
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -417,4 +431,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     loop = WorkerLoop(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
                       device=ray.train.torch.get_device(), tracking=loop_config.get("tracking"))
-    loop.run()
+    loop.run(scheduled_at=loop_config.get("scheduled_at"))

@@ -50,3 +50,10 @@ def test_presets_and_overrides():
     assert local.flat()["jepa.lambda"] == 0
     with pytest.raises(ConfigError, match="--preset"):
         load_config("gsm8k", "huge")
+
+
+def test_ema_device_choice():
+    assert load_config("gsm8k", "local").jepa.ema_device == "auto"
+    assert load_config("gsm8k", "local", ["jepa.ema_device=cpu"]).jepa.ema_device == "cpu"
+    with pytest.raises(ConfigError, match=r"^jepa\.ema_device='gpu': .*'auto' or 'cpu'$"):
+        load_config("gsm8k", "local", ["jepa.ema_device=gpu"])

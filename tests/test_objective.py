@@ -168,3 +168,80 @@ def test_jepa_gradient_reaches_online_and_predictor_not_target():
     assert online.emb.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in predictor.parameters())
     assert all(p.grad is None for p in target.parameters())
+
+
+def _tiny_backbone():
+    from raydllm.backbone import build_tiny
+    from raydllm.config import ModelConfig
+
+    torch.manual_seed(0)
+    model, _ = build_tiny(ModelConfig(d_model=32, n_layers=2, n_heads=2))
+    return model
+
+
+def _tiny_inputs():
+    ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones_like(ids)
+    attention[0, :4] = 0
+    return ids, attention
+
+
+def test_offloaded_ema_forward_matches_resident_and_swaps_back():
+    online = _tiny_backbone()
+    resident = EmaTarget(online, decay=0.9, device="cpu")
+    offloaded = EmaTarget(online, decay=0.9, device="cpu", offload=True)
+    masters = [t.data_ptr() for t in offloaded.params]
+    during = {}
+
+    def record(module, args):  # runs after the EMA's pre-hook (registered later): sees the swapped-in copy
+        during[module] = module.weight.data_ptr()
+
+    leaf = offloaded.module.blocks[0].qkv
+    handle = leaf.register_forward_pre_hook(record)
+    ids, attention = _tiny_inputs()
+    with torch.no_grad():
+        want = resident.module(ids, attention).logits
+        got = offloaded.module(ids, attention).logits
+    handle.remove()
+    assert torch.equal(got, want)
+    assert during[leaf] != leaf.weight.data_ptr()  # the forward really ran on a copy
+    assert [t.data_ptr() for t in offloaded.params] == masters  # every master is back in place
+    assert offloaded._host == {} and offloaded._swapped == {}
+
+
+def test_offloaded_ema_restores_masters_when_forward_raises():
+    offloaded = EmaTarget(_tiny_backbone(), decay=0.9, device="cpu", offload=True)
+    masters = [t.data_ptr() for t in offloaded.params]
+    with pytest.raises(IndexError), torch.no_grad():
+        offloaded.module(torch.full((1, 4), 10_000), None)  # out of the vocabulary: the embedding raises
+    assert [t.data_ptr() for t in offloaded.params] == masters and offloaded._host == {}
+
+
+def test_offloaded_ema_update_equals_resident():
+    online = _tiny_backbone()
+    resident = EmaTarget(online, decay=0.9, device="cpu", chunk_size=3)
+    offloaded = EmaTarget(online, decay=0.9, device="cpu", offload=True, chunk_size=3)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    resident.update(online.parameters())
+    offloaded.update(online.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(resident.params, offloaded.params))
+    assert not torch.equal(resident.params[0], online.tok_emb.weight)  # it moved, by the EMA rule
+
+
+def test_ema_state_dict_round_trip_between_placements():
+    online = _tiny_backbone()
+    resident = EmaTarget(online, decay=0.9, device="cpu")
+    offloaded = EmaTarget(online, decay=0.9, device="cpu", offload=True)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.mul_(2.0)
+    resident.update(online.parameters())
+    offloaded.load_state_dict(resident.state_dict())
+    masters = [t.data_ptr() for t in offloaded.params]
+    assert all(torch.equal(a, b) for a, b in zip(resident.params, offloaded.params))
+    assert [t.data_ptr() for t in offloaded.params] == masters  # loaded into the masters, not replaced
+    fresh = EmaTarget(_tiny_backbone(), decay=0.9, device="cpu")
+    fresh.load_state_dict(offloaded.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.params, offloaded.params))

@@ -71,3 +71,12 @@ def test_checkpoint_restore_continues_exactly(process_group, tmp_path):
     for p, q in zip(a.ema.params, b.ema.params):
         assert torch.equal(p, q)
     assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
+
+
+def test_ema_in_host_memory_trains_identically(process_group):
+    default, offloaded = _loop("jepa.lambda=1"), _loop("jepa.lambda=1", "jepa.ema_device=cpu")
+    assert offloaded.ema.offload and not default.ema.offload
+    for _ in range(2):
+        assert default.train_step() == offloaded.train_step()
+    for p, q in zip(default.ema.params, offloaded.ema.params):
+        assert torch.equal(p, q)
