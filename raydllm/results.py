@@ -87,17 +87,41 @@ def summarize(runs, metric: str, mode: str) -> list[ConfigResult]:
     return results
 
 
+def time_accounting(runs) -> dict | None:
+    """Where the sweep's reserved worker time went: the fraction spent in training steps (the rest is worker
+    start-up, DeepSpeed init, model load, evaluation and checkpointing) and each trial's time from
+    scheduling to its first step. Reserved time = (MLflow run end - start) x workers, for trials that ended."""
+    reserved = training = 0.0
+    startups = []
+    for run in runs:
+        metrics = run.data.metrics
+        if "time/startup_s" in metrics:
+            startups.append(float(metrics["time/startup_s"]))
+        if run.info.end_time is None or "time/train_s" not in metrics:
+            continue
+        workers = int(run.data.params.get("train.workers", 1))
+        reserved += (run.info.end_time - run.info.start_time) / 1000 * workers
+        training += float(metrics["time/train_s"]) * workers
+    if reserved <= 0:
+        return None
+    startups.sort()
+    return {"training_fraction": training / reserved, "reserved_worker_s": reserved, "training_worker_s": training,
+            "trials_timed": len(startups), "startup_s_median": statistics.median(startups) if startups else None,
+            "startup_s_max": startups[-1] if startups else None}
+
+
 def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | None = None) -> dict:
     client = MlflowClient(tracking_uri)
     parent = find_sweep(client, task, sweep)
     metric = parent.data.tags["raydllm.metric"]
     mode = parent.data.tags["raydllm.mode"]
-    results = summarize(trial_runs(client, parent), metric, mode)
+    runs = trial_runs(client, parent)
+    results = summarize(runs, metric, mode)
     baseline = next((r for r in results if r.baseline), None)
     return {"sweep": parent.data.tags.get("raydllm.sweep"), "parent_run_id": parent.info.run_id,
             "status": parent.info.status, "metric": metric, "mode": mode,
             "best": [asdict(r) for r in results if not r.baseline][:top],
-            "baseline": asdict(baseline) if baseline else None}
+            "baseline": asdict(baseline) if baseline else None, "time": time_accounting(runs)}
 
 
 def format_table(report: dict) -> str:
@@ -111,6 +135,14 @@ def format_table(report: dict) -> str:
         gain = f"  gain {r['gain_vs_baseline']:+.4f}" if r.get("gain_vs_baseline") is not None else ""
         lines.append(f"  {label:>8}  {r['mean']:.4f}{spread} (n={r['n']}, seeds {r['seeds']}){gain}  {params}"
                      f"  run {r['run_ids'][0][:8]}")
+    timing = report.get("time")
+    if timing:
+        line = (f"  time: {timing['training_fraction']:.0%} of reserved worker time in training steps "
+                f"({timing['training_worker_s']:.0f} of {timing['reserved_worker_s']:.0f} worker-s)")
+        if timing["startup_s_median"] is not None:
+            line += (f"; scheduling to first step: median {timing['startup_s_median']:.0f} s, "
+                     f"max {timing['startup_s_max']:.0f} s over {timing['trials_timed']} trials")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -97,7 +97,8 @@ def scaling_config(cfg: Config):
 
 
 def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[str, str] | None,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, scheduled_at: float | None = None):
+    """`scheduled_at`: when the run got its resources (epoch s), for the time-to-first-step figure."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -105,7 +106,8 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[s
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking": tracking},
+        train_loop_config={"config": cfg.to_dict(), "tracking": tracking,
+                           "scheduled_at": scheduled_at or time.time()},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name,  # a fixed name: Ray Train resumes from this run's latest checkpoint on re-run

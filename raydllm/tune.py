@@ -51,6 +51,7 @@ def default_space_file(task: str) -> Path:
 def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experiment: str, parent_run_id: str,
               train_storage: str, phase: str) -> None:
     """One Tune trial: the training engine with this trial's config, reporting to Tune through Train."""
+    scheduled_at = time.time()  # Tune placed this trial: from here its time counts as reserved
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -83,7 +84,7 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
             return
     trainer = build_trainer(cfg, name=f"train-{trial_id}", storage_path=train_storage,
                             tracking={"tracking_uri": tracking_uri, "run_id": run_id},
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], scheduled_at=scheduled_at)
     trainer.fit()
 
 
@@ -426,7 +427,7 @@ def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | Non
                             (v for v, s in zip(best["values"], best["seeds"]) if s == spec.seeds[0]),
                             default=best["mean"]) if spec.mode == "min" else best["mean"],
                         "best_metric_mean_over_seeds": best["mean"], "best_metric_std_over_seeds": best["std"],
-                        "seeds": best["seeds"]}
+                        "seeds": best["seeds"], "time": report["time"]}
     grid, asha = figures["grid"], figures["asha"]
     noise = grid["best_metric_std_over_seeds"]
     sign = 1 if spec.mode == "min" else -1

@@ -59,3 +59,28 @@ def test_baseline_point_and_config_key(tmp_path):
     a = config_key(spec, {**point, "train.seed": 42})
     assert a == config_key(spec, {**point, "train.seed": 777})  # seed repeats share a key
     assert a != config_key(spec, {**point, "jepa.k": 3})
+
+
+def test_time_accounting_fraction_of_reserved_worker_time(tmp_path):
+    """Reserved = (run end - run start) x workers; training = time/train_s x workers; startup per trial."""
+    from raydllm.results import format_table, time_accounting
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("timing")
+    for wall_ms, train_s, startup_s, workers in [(100_000, 80.0, 10.0, 2), (50_000, 20.0, 30.0, 2)]:
+        run = client.create_run(experiment, start_time=1_000_000)
+        client.log_param(run.info.run_id, "train.workers", workers)
+        client.log_metric(run.info.run_id, "time/train_s", train_s, step=10)
+        client.log_metric(run.info.run_id, "time/startup_s", startup_s, step=0)
+        client.set_terminated(run.info.run_id, end_time=1_000_000 + wall_ms)
+    unfinished = client.create_run(experiment)  # still running: not counted as reserved time
+    client.log_metric(unfinished.info.run_id, "time/train_s", 5.0, step=1)
+    runs = client.search_runs([experiment])
+    timing = time_accounting(runs)
+    assert timing["reserved_worker_s"] == pytest.approx(300.0) and timing["training_worker_s"] == pytest.approx(200.0)
+    assert timing["training_fraction"] == pytest.approx(2 / 3)
+    assert timing["startup_s_median"] == pytest.approx(20.0) and timing["startup_s_max"] == pytest.approx(30.0)
+    line = format_table({"sweep": "s", "status": "FINISHED", "metric": "m", "mode": "min", "best": [],
+                         "baseline": None, "time": timing}).splitlines()[-1]
+    assert "67% of reserved worker time" in line and "median 20 s" in line
