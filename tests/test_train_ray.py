@@ -64,6 +64,17 @@ def test_baseline_reports_no_jepa_loss(tmp_path):
     assert not list(Path(result["checkpoint"]).rglob("ema.pt"))  # no EMA copy exists at lambda = 0
 
 
+def _saved_steps(storage: Path) -> list[int]:
+    """Steps of the checkpoints on disk; one still being written is skipped."""
+    steps = []
+    for path in storage.glob("checkpoint_*/raydllm.json"):
+        try:
+            steps.append(json.loads(path.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return steps
+
+
 def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
     steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=2"]
     reference = _train(tmp_path, *steps, "--name", "reference")
@@ -76,7 +87,7 @@ def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
     deadline = time.time() + 300
     killed_after = None
     while time.time() < deadline and victim.poll() is None:
-        steps_saved = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/raydllm.json")]
+        steps_saved = _saved_steps(storage)
         if steps_saved and max(steps_saved) >= 4:
             killed_after = max(steps_saved)
             os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
@@ -111,10 +122,12 @@ def test_killed_worker_process_restarts_from_last_checkpoint(tmp_path):
     killed_after = None
     deadline = time.time() + 300
     while time.time() < deadline and run.poll() is None and killed_after is None:
-        saved = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/raydllm.json")]
+        saved = _saved_steps(storage)
         if saved and max(saved) >= 4:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # Only this run's workers (descendants of its driver): another Ray on the machine, or an orphan
+            # of an earlier test, must not be the one killed.
+            workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
             if workers:
                 workers[0].kill()
                 killed_after = max(saved)
@@ -123,9 +136,10 @@ def test_killed_worker_process_restarts_from_last_checkpoint(tmp_path):
     assert run.returncode == 0 and killed_after is not None and killed_after < 10
     result = json.loads(out.strip().splitlines()[-1])
     assert result["step"] == 10
-    # The run survives the kill and its curve has every step once. (Which checkpoint the restarted worker
-    # group resumed from is recorded in the tag raydllm.resumed_from_step when Ray Train hands one over;
-    # in CI it was absent once - under investigation, see the issue notes - so it is not asserted here.)
+    # The restarted worker group resumed from a checkpoint it had saved, not from step 0, and the MLflow run
+    # shows every step once.
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["run_id"]).data.tags
+    assert 2 <= int(tags["raydllm.resumed_from_step"]) <= killed_after, tags
     assert [s for s, _ in _history(tmp_path, result["run_id"], "loss_total")] == list(range(1, 11))
 
 
