@@ -147,6 +147,27 @@ class FakeCluster:
             count = self.worker_count()
         return count
 
+    def kill_node(self, node_id: str) -> list[int]:
+        """Crash a worker node: SIGKILL its raylet and every process started for it (workers, agents), which
+        carry the node id on their command lines. The GCS then marks the node dead; the autoscaler, seeing a
+        node with no heartbeat, terminates it and launches what the pending demand needs."""
+        if any(n["is_head"] and n["node_id"] == node_id for n in self.alive_nodes()):
+            raise ValueError("kill_node: refusing to kill the head node")
+        import psutil
+
+        # Node ids are unique random hex: the raylet has --node_id=, the agents it starts --node-id=. Its Python
+        # workers rename themselves (ray::RayTrainWorker), so they are found as the raylet's descendants.
+        roots = sorted(set(_pids_with(f"--node_id={node_id}") + _pids_with(f"--node-id={node_id}")))
+        procs = []
+        for pid in roots:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                procs += [root, *root.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return sorted({p.pid for p in procs})
+
     def _monitor_logs(self, pattern: str) -> list[Path]:
         # session_latest is a symlink to the session dir: resolve and de-duplicate.
         return sorted({p.resolve() for p in self.temp_dir.glob(f"session_*/logs/{pattern}")})
