@@ -193,13 +193,24 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return json.loads((resolve_checkpoint_dir(path) / "raydllm.json").read_text())
 
 
-def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, device: str | torch.device | None = None):
+def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool = False,
+                             device: str | torch.device | None = None):
     """(backbone, tokenizer, cfg) of a raydllm checkpoint folder: the backbone is built from the saved
-    config, then the checkpoint's `backbone.model.*` weights (or its EMA target with ema=True) are loaded."""
+    config, then the checkpoint's `backbone.model.*` weights (or its EMA target with ema=True) are loaded.
+    base=True: the model the run started from (its `model` config as is), for before/after comparisons."""
     from .backbone import load_backbone
 
     folder = resolve_checkpoint_dir(path)
     cfg = validate(read_checkpoint_meta(folder)["config"], source=str(folder / "raydllm.json"))
+    if base:
+        if cfg.model.name == "tiny" and cfg.model.init == "pretrained":
+            from .train import prepare_base
+
+            prepare_base(cfg)
+        backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}))
+        if device is not None:
+            backbone.to(device)
+        return backbone.eval(), tokenizer, cfg
     # The weights come from the checkpoint, so the tiny model needs no pretrained base built first.
     model_cfg = cfg.model.model_copy(update={"init": "random"}) if cfg.model.name == "tiny" else cfg.model
     model_cfg = model_cfg.model_copy(update={"gradient_checkpointing": False})
@@ -254,19 +265,20 @@ def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
 
 
 def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predictions: list[dict], *,
-               split: str, shots: int, task: str, step: int = 0) -> str:
-    """Log `eval/<split>/<shots>shot/<metric>` metrics and a predictions jsonl artifact; returns the prefix."""
+               split: str, shots: int, task: str, step: int = 0, weights: str | None = None) -> str:
+    """Log `eval/<split>/<shots>shot[/<weights>]/<metric>` metrics and a predictions jsonl artifact; returns
+    the prefix. `weights="base"` marks figures of the model the run started from."""
     import time
 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    prefix = f"eval/{split}/{shots}shot"
+    prefix = f"eval/{split}/{shots}shot" + (f"/{weights}" if weights else "")
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()])
     with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot.jsonl"
+        file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot{'-' + weights if weights else ''}.jsonl"
         file.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         client.log_artifact(run_id, str(file), artifact_path="eval")
     return prefix
@@ -280,8 +292,10 @@ def cmd_eval(args) -> int:
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     folder, run_id = resolve_target(args.checkpoint, tracking_uri)
-    backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema)
-    step = int(read_checkpoint_meta(folder).get("step", 0))
+    if args.base and args.ema:
+        raise ConfigError("--base and --ema: choose one set of weights")
+    backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema, base=args.base)
+    step = 0 if args.base else int(read_checkpoint_meta(folder).get("step", 0))
     data = cfg.data.model_copy(update={"val_limit": 10**9})  # --limit, not the training val_limit, applies
     if args.data:
         data = data.model_copy(update={"source": "local", "path": str(Path(args.data).resolve())})
@@ -300,17 +314,19 @@ def cmd_eval(args) -> int:
     logged = None
     if run_id is not None:
         logged = log_to_run(tracking_uri, run_id, metrics, predictions, split=args.split, shots=args.shots,
-                            task=args.task, step=step)
+                            task=args.task, step=step, weights="base" if args.base else None)
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "task": args.task, "split": args.split,
+    result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
+              ("ema" if args.ema else "online"), "task": args.task, "split": args.split,
               "shots": args.shots, "sampler": {"gen_length": sampler.gen_length, "block_length": sampler.block_length,
                                                "steps": sampler.steps},
               "metrics": metrics, "logged_as": logged}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"checkpoint: {folder} (step {step})" + (f", run {run_id}" if run_id else ""))
+        print(("base model of " if args.base else "") + f"checkpoint: {folder} (step {step})"
+              + (f", run {run_id}" if run_id else ""))
         print(f"{args.task} {args.split} {args.shots}-shot, gen_length {sampler.gen_length}, block "
               f"{sampler.block_length}, steps {sampler.steps}")
         for key, value in metrics.items():
@@ -334,6 +350,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", help="local data file or folder (default: the checkpoint's data source)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
+    p.add_argument("--base", action="store_true", help="evaluate the model this run started from (same data, "
+                                                       "prompts and sampler), for a before/after comparison")
     p.add_argument("--predictions", help="also write the predictions jsonl here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

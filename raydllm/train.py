@@ -120,6 +120,27 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[s
     )
 
 
+def progress_callback(total_steps: int | None):
+    """A Ray Train callback printing one line per report (it runs in the controller; Ray forwards its output
+    to the driver's terminal): step, losses, validation loss, throughput and elapsed time."""
+    from ray.train import UserCallback
+
+    class TrainProgress(UserCallback):
+        def __init__(self):
+            self.started = time.time()
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            of = f"/{total_steps}" if total_steps else ""
+            parts = [f"step {int(m.get('step', 0))}{of}"] + [
+                f"{key} {m[key]:.4f}" for key in ("loss_total", "loss_diff", "loss_jepa", "val_loss_diff") if key in m]
+            if "tokens_per_s" in m:
+                parts.append(f"{m['tokens_per_s']:.0f} tok/s")
+            print(f"[raydllm {time.time() - self.started:5.0f}s] " + ", ".join(parts), flush=True)
+
+    return TrainProgress()
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -144,7 +165,8 @@ def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
     ensure_ray()
     warm_deepspeed_ops()
     trainer = build_trainer(cfg, name=name, storage_path=storage,
-                            tracking={"tracking_uri": tracking_uri, "run_id": run_id})
+                            tracking={"tracking_uri": tracking_uri, "run_id": run_id},
+                            callbacks=[progress_callback(cfg.train.max_steps)])
     try:
         result = trainer.fit()
     except BaseException as exc:

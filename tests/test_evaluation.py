@@ -182,3 +182,30 @@ def test_cli_eval_by_run_id_logs_to_mlflow(tmp_path, capsys):
     args = _eval_parser().parse_args(["eval", "0123456789abcdef0123456789abcdef", "gsm8k", "--tracking-uri", uri])
     with pytest.raises(ConfigError, match="neither a checkpoint"):
         args.func(args)
+
+
+def test_cli_eval_base_scores_the_model_the_run_started_from(tmp_path, capsys):
+    """--base: same data, prompts and sampler, but the run's starting weights; logged apart from the run's own."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config("gsm8k", "local", SMALL + ["model.init=random"])  # no base to build
+    torch.manual_seed(0)
+    trained, _ = load_backbone(cfg.model)
+    checkpoint = tmp_path / "run" / "checkpoint_000007"
+    _hand_built_checkpoint(checkpoint, cfg, {k: v + 1.0 for k, v in trained.model.state_dict().items()})
+    base, _, loaded = load_checkpoint_backbone(checkpoint, base=True)
+    assert loaded == cfg
+    assert not any(torch.equal(base.model.state_dict()[k], v + 1.0) for k, v in trained.model.state_dict().items())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("raydllm-gsm8k", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment, tags={"raydllm.checkpoint": str(checkpoint)}).info.run_id
+    args = _eval_parser().parse_args(["eval", run_id, "gsm8k", "--limit", "2", "--gen-length", "8", "--base",
+                                      "--tracking-uri", uri, "--json", "--no-progress"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["weights"] == "base" and result["step"] == 0
+    assert client.get_run(run_id).data.metrics["eval/test/0shot/base/n"] == 2
+    args = _eval_parser().parse_args(["eval", run_id, "gsm8k", "--base", "--ema", "--tracking-uri", uri])
+    with pytest.raises(ConfigError, match="--base and --ema"):
+        args.func(args)
