@@ -72,6 +72,11 @@ class JepaConfig(_Section):
     # JEPA loss dropout: the target branch runs on this fraction of steps (LLM-JEPA's jepa_ratio).
     target_prob: float = Field(1.0, ge=0, le=1)
     ema_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Mask rates per sequence. "fixed" (paper): every sequence is viewed at t_low and t_high, so L_diff only
+    # ever sees rate t_low. "uniform": each sequence draws t_L ~ U(0, 1) (LLaDA's SFT schedule, so L_diff
+    # covers the fully masked answers generation starts from) and its target view hides the same share of
+    # the context view's visible tokens as the fixed rates do: t_H = t_L + (1 - t_L)(t_high - t_low)/(1 - t_low).
+    rate_sampling: Literal["fixed", "uniform"] = "fixed"
     # Where the EMA target lives. "auto": on the training device. "cpu": the master copy stays in host
     # memory (pinned when training on CUDA) and is streamed to the device one module at a time for the
     # target forward: for models whose EMA does not fit next to the ZeRO state (LLaDA-8B on 40 GB cards).

@@ -18,13 +18,13 @@ from .masking import mask_tokens
 from .model import Block
 
 
-def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, *, t: float,
+def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, *, t: float | torch.Tensor,
                    norm: str = "masked", answer_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy on masked positions.
 
     norm="masked": mean over masked tokens of the batch (paper eq. 2).
     norm="answer_length": LLaDA's SFT form, sum over masked tokens of CE / t divided by the row's answer
-    length, averaged over rows (`answer_lengths` [B] required).
+    length, averaged over rows (`answer_lengths` [B] required). `t`: one rate, or a [B] tensor of per-row rates.
     """
     ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")
     if norm == "masked":
@@ -34,7 +34,8 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor,
         if answer_lengths is None:
             raise ValueError("diffusion_loss: norm='answer_length' needs answer_lengths")
         row = masked.nonzero()[:, 0]
-        per_row = torch.zeros(x0.shape[0], device=ce.device).index_add_(0, row, ce / t)
+        rate = t.to(ce.device, ce.dtype)[row] if isinstance(t, torch.Tensor) else t
+        per_row = torch.zeros(x0.shape[0], device=ce.device).index_add_(0, row, ce / rate)
         return (per_row / answer_lengths.clamp(min=1)).mean()
     raise ValueError(f"loss.diffusion_norm: unknown {norm!r}")
 
@@ -193,13 +194,30 @@ class Losses:
 Encoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+MIN_RATE = 1e-3  # LLaDA's eps: a drawn rate is never 0 (nothing masked, and 1/t weighting)
+
+
+def view_rates(batch: int, t_low: float, t_high: float, sampling: str = "fixed",
+               generator: torch.Generator | None = None) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """The context and target mask rates: the fixed pair, or per-row rates (see JepaConfig.rate_sampling)."""
+    if sampling == "fixed":
+        return t_low, t_high
+    if sampling != "uniform":
+        raise ValueError(f"jepa.rate_sampling: unknown {sampling!r}")
+    low = MIN_RATE + (1 - MIN_RATE) * torch.rand(batch, generator=generator)
+    share = (t_high - t_low) / (1 - t_low)  # of the tokens the context view leaves visible
+    return low, low + (1 - low) * share
+
+
 def dllm_jepa_losses(online: Encoder, target: Encoder | None, predictor: nn.Module, x0: torch.Tensor,
                      attention_mask: torch.Tensor, maskable: torch.Tensor, *, mask_token_id: int, t_low: float,
                      t_high: float, lam: float, generator: torch.Generator | None = None,
-                     diffusion_norm: str = "masked", run_target: bool = True) -> Losses:
+                     diffusion_norm: str = "masked", run_target: bool = True,
+                     rate_sampling: str = "fixed") -> Losses:
     """One step's losses. The online encoder runs once (with grad) on the context view; the target
     encoder runs once under no_grad on the target view, and only when lam > 0 and `run_target`."""
     pad = ~attention_mask.bool()
+    t_low, t_high = view_rates(x0.shape[0], t_low, t_high, rate_sampling, generator)
     x_low, masked_low = mask_tokens(x0, t_low, maskable, mask_token_id=mask_token_id, generator=generator)
     use_target = lam != 0 and target is not None and run_target
     z_high = None

@@ -171,7 +171,8 @@ class SweepProgress:
             counts[t.status] = counts.get(t.status, 0) + 1
             if t.status == "TERMINATED" and (t.last_result or {}).get("step", 0) < self.max_t:
                 stopped += 1
-        line = (f"[{time.time() - self.started:6.0f}s] trials {len(trials)}/{self.total}: "
+        of = f"/{self.total}" if self.total else ""
+        line = (f"[{time.time() - self.started:6.0f}s] trials {len(trials)}{of}: "
                 f"{counts['RUNNING']} running, {counts['PENDING']} pending, {counts['TERMINATED'] - stopped} done, "
                 f"{stopped} stopped early, {counts['ERROR']} failed")
         if self.best:
@@ -344,7 +345,9 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     else:
         status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
                                      spec.scheduler.reduction_factor)
-        total = spec.num_samples if search else None  # the pinned baseline is one of the num_samples
+        # The pinned baseline is one of the num_samples; Tune runs num_samples x every grid combination.
+        total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
+            if search else None
         reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps) if progress else None
         scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
                                    reduction_factor=spec.scheduler.reduction_factor) if asha else FIFOScheduler())

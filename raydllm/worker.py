@@ -46,7 +46,8 @@ class OnlineModel(nn.Module):
         return dllm_jepa_losses(self.backbone, target, self.predictor, input_ids, attention_mask, maskable,
                                 mask_token_id=self.backbone.ids.mask, t_low=cfg.jepa.t_low,
                                 t_high=cfg.jepa.t_high, lam=cfg.jepa.lam, generator=generator,
-                                diffusion_norm=cfg.loss.diffusion_norm, run_target=run_target)
+                                diffusion_norm=cfg.loss.diffusion_norm, run_target=run_target,
+                                rate_sampling=cfg.jepa.rate_sampling)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):

@@ -245,3 +245,45 @@ def test_ema_state_dict_round_trip_between_placements():
     fresh = EmaTarget(_tiny_backbone(), decay=0.9, device="cpu")
     fresh.load_state_dict(offloaded.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fresh.params, offloaded.params))
+
+
+def test_uniform_view_rates_cover_all_rates_and_keep_the_target_view_more_masked():
+    from raydllm.objective import view_rates
+
+    assert view_rates(4, 0.2, 0.7) == (0.2, 0.7)  # the paper's fixed pair, untouched
+    low, high = view_rates(20_000, 0.2, 0.7, "uniform", torch.Generator().manual_seed(0))
+    assert low.shape == high.shape == (20_000,)
+    assert bool((low > 0).all() and (high > low).all() and (high <= 1).all())
+    # Spread over (0, 1), as LLaDA's SFT schedule: generation starts from fully masked answers.
+    assert low.min() < 0.01 and low.max() > 0.99 and abs(float(low.mean()) - 0.5) < 0.01
+    # The target view hides the same share of the visible tokens as the fixed pair: at t_L = 0.2, t_H = 0.7.
+    share = ((high - low) / (1 - low))[low < 0.99]  # (float32 cancellation as t_L -> 1)
+    assert torch.allclose(share, torch.full_like(share, 0.5 / 0.8), atol=1e-4)
+    with pytest.raises(ValueError, match="rate_sampling"):
+        view_rates(2, 0.2, 0.7, "beta")
+
+
+def test_uniform_rate_sampling_masks_each_row_at_its_own_rate():
+    from raydllm.objective import dllm_jepa_losses, view_rates
+
+    torch.manual_seed(0)
+    batch, length, vocab, width = 64, 400, 11, 8
+    x0 = torch.randint(0, vocab - 1, (batch, length))
+    attention = torch.ones(batch, length, dtype=torch.long)
+    maskable = torch.ones(batch, length, dtype=torch.bool)
+    seen = {}
+
+    def online(ids, attention_mask):
+        seen["low"] = (ids == vocab - 1).float().mean(dim=1)
+        return torch.zeros(batch, length, vocab, requires_grad=True), torch.randn(batch, length, width)
+
+    def target(ids, attention_mask):
+        seen["high"] = (ids == vocab - 1).float().mean(dim=1)
+        return None, torch.randn(batch, length, width)
+
+    losses = dllm_jepa_losses(online, target, torch.nn.Identity(), x0, attention, maskable, mask_token_id=vocab - 1,
+                              t_low=0.2, t_high=0.7, lam=1.0, generator=torch.Generator().manual_seed(5),
+                              rate_sampling="uniform")
+    low, high = view_rates(batch, 0.2, 0.7, "uniform", torch.Generator().manual_seed(5))
+    assert torch.allclose(seen["low"], low, atol=0.08) and torch.allclose(seen["high"], high, atol=0.08)
+    assert torch.isfinite(losses.total)
