@@ -403,7 +403,8 @@ def _search_alg(spec: SweepSpec):
 
 def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None) -> dict[str, Any]:
     """The same space run twice: as a full grid (every trial to max_t, the grid-best repeated over the seeds
-    to measure seed noise) and under ASHA. Compute is counted in trial-steps, read back from MLflow."""
+    to measure seed noise) and under ASHA. Compute is counted in trial-steps, read back from MLflow. Re-running
+    resumes unfinished arms and recomputes the figures from MLflow."""
     from .search_space import RepeatSettings
 
     space_file = Path(space_file)
@@ -416,21 +417,9 @@ def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | Non
     }
     figures: dict[str, Any] = {}
     for arm, arm_spec in arms.items():
-        start = time.time()
-        outcome = run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name,
-                           name=f"{base}-{arm}", tracking_uri=tracking_uri, storage=storage)
-        client = MlflowClient(tracking_uri)
-        children = trial_runs(client, client.get_run(outcome.parent_run_id))
-        search = [r for r in children if r.data.tags.get("raydllm.phase") == "search"]
-        report = best_configs(spec.task, tracking_uri=tracking_uri, top=1, sweep=f"{base}-{arm}")
-        best = report["best"][0]
-        figures[arm] = {"trials": len(search), "wall_s": round(time.time() - start, 1),
-                        "trial_steps": sum(int(r.data.tags.get("raydllm.last_step", 0)) for r in search),
-                        "best_config": best["params"], "best_metric": min(
-                            (v for v, s in zip(best["values"], best["seeds"]) if s == spec.seeds[0]),
-                            default=best["mean"]) if spec.mode == "min" else best["mean"],
-                        "best_metric_mean_over_seeds": best["mean"], "best_metric_std_over_seeds": best["std"],
-                        "seeds": best["seeds"], "time": report["time"]}
+        run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name, name=f"{base}-{arm}",
+                 tracking_uri=tracking_uri, storage=storage)
+        figures[arm] = arm_figures(spec, tracking_uri=tracking_uri, sweep=f"{base}-{arm}")
     grid, asha = figures["grid"], figures["asha"]
     noise = grid["best_metric_std_over_seeds"]
     sign = 1 if spec.mode == "min" else -1
@@ -438,3 +427,31 @@ def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | Non
     figures["asha_gap"] = sign * (asha["best_metric"] - grid["best_metric"])
     figures["within_seed_noise"] = figures["asha_gap"] <= 2 * noise
     return figures
+
+
+def arm_figures(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
+    """One arm of `bench sweep`, from MLflow: its best search trial on the first seed (what the search itself
+    chose), that config's values over every seed it ran (its seed noise), trial-steps and time accounting."""
+    import statistics
+
+    from .results import find_sweep, time_accounting
+
+    client = MlflowClient(tracking_uri)
+    parent = find_sweep(client, spec.task, sweep)
+    runs = trial_runs(client, parent)
+    search = [r for r in runs if r.data.tags.get("raydllm.phase") == "search" and spec.metric in r.data.metrics]
+    sign = 1 if spec.mode == "min" else -1
+    best = min(search, key=lambda r: sign * r.data.metrics[spec.metric])
+    key = best.data.tags.get("raydllm.config_key")
+    same = [r for r in runs if r.data.tags.get("raydllm.config_key") == key and spec.metric in r.data.metrics]
+    values = [float(r.data.metrics[spec.metric]) for r in same]
+    searched = json.loads(best.data.tags.get("raydllm.searched", "{}"))
+    searched.pop("train.seed", None)
+    wall = ((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000
+    return {"trials": len(search), "wall_s": round(wall, 1),
+            "trial_steps": sum(int(r.data.tags.get("raydllm.last_step", 0)) for r in search),
+            "best_config": searched, "best_metric": float(best.data.metrics[spec.metric]),
+            "best_metric_mean_over_seeds": statistics.fmean(values),
+            "best_metric_std_over_seeds": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": [int(r.data.params.get("train.seed", -1)) for r in same],
+            "time": time_accounting(runs)}
