@@ -75,6 +75,15 @@ def _saved_steps(storage: Path) -> list[int]:
     return steps
 
 
+def _registered_step(storage: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered (checkpoint_manager_snapshot.json)."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
     steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=2"]
     reference = _train(tmp_path, *steps, "--name", "reference")
@@ -119,27 +128,29 @@ def test_killed_worker_process_restarts_from_last_checkpoint(tmp_path):
     run = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                            start_new_session=True)
     storage = tmp_path / "raydllm_runs" / "worker-fault"
-    killed_after = None
+    registered = None
     deadline = time.time() + 300
-    while time.time() < deadline and run.poll() is None and killed_after is None:
-        saved = _saved_steps(storage)
-        if saved and max(saved) >= 4:
+    while time.time() < deadline and run.poll() is None and registered is None:
+        # Kill once Ray Train has *registered* a checkpoint at step >= 4 (its checkpoint manager snapshot):
+        # a checkpoint folder on disk is not yet one that a restarted worker group is handed.
+        step = _registered_step(storage)
+        if step is not None and step >= 4:
             # Only this run's workers (descendants of its driver): another Ray on the machine, or an orphan
             # of an earlier test, must not be the one killed.
             workers = [p for p in psutil.Process(run.pid).children(recursive=True)
                        if "RayTrainWorker" in " ".join(p.cmdline())]
             if workers:
                 workers[0].kill()
-                killed_after = max(saved)
+                registered = step
         time.sleep(0.2)
     out, _ = run.communicate(timeout=400)
-    assert run.returncode == 0 and killed_after is not None and killed_after < 10
+    assert run.returncode == 0 and registered is not None and registered < 10
     result = json.loads(out.strip().splitlines()[-1])
     assert result["step"] == 10
     # The restarted worker group resumed from a checkpoint it had saved, not from step 0, and the MLflow run
     # shows every step once.
     tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["run_id"]).data.tags
-    assert 2 <= int(tags["raydllm.resumed_from_step"]) <= killed_after, tags
+    assert registered <= int(tags["raydllm.resumed_from_step"]) < 10, (registered, tags)
     assert [s for s, _ in _history(tmp_path, result["run_id"], "loss_total")] == list(range(1, 11))
 
 

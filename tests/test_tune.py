@@ -23,7 +23,9 @@ from raydllm.cli import main
 TINY_SPACE = {
     "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
     "fixed": {"model.init": "random", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "data.synthetic_size": 300,
-              "data.val_limit": 16, "train.micro_batch_size": 8, "train.max_steps": 8, "train.eval_every": 2},
+              "data.val_limit": 16, "train.micro_batch_size": 8, "train.max_steps": 8, "train.eval_every": 2,
+              # the paper's fixed rates: with per-row rates an 8-step random-init run barely separates the lrs
+              "jepa.rate_sampling": "fixed"},
     "space": {"jepa.lambda": {"choice": [0.5, 2.0]}, "jepa.k": {"randint": [1, 2]},
               "jepa.t_low": {"uniform": [0.1, 0.3]}, "jepa.t_high": {"uniform": [0.6, 0.9]},
               # a learning rate that learns nothing next to one that learns: ASHA has something to stop
