@@ -722,7 +722,9 @@ def cmd_bench(args) -> int:
                        threads=args.threads)
     result["preset"] = args.preset
     if args.json:
-        print(json.dumps(result, default=_json_default))
+        from .cli import emit_json
+
+        emit_json(result, default=_json_default)
     else:
         print(format_report(result))
     return 0
@@ -743,8 +745,12 @@ def _cmd_bench_sweep(args) -> int:
     except ImportError:
         pass
     sys.stderr.flush()
-    print(json.dumps(result, default=_json_default) if args.json else json.dumps(result, indent=1,
-                                                                                default=_json_default))
+    if args.json:
+        from .cli import emit_json
+
+        emit_json(result, default=_json_default)
+    else:
+        print(json.dumps(result, indent=1, default=_json_default))
     return 0
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -47,7 +49,7 @@ def cmd_train(args) -> int:
     result = {"run_id": outcome.run_id, "name": outcome.name, "checkpoint": outcome.checkpoint,
               "resumed": outcome.resumed, **outcome.metrics}
     if args.json:
-        print(json.dumps(result, default=str))
+        emit_json(result, default=str)
     else:
         for key, value in result.items():
             print(f"{key:>16}: {value}")
@@ -78,8 +80,8 @@ def cmd_tune(args) -> int:
                         name=args.name, extra_fixed=extra)
     _quiet_ray()
     if args.json:
-        print(json.dumps({"sweep": outcome.name, "parent_run_id": outcome.parent_run_id,
-                          "restored": outcome.restored, "trials": outcome.trials}))
+        emit_json({"sweep": outcome.name, "parent_run_id": outcome.parent_run_id,
+                   "restored": outcome.restored, "trials": outcome.trials})
     return 0
 
 
@@ -88,7 +90,10 @@ def cmd_best(args) -> int:
 
     report = best_configs(args.task, tracking_uri=resolve_tracking_uri(args.tracking_uri), top=args.top,
                           sweep=args.sweep)
-    print(json.dumps(report, default=str) if args.json else format_table(report))
+    if args.json:
+        emit_json(report, default=str)
+    else:
+        print(format_table(report))
     return 0
 
 
@@ -99,6 +104,44 @@ def _quiet_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
     sys.stderr.flush()
+
+
+_RESULT_FD: int | None = None  # the real stdout while a --json command runs (see json_stdout)
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool):
+    """With --json, stdout carries the result line and nothing else: whatever else is written to it while the
+    command runs (DeepSpeed's and Ray's prints, C-level writes included) goes to stderr, so
+    `raydllm bench --json | jq` works. `emit_json` writes the result to the real stdout."""
+    global _RESULT_FD
+    try:
+        redirect = enabled and sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # stdout replaced (e.g. captured in-process): print as is
+        redirect = False
+    if not redirect:
+        yield
+        return
+    sys.stdout.flush()
+    _RESULT_FD = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(_RESULT_FD, 1)
+        os.close(_RESULT_FD)
+        _RESULT_FD = None
+
+
+def emit_json(result, **dumps_kwargs) -> None:
+    """One JSON line on the real stdout (the result of a --json command)."""
+    line = json.dumps(result, **dumps_kwargs) + "\n"
+    if _RESULT_FD is None:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    else:
+        os.write(_RESULT_FD, line.encode())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,11 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warnings.simplefilter("default" if args.verbose else "ignore", DeprecationWarning)
     try:
-        return args.func(args)
+        with json_stdout(getattr(args, "json", False)):
+            return args.func(args)
     except USER_ERRORS as exc:
         print(f"raydllm: error: {exc}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package module, not this __main__ copy: commands reach json_stdout's state as raydllm.cli.
+    from raydllm.cli import main as package_main
+
+    sys.exit(package_main())

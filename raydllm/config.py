@@ -111,6 +111,9 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0)
     eval_every: int = Field(50, gt=0)
+    # Steps between checkpoints, a multiple of eval_every (checkpoints ride on reports); None = every report.
+    # Fewer checkpoints = less time writing them, more steps re-done after a failure.
+    checkpoint_every: int | None = Field(None, gt=0)
     seed: int = 42
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: Literal["auto"] | bool = "auto"
@@ -124,6 +127,14 @@ class TrainConfig(_Section):
     # Worker-group start attempts (60 s each) before a run that cannot get its resources fails, instead
     # of Ray Train's default of retrying forever (a hang). -1 = forever (clusters that autoscale slowly).
     start_attempts: int = Field(10, ge=-1)
+
+
+    @model_validator(mode="after")
+    def _checkpoints_on_reports(self):
+        if self.checkpoint_every is not None and self.checkpoint_every % self.eval_every:
+            raise ValueError(f"train.checkpoint_every={self.checkpoint_every} must be a multiple of "
+                             f"train.eval_every={self.eval_every} (checkpoints are saved with reports)")
+        return self
 
 
 class EvalConfig(_Section):

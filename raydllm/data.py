@@ -10,6 +10,7 @@ batch, whatever happened before, which is what makes a resumed run continue exac
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from .config import Config
 from .tasks import Example, get_task
 from .tasks.base import carve_validation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,16 @@ def tokenize_sft(examples: list[Example], tokenizer, task, *, max_prompt_tokens:
                         add_special_tokens=False)["input_ids"]
     answers = tokenizer([(" " + ex.answer) if ex.prompt else ex.answer for ex in examples],
                         add_special_tokens=False)["input_ids"]
-    records = []
+    records, cut, longest = [], 0, 0
     for prompt, answer in zip(prompts, answers):
+        cut += len(answer) > answer_tokens - 1
+        longest = max(longest, len(answer))
         answer = answer[:answer_tokens - 1]  # at least one EOS, so the stop is always learned
         records.append(SftRecord(prompt[-max_prompt_tokens:] if max_prompt_tokens else [],
                                  answer + [eos_id] * (answer_tokens - len(answer))))
+    if cut:  # a cut answer teaches the model to stop early (e.g. before GSM8K's final `#### n`)
+        log.warning("data.answer_tokens=%d cuts %d of %d answers (longest: %d tokens + EOS)", answer_tokens, cut,
+                    len(records), longest)
     return records
 
 

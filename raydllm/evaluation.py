@@ -323,7 +323,9 @@ def cmd_eval(args) -> int:
                                                "steps": sampler.steps},
               "metrics": metrics, "logged_as": logged}
     if args.json:
-        print(json.dumps(result))
+        from .cli import emit_json
+
+        emit_json(result)
     else:
         print(("base model of " if args.base else "") + f"checkpoint: {folder} (step {step})"
               + (f", run {run_id}" if run_id else ""))

@@ -448,7 +448,9 @@ def cmd_pretrain(args) -> int:
               "steps": args.steps, "seed": args.seed, "corpus": meta.get("corpus"), "cached": cached,
               "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads}
     if args.json:
-        print(json.dumps(result))
+        from .cli import emit_json
+
+        emit_json(result)
     else:
         loss = result["final_loss"]
         print(f"weights: {path}" + (" (already cached)" if cached else ""))

@@ -88,26 +88,35 @@ def summarize(runs, metric: str, mode: str) -> list[ConfigResult]:
 
 
 def time_accounting(runs) -> dict | None:
-    """Where the sweep's reserved worker time went: the fraction spent in training steps (the rest is worker
-    start-up, DeepSpeed init, model load, evaluation and checkpointing) and each trial's time from
-    scheduling to its first step. Reserved time = (MLflow run end - start) x workers, for trials that ended."""
-    reserved = training = 0.0
-    startups = []
+    """Where the sweep's reserved worker time went: the fraction spent in training steps, and the shares of
+    start-up (scheduling to first step), evaluation and checkpointing (the rest is teardown and logging);
+    with each trial's time from scheduling to its first step, split into Ray's part and the worker's init.
+    Reserved time = (MLflow run end - start) x workers, for trials that ended."""
+    phases = {"training": "time/train_s", "startup": "time/startup_s", "evaluation": "time/eval_s",
+              "checkpointing": "time/checkpoint_s"}
+    reserved = 0.0
+    spent = dict.fromkeys(phases, 0.0)
+    startups: dict[str, list[float]] = {"total": [], "ray": [], "init": []}
     for run in runs:
         metrics = run.data.metrics
-        if "time/startup_s" in metrics:
-            startups.append(float(metrics["time/startup_s"]))
+        for part, key in [("total", "time/startup_s"), ("ray", "time/startup/ray_s"), ("init", "time/startup/init_s")]:
+            if key in metrics:
+                startups[part].append(float(metrics[key]))
         if run.info.end_time is None or "time/train_s" not in metrics:
             continue
         workers = int(run.data.params.get("train.workers", 1))
         reserved += (run.info.end_time - run.info.start_time) / 1000 * workers
-        training += float(metrics["time/train_s"]) * workers
+        for phase, key in phases.items():
+            spent[phase] += float(metrics.get(key, 0.0)) * workers
     if reserved <= 0:
         return None
-    startups.sort()
-    return {"training_fraction": training / reserved, "reserved_worker_s": reserved, "training_worker_s": training,
-            "trials_timed": len(startups), "startup_s_median": statistics.median(startups) if startups else None,
-            "startup_s_max": startups[-1] if startups else None}
+    shares = {phase: seconds / reserved for phase, seconds in spent.items()}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    median = {part: statistics.median(v) if v else None for part, v in startups.items()}
+    return {"training_fraction": shares["training"], "shares": shares, "reserved_worker_s": reserved,
+            "training_worker_s": spent["training"], "trials_timed": len(startups["total"]),
+            "startup_s_median": median["total"], "startup_s_max": max(startups["total"], default=None),
+            "startup_ray_s_median": median["ray"], "startup_init_s_median": median["init"]}
 
 
 def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | None = None) -> dict:
@@ -137,13 +146,24 @@ def format_table(report: dict) -> str:
                      f"  run {r['run_ids'][0][:8]}")
     timing = report.get("time")
     if timing:
-        line = (f"  time: {timing['training_fraction']:.0%} of reserved worker time in training steps "
-                f"({timing['training_worker_s']:.0f} of {timing['reserved_worker_s']:.0f} worker-s)")
-        if timing["startup_s_median"] is not None:
-            line += (f"; scheduling to first step: median {timing['startup_s_median']:.0f} s, "
-                     f"max {timing['startup_s_max']:.0f} s over {timing['trials_timed']} trials")
-        lines.append(line)
+        lines.append("  " + format_time_accounting(timing))
     return "\n".join(lines)
+
+
+def format_time_accounting(timing: dict) -> str:
+    shares = timing.get("shares", {})
+    line = (f"time: {timing['training_fraction']:.0%} of reserved worker time in training steps "
+            f"({timing['training_worker_s']:.0f} of {timing['reserved_worker_s']:.0f} worker-s)")
+    if shares:
+        line += " | " + ", ".join(f"{phase} {shares[phase]:.0%}" for phase in
+                                  ("startup", "evaluation", "checkpointing", "other"))
+    if timing["startup_s_median"] is not None:
+        line += (f" | scheduling to first step: median {timing['startup_s_median']:.0f} s, "
+                 f"max {timing['startup_s_max']:.0f} s over {timing['trials_timed']} trials")
+        if timing.get("startup_ray_s_median") is not None:
+            line += (f" (Ray start {timing['startup_ray_s_median']:.0f} s + model, data and DeepSpeed init "
+                     f"{timing['startup_init_s_median']:.0f} s)")
+    return line
 
 
 def _fmt(value) -> str:

@@ -28,8 +28,8 @@ from .config import ConfigError
 from mlflow.tracking import MlflowClient
 
 from .results import best_configs, format_table, plot_sweep, trial_runs
-from .search_space import (SweepSpec, baseline_point, config_key, load_spec, max_steps, param_space,
-                           trial_config)
+from .search_space import (SweepSpec, baseline_point, config_key, flatten_trial_config, load_spec, max_steps,
+                           param_space, trial_config)
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -61,6 +61,7 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
     sweep = SweepSpec.model_validate(spec)
     if "point" in config:  # a repeat-phase trial: a whole config from the search phase, and a new seed
         config = {**config["point"], "train.seed": config["train.seed"]}
+    config = flatten_trial_config(config)
     context = tune.get_context()
     trial_id = context.get_trial_id()
     cfg = trial_config(sweep, config, int(config["train.seed"]))
@@ -164,7 +165,8 @@ class SweepProgress:
             value = float(result[self.metric])
             better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
             if better:
-                self.best = (value, trial.trial_id, {k: trial.config.get(k) for k in self.keys})
+                config = flatten_trial_config(trial.config)
+                self.best = (value, trial.trial_id, {k: config.get(k) for k in self.keys})
         counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
         stopped = 0
         for t in trials:
@@ -417,8 +419,9 @@ def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | Non
     }
     figures: dict[str, Any] = {}
     for arm, arm_spec in arms.items():
-        run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name, name=f"{base}-{arm}",
-                 tracking_uri=tracking_uri, storage=storage)
+        if not _sweep_finished(tracking_uri, spec.task, f"{base}-{arm}"):  # a finished arm keeps its wall time
+            run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name, name=f"{base}-{arm}",
+                     tracking_uri=tracking_uri, storage=storage)
         figures[arm] = arm_figures(spec, tracking_uri=tracking_uri, sweep=f"{base}-{arm}")
     grid, asha = figures["grid"], figures["asha"]
     noise = grid["best_metric_std_over_seeds"]
@@ -427,6 +430,15 @@ def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | Non
     figures["asha_gap"] = sign * (asha["best_metric"] - grid["best_metric"])
     figures["within_seed_noise"] = figures["asha_gap"] <= 2 * noise
     return figures
+
+
+def _sweep_finished(tracking_uri: str, task: str, sweep: str) -> bool:
+    from .results import find_sweep
+
+    try:
+        return find_sweep(MlflowClient(tracking_uri), task, sweep).info.status == "FINISHED"
+    except ConfigError:  # no such sweep yet
+        return False
 
 
 def arm_figures(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:

@@ -98,7 +98,8 @@ class MetricsSink:
     keeps one continuous curve with every step exactly once.
     """
 
-    KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s")
+    KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s",
+            "time/eval_s", "time/checkpoint_s")
 
     def __init__(self, tracking: dict | None):
         self.client = None
@@ -180,7 +181,9 @@ class WorkerLoop:
             model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.bf16))
         self.step = 0
-        self.train_seconds = 0.0  # in training steps only, summed over the run's attempts (kept in checkpoints)
+        # Worker time by phase (training steps, evaluation, checkpointing), summed over the run's attempts and
+        # kept in checkpoints: what the sweep summary's time accounting reads.
+        self.seconds = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.target_rng = torch.Generator().manual_seed(cfg.train.seed + 7)
 
     # -- one optimizer step -------------------------------------------------------------------------
@@ -306,28 +309,31 @@ class WorkerLoop:
     def save(self, directory: str) -> None:
         """DeepSpeed engine state (weights, optimizer shards, scheduler) + EMA + step, into `directory`."""
         self.engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False,
-                                    client_state={"step": self.step, "train_seconds": self.train_seconds})
+                                    client_state={"step": self.step, "seconds": self.seconds})
         if self.rank == 0:
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), os.path.join(directory, "ema.pt"))
             Path(directory, "raydllm.json").write_text(json.dumps(
-                {"step": self.step, "data_position": self.step, "train_seconds": self.train_seconds,
+                {"step": self.step, "data_position": self.step, "seconds": self.seconds,
                  "config": self.cfg.to_dict()}, indent=1))
 
     def restore(self, directory: str) -> None:
         _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
         self.step = int(client_state["step"])
-        self.train_seconds = float(client_state.get("train_seconds", 0.0))
+        self.seconds |= client_state.get("seconds", {"train": client_state.get("train_seconds", 0.0)})
         if self.ema is not None:
             # Through host memory: the offloaded EMA's masters live there, and a resident one is copied
             # into place without a second full copy on the GPU.
             self.ema.load_state_dict(torch.load(os.path.join(directory, "ema.pt"), map_location="cpu"))
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self, scheduled_at: float | None = None) -> None:
+    def run(self, scheduled_at: float | None = None, entered_at: float | None = None) -> None:
         """Train to the end, reporting every eval_every steps. `scheduled_at` (epoch seconds): when the
-        trial was scheduled; the time from then to the first step is logged as time/startup_s."""
+        trial was scheduled; the time from then to the first step is logged as time/startup_s, split at
+        `entered_at` (when this worker's loop function began) into time/startup/ray_s (Ray Train's controller
+        and worker processes, their imports, the process group) and time/startup/init_s (model, data,
+        DeepSpeed engine, checkpoint restore)."""
         import ray
         import ray.train
 
@@ -347,13 +353,17 @@ class WorkerLoop:
         if scheduled_at is not None and self.step < self.total_steps and not self.sink.has("time/startup_s"):
             # Ray worker start, DeepSpeed init, model and data load: what a user pays before any training.
             # First attempt only: a restarted worker group still carries the trial's original schedule time.
-            self.sink.add(self.step, {"time/startup_s": time.time() - scheduled_at})
+            now = time.time()
+            startup = {"time/startup_s": now - scheduled_at}
+            if entered_at is not None:
+                startup |= {"time/startup/ray_s": entered_at - scheduled_at, "time/startup/init_s": now - entered_at}
+            self.sink.add(self.step, startup)
         while self.step < self.total_steps:
             start = time.perf_counter()
             metrics = self.train_step()
             elapsed = time.perf_counter() - start
             step_seconds += elapsed
-            self.train_seconds += elapsed
+            self.seconds["train"] += elapsed
             metrics["tokens_per_s"] = metrics["tokens"] * self.world / elapsed
             window.append(metrics)
             self.sink.add(self.step, {k: v for k, v in metrics.items() if k != "tokens"})
@@ -366,23 +376,34 @@ class WorkerLoop:
     def report(self, window: list[dict[str, float]], step_seconds: float) -> None:
         import ray.train
 
+        eval_start = time.perf_counter()
         summary = _mean_across_ranks(window, self.device)
         summary["val_loss_diff"] = self.validation_loss()
         summary["step"] = self.step
         if window:
             summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
         summary.pop("tokens", None)
-        summary["time/train_s"] = self._rank0_value(lambda: self.train_seconds)
         if self.cfg.eval.metric == "accuracy":
             summary["val_accuracy"] = self._rank0_value(
                 lambda: self._generate_metrics(self.cfg.eval.gen_limit, 0)[0][get_task(self.cfg.task).primary_metric])
         if self.step >= self.total_steps and self.cfg.eval.final:
             summary |= self._rank0_dict(self._final_evaluation_once)
-        self.sink.add(self.step, {k: v for k, v in summary.items()
-                                  if k.startswith(("val_", "final", "probe/", "time/")) and isinstance(v, float)})
+        self.seconds["eval"] += time.perf_counter() - eval_start
+        # Rank 0's clock for every phase, so each worker reports the same figures.
+        summary |= {f"time/{phase}_s": self._rank0_value(lambda: value) for phase, value in self.seconds.items()}
+        self.sink.add(self.step, {k: v for k, v in summary.items() if k != "time/checkpoint_s"
+                                  and k.startswith(("val_", "final", "probe/", "time/")) and isinstance(v, float)})
+        every = self.cfg.train.checkpoint_every or self.cfg.train.eval_every
+        if self.step % every and self.step < self.total_steps:
+            ray.train.report(summary)
+            self.sink.flush()  # steps past the last checkpoint are re-done identically on resume, then skipped
+            return
+        checkpoint_start = time.perf_counter()
         with tempfile.TemporaryDirectory() as directory:
-            self.save(directory)
+            self.save(directory)  # carries the seconds so far; this checkpoint's own cost is counted next
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        self.seconds["checkpoint"] += time.perf_counter() - checkpoint_start
+        self.sink.add(self.step, {"time/checkpoint_s": self._rank0_value(lambda: self.seconds["checkpoint"])})
         self.sink.flush()  # after the checkpoint is persisted: points past it would be re-done on resume
 
 
@@ -424,6 +445,7 @@ def _mean_across_ranks(window: list[dict[str, float]], device: torch.device) -> 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point. loop_config = {"config": Config dict, "tracking": {tracking_uri, run_id}}."""
+    entered_at = time.time()
     import ray.train
     import ray.train.torch
 
@@ -432,4 +454,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     loop = WorkerLoop(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
                       device=ray.train.torch.get_device(), tracking=loop_config.get("tracking"))
-    loop.run(scheduled_at=loop_config.get("scheduled_at"))
+    loop.run(scheduled_at=loop_config.get("scheduled_at"), entered_at=entered_at)

@@ -108,3 +108,22 @@ def test_cli_parses_mode_and_flags(capsys):
     assert args.mode == "step" and args.steps == 3 and args.overrides == ["jepa.k=2"] and args.json
     args = parser.parse_args(["bench", "sweep", "--space", "s.yaml", "--storage", "/tmp/x"])
     assert args.mode == "sweep" and args.space == "s.yaml" and args.storage == "/tmp/x"
+
+
+def test_json_stdout_is_the_result_line_only(tmp_path):
+    """`raydllm bench --json | jq` works: DeepSpeed's prints (its accelerator warning, its op-build line) go to
+    stderr while the command runs; stdout holds exactly one JSON object."""
+    import json
+    import subprocess
+    import sys
+
+    sets = [arg for key in TINY for arg in ("--set", key)]
+    done = subprocess.run([sys.executable, "-m", "raydllm.cli", "bench", "--steps", "1", "--warmup", "1",
+                           "--no-split", "--target-prob", "0", "--sampler-batch", "2", "--sampler-gen-length", "4",
+                           "--sampler-steps", "2", "--json", *sets], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout[:2000]
+    assert json.loads(lines[0])["step_ratio"] > 0
+    assert "DeepSpeed" in done.stderr  # what used to land on stdout is still shown

@@ -16,6 +16,7 @@ from raydllm.config import ConfigError, load_config
     ("train.nonsense=3", "train.nonsense"),
     ("nosection.x=1", "nosection"),
     ("train.lr=abc", "train.lr"),
+    ("train.checkpoint_every=30", "train.checkpoint_every=30 must be a multiple of train.eval_every"),
 ])
 def test_bad_values_exit_2_with_one_line(override, field, capsys):
     assert main(["train", "gsm8k", "--set", override]) == 2

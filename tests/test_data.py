@@ -54,6 +54,24 @@ def test_local_data_errors_name_the_file(tmp_path):
         get_task("nope")
 
 
+def test_local_answer_budget_fits_every_generated_answer_and_a_cut_warns(tiny, caplog):
+    """The local preset's data.answer_tokens holds every generated answer with its final `#### n` and an EOS;
+    a budget that cuts answers says so (a cut answer teaches the model to stop before the final number)."""
+    backbone, tokenizer = tiny
+    cfg = load_config("gsm8k", "local")
+    examples = load_examples(cfg, "train")
+    with caplog.at_level("WARNING", logger="raydllm.data"):
+        records = tokenize_sft(examples, tokenizer, get_task("gsm8k"), max_prompt_tokens=96,
+                               answer_tokens=cfg.data.answer_tokens, eos_id=backbone.ids.eos)
+    assert not caplog.records
+    decoded = tokenizer.decode([t for t in records[0].answer_ids if t != backbone.ids.eos])
+    assert decoded.strip() == examples[0].answer
+    with caplog.at_level("WARNING", logger="raydllm.data"):
+        tokenize_sft(examples, tokenizer, get_task("gsm8k"), max_prompt_tokens=96, answer_tokens=20,
+                     eos_id=backbone.ids.eos)
+    assert "data.answer_tokens=20 cuts" in caplog.text
+
+
 def test_synthetic_is_gsm8k_format_and_splits_disjoint():
     cfg = load_config("gsm8k", "local")
     train, val, test = (load_examples(cfg, s) for s in ("train", "validation", "test"))

@@ -1,5 +1,6 @@
 """`raydllm best` arithmetic on a real (SQLite) MLflow store: seeds aggregated, gain over the baseline."""
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -62,17 +63,19 @@ def test_baseline_point_and_config_key(tmp_path):
 
 
 def test_time_accounting_fraction_of_reserved_worker_time(tmp_path):
-    """Reserved = (run end - run start) x workers; training = time/train_s x workers; startup per trial."""
+    """Reserved = (run end - run start) x workers; each phase = its time/*_s x workers; startup per trial."""
     from raydllm.results import format_table, time_accounting
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("timing")
-    for wall_ms, train_s, startup_s, workers in [(100_000, 80.0, 10.0, 2), (50_000, 20.0, 30.0, 2)]:
+    for wall_ms, train_s, startup_s, eval_s, ray_s in [(100_000, 80.0, 10.0, 5.0, 4.0), (50_000, 20.0, 20.0, 5.0, 6.0)]:
         run = client.create_run(experiment, start_time=1_000_000)
-        client.log_param(run.info.run_id, "train.workers", workers)
-        client.log_metric(run.info.run_id, "time/train_s", train_s, step=10)
-        client.log_metric(run.info.run_id, "time/startup_s", startup_s, step=0)
+        client.log_param(run.info.run_id, "train.workers", 2)
+        for key, value, step in [("time/train_s", train_s, 10), ("time/startup_s", startup_s, 0),
+                                 ("time/startup/ray_s", ray_s, 0), ("time/startup/init_s", startup_s - ray_s, 0),
+                                 ("time/eval_s", eval_s, 10), ("time/checkpoint_s", 1.0, 10)]:
+            client.log_metric(run.info.run_id, key, value, step=step)
         client.set_terminated(run.info.run_id, end_time=1_000_000 + wall_ms)
     unfinished = client.create_run(experiment)  # still running: not counted as reserved time
     client.log_metric(unfinished.info.run_id, "time/train_s", 5.0, step=1)
@@ -80,7 +83,50 @@ def test_time_accounting_fraction_of_reserved_worker_time(tmp_path):
     timing = time_accounting(runs)
     assert timing["reserved_worker_s"] == pytest.approx(300.0) and timing["training_worker_s"] == pytest.approx(200.0)
     assert timing["training_fraction"] == pytest.approx(2 / 3)
-    assert timing["startup_s_median"] == pytest.approx(20.0) and timing["startup_s_max"] == pytest.approx(30.0)
+    shares = timing["shares"]
+    assert shares["startup"] == pytest.approx(60 / 300) and shares["evaluation"] == pytest.approx(20 / 300)
+    assert shares["checkpointing"] == pytest.approx(4 / 300) and sum(shares.values()) == pytest.approx(1.0)
+    assert timing["startup_s_median"] == pytest.approx(15.0) and timing["startup_s_max"] == pytest.approx(20.0)
+    assert timing["startup_ray_s_median"] == pytest.approx(5.0) and timing["startup_init_s_median"] == pytest.approx(10.0)
     line = format_table({"sweep": "s", "status": "FINISHED", "metric": "m", "mode": "min", "best": [],
                          "baseline": None, "time": timing}).splitlines()[-1]
-    assert "67% of reserved worker time" in line and "median 20 s" in line
+    assert "67% of reserved worker time" in line and "median 15 s" in line and "evaluation 7%" in line
+
+
+def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
+    """Each arm's best is its own search phase's best; its noise is that config's spread over the seeds it ran
+    (repeat phase included); compute is the sum of the search trials' last steps. A finished arm is not re-run."""
+    import json as _json
+
+    from raydllm.search_space import load_spec
+    from raydllm.tracking import experiment_name
+    from raydllm.tune import _sweep_finished, arm_figures
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(experiment_name("gsm8k"))
+    spec = load_spec(Path(__file__).parents[1] / "search_spaces" / "bench-sweep.yaml")
+
+    def sweep(name, trials, finished=True):
+        parent = client.create_run(experiment, tags={"raydllm.kind": "sweep", "raydllm.sweep": name})
+        for phase, key, seed, last_step, value in trials:
+            run = client.create_run(experiment, tags={
+                "mlflow.parentRunId": parent.info.run_id, "raydllm.phase": phase, "raydllm.config_key": key,
+                "raydllm.last_step": str(last_step), "raydllm.searched": _json.dumps({"train.lr": key, "train.seed": seed})})
+            client.log_param(run.info.run_id, "train.seed", seed)
+            client.log_metric(run.info.run_id, "val_loss_diff", value, step=last_step)
+        if finished:
+            client.set_terminated(parent.info.run_id)
+
+    sweep("grid", [("search", "a", 42, 135, 0.70), ("search", "b", 42, 135, 0.80), ("repeat", "a", 123, 135, 0.74),
+                   ("repeat", "a", 777, 135, 0.72)])
+    sweep("asha", [("search", "b", 42, 135, 0.80), ("search", "a", 42, 10, 1.30), ("search", "c", 42, 40, 0.95)],
+          finished=False)
+    grid = arm_figures(spec, tracking_uri=uri, sweep="grid")
+    assert grid["best_config"] == {"train.lr": "a"} and grid["best_metric"] == pytest.approx(0.70)
+    assert sorted(grid["seeds"]) == [42, 123, 777] and grid["best_metric_mean_over_seeds"] == pytest.approx(0.72)
+    assert grid["best_metric_std_over_seeds"] == pytest.approx(0.02) and grid["trial_steps"] == 270
+    asha = arm_figures(spec, tracking_uri=uri, sweep="asha")
+    assert asha["best_config"] == {"train.lr": "b"} and asha["trial_steps"] == 185 and asha["seeds"] == [42]
+    assert _sweep_finished(uri, "gsm8k", "grid") and not _sweep_finished(uri, "gsm8k", "asha")
+    assert not _sweep_finished(uri, "gsm8k", "missing")

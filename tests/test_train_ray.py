@@ -56,12 +56,20 @@ def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
     assert "eval.gen_length" in run.data.params
 
 
-def test_baseline_reports_no_jepa_loss(tmp_path):
-    result = _train(tmp_path, "--set", "train.max_steps=4", "--set", "train.eval_every=4",
-                    "--set", "jepa.lambda=0")
-    assert "loss_jepa" not in result and result["step"] == 4
+def test_baseline_reports_no_jepa_loss_and_checkpoints_every_other_report(tmp_path):
+    result = _train(tmp_path, "--set", "train.max_steps=6", "--set", "train.eval_every=2",
+                    "--set", "train.checkpoint_every=4", "--set", "jepa.lambda=0")
+    assert "loss_jepa" not in result and result["step"] == 6
     assert _history(tmp_path, result["run_id"], "loss_jepa") == []
     assert not list(Path(result["checkpoint"]).rglob("ema.pt"))  # no EMA copy exists at lambda = 0
+    # Reports at 2, 4, 6; checkpoints only at 4 and at the end; each phase's time is logged.
+    assert sorted(_saved_steps(Path(result["checkpoint"]).parent)) == [4, 6]
+    assert [s for s, _ in _history(tmp_path, result["run_id"], "val_loss_diff")] == [2, 4, 6]
+    assert [s for s, _ in _history(tmp_path, result["run_id"], "time/checkpoint_s")] == [4, 6]
+    eval_s = _history(tmp_path, result["run_id"], "time/eval_s")
+    assert [s for s, _ in eval_s] == [2, 4, 6] and 0 < eval_s[0][1] < eval_s[-1][1]
+    startup = {k: _history(tmp_path, result["run_id"], f"time/startup{k}")[0][1] for k in ("_s", "/ray_s", "/init_s")}
+    assert startup["_s"] == pytest.approx(startup["/ray_s"] + startup["/init_s"], abs=0.5)
 
 
 def _saved_steps(storage: Path) -> list[int]:

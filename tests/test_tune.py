@@ -25,7 +25,7 @@ TINY_SPACE = {
     "fixed": {"model.init": "random", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "data.synthetic_size": 300,
               "data.val_limit": 16, "train.micro_batch_size": 8, "train.max_steps": 8, "train.eval_every": 2,
               # the paper's fixed rates: with per-row rates an 8-step random-init run barely separates the lrs
-              "jepa.rate_sampling": "fixed"},
+              "jepa.rate_sampling": "fixed", "data.answer_tokens": 48},
     "space": {"jepa.lambda": {"choice": [0.5, 2.0]}, "jepa.k": {"randint": [1, 2]},
               "jepa.t_low": {"uniform": [0.1, 0.3]}, "jepa.t_high": {"uniform": [0.6, 0.9]},
               # a learning rate that learns nothing next to one that learns: ASHA has something to stop
@@ -231,3 +231,34 @@ def test_optuna_accepts_the_paper_spaces(space_file):
             continue
         config = trial_config(spec, {k: v for k, v in suggested.items() if k in spec.space}, spec.seeds[0])
         assert config.jepa.t_low < config.jepa.t_high
+
+
+def test_asha_grid_reaches_tune_shuffled_and_seeded_fifo_grid_in_order(tmp_path):
+    """Async ASHA promotes whoever reaches a rung first: Tune's nested grid order (ascending values) would feed
+    it an improving sequence, so an ASHA sweep's grid arrives as one shuffled dimension of whole points (the
+    same points, seeded: a resumed sweep sees the same order); a FIFO grid keeps Tune's own dimensions."""
+    from raydllm.search_space import GRID_POINT, flatten_trial_config, load_spec, param_space
+
+    grid = {"jepa.lambda": {"grid": [0.25, 0.5, 1.0, 2.0]}, "train.lr": {"grid": [3.0e-4, 1.0e-3, 2.0e-3, 3.0e-3]},
+            "jepa.k": {"randint": [1, 2]}}
+    spec = load_spec(_write_space(tmp_path, space=grid, baseline=False, search={"algorithm": "grid", "seed": 0}))
+    space = param_space(spec)
+    points = space[GRID_POINT]["grid_search"]
+    pairs = [(p["jepa.lambda"], p["train.lr"]) for p in points]
+    assert sorted(pairs) == sorted((a, b) for a in [0.25, 0.5, 1.0, 2.0] for b in [3.0e-4, 1.0e-3, 2.0e-3, 3.0e-3])
+    assert pairs != sorted(pairs) and pairs != sorted(pairs, key=lambda p: (p[1], p[0]))
+    assert "jepa.k" in space and "jepa.lambda" not in space  # non-grid dimensions stay Tune's
+    assert [(p["jepa.lambda"], p["train.lr"]) for p in param_space(spec)[GRID_POINT]["grid_search"]] == pairs
+    trial = flatten_trial_config({GRID_POINT: points[0], "jepa.k": 2, "train.seed": 42})
+    assert trial == {**points[0], "jepa.k": 2, "train.seed": 42}
+    fifo = load_spec(_write_space(tmp_path, space=grid, baseline=False, scheduler={"type": "fifo", "grace_period": 2}))
+    assert GRID_POINT not in param_space(fifo) and "jepa.lambda" in param_space(fifo)
+
+
+def test_grace_period_inside_the_warmup_warns(tmp_path):
+    from raydllm.search_space import load_spec
+
+    # TINY_SPACE: 8 steps at the local preset's 5% warm-up = 1 step; 40 steps of 25% warm-up = 10 steps.
+    with pytest.warns(UserWarning, match="grace_period=2 ends inside the learning-rate warm-up \\(10 steps\\)"):
+        load_spec(_write_space(tmp_path, fixed={**TINY_SPACE["fixed"], "train.max_steps": 40,
+                                                "train.warmup_ratio": 0.25}))
