@@ -223,13 +223,15 @@ def max_steps(spec: SweepSpec) -> int:
     return spec.scheduler.max_t or validate(base_raw(spec)).train.max_steps
 
 
-GRID_POINT = "grid_point"  # the shuffled grid of an ASHA sweep: one Tune dimension of whole points
+# One Tune dimension of whole configs: an ASHA sweep's shuffled grid, and the repeat phase's best configs.
+GRID_POINT = "point"
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    space = {key: dist.to_tune() for key, dist in spec.space.items()}
     grid = {key: dist.grid for key, dist in spec.space.items() if dist.kind == "grid"}
-    if spec.scheduler.type == "asha" and math.prod(len(v) for v in grid.values()) > 1:
+    shuffle = spec.scheduler.type == "asha" and math.prod(len(v) for v in grid.values()) > 1
+    space = {key: dist.to_tune() for key, dist in spec.space.items() if not (shuffle and key in grid)}
+    if shuffle:
         # Tune walks a grid in a fixed nested order, and async ASHA promotes trials that reach a rung before
         # their rivals: when the metric improves along that order (e.g. ascending lr), every new trial beats
         # the ones before and is promoted. Shuffled (seeded, so a resumed sweep sees the same order), the grid
@@ -238,15 +240,16 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
         points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
         random.Random(spec.search.seed or 0).shuffle(points)
-        space = {k: v for k, v in space.items() if k not in grid} | {GRID_POINT: tune.grid_search(points)}
+        space[GRID_POINT] = tune.grid_search(points)
     return space | {"train.seed": spec.seeds[0]}
 
 
 def flatten_trial_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A Tune trial's config with a shuffled grid point (param_space) spread back into its keys."""
+    """A Tune trial's config with its whole-config point spread back into its keys (the trial's own keys, such
+    as a repeat's new seed, win)."""
     if GRID_POINT not in config:
         return config
-    return {k: v for k, v in config.items() if k != GRID_POINT} | config[GRID_POINT]
+    return config[GRID_POINT] | {k: v for k, v in config.items() if k != GRID_POINT}
 
 
 def baseline_point(spec: SweepSpec) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from .config import ConfigError
 from mlflow.tracking import MlflowClient
 
 from .results import best_configs, format_table, plot_sweep, trial_runs
-from .search_space import (SweepSpec, baseline_point, config_key, flatten_trial_config, load_spec, max_steps,
-                           param_space, trial_config)
+from .search_space import (GRID_POINT, SweepSpec, baseline_point, config_key, flatten_trial_config, load_spec,
+                           max_steps, param_space, trial_config)
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -59,8 +59,7 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
     from .train import build_trainer
 
     sweep = SweepSpec.model_validate(spec)
-    if "point" in config:  # a repeat-phase trial: a whole config from the search phase, and a new seed
-        config = {**config["point"], "train.seed": config["train.seed"]}
+    # A shuffled grid point, or a repeat-phase trial: a whole config from the search phase and a new seed.
     config = flatten_trial_config(config)
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -319,7 +318,7 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
         from ray import tune
 
         _fit_phase(name=f"{name}-repeat", phase="repeat", asha=False, search=False, **common,
-                   param_space={"point": tune.grid_search(points), "train.seed": tune.grid_search(spec.seeds[1:])})
+                   param_space={GRID_POINT: tune.grid_search(points), "train.seed": tune.grid_search(spec.seeds[1:])})
     tracking.finish_run(tracking_uri, parent_run_id, "FINISHED")
     _log_summary(spec, tracking_uri, parent_run_id, name)
     return SweepOutcome(name=name, parent_run_id=parent_run_id, restored=restored,

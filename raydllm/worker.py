@@ -390,21 +390,22 @@ class WorkerLoop:
             summary |= self._rank0_dict(self._final_evaluation_once)
         self.seconds["eval"] += time.perf_counter() - eval_start
         # Rank 0's clock for every phase, so each worker reports the same figures.
-        summary |= {f"time/{phase}_s": self._rank0_value(lambda: value) for phase, value in self.seconds.items()}
+        summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})
         self.sink.add(self.step, {k: v for k, v in summary.items() if k != "time/checkpoint_s"
                                   and k.startswith(("val_", "final", "probe/", "time/")) and isinstance(v, float)})
         every = self.cfg.train.checkpoint_every or self.cfg.train.eval_every
-        if self.step % every and self.step < self.total_steps:
+        if self.step % every == 0 or self.step >= self.total_steps:
+            checkpoint_start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as directory:
+                self.save(directory)  # carries the seconds so far; this checkpoint's own cost is counted next
+                ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            self.seconds["checkpoint"] += time.perf_counter() - checkpoint_start
+            self.sink.add(self.step, {"time/checkpoint_s": self._rank0_value(lambda: self.seconds["checkpoint"])})
+        else:
             ray.train.report(summary)
-            self.sink.flush()  # steps past the last checkpoint are re-done identically on resume, then skipped
-            return
-        checkpoint_start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as directory:
-            self.save(directory)  # carries the seconds so far; this checkpoint's own cost is counted next
-            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        self.seconds["checkpoint"] += time.perf_counter() - checkpoint_start
-        self.sink.add(self.step, {"time/checkpoint_s": self._rank0_value(lambda: self.seconds["checkpoint"])})
-        self.sink.flush()  # after the checkpoint is persisted: points past it would be re-done on resume
+        # After the checkpoint is persisted. Steps past the last checkpoint are re-done with the same values on
+        # a resume and skipped then, so the curve keeps every step once.
+        self.sink.flush()
 
 
     def _rank0_value(self, compute) -> float:
