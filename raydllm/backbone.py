@@ -1,4 +1,4 @@
-"""One adapter over every masked-diffusion backbone: the embedded tiny model, LLaDA, Dream, a local folder.
+"""Engine layer: one adapter over every masked-diffusion backbone: the embedded tiny model, LLaDA, Dream, a local folder.
 
 The adapter gives the rest of raydllm a single contract: `backbone(input_ids, attention_mask)` returns
 logits aligned so that logits[:, i] predicts token i, and the last hidden states for pooling;
@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig
+from .model import build_tiny
+from .pretrain import load_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +93,6 @@ def resolve_token_ids(cfg: ModelConfig, model_config, tokenizer) -> TokenIds:
     return TokenIds(mask=int(mask), pad=int(pad), eos=int(eos))
 
 
-def build_tiny(cfg: ModelConfig):
-    from .model import TinyDiffusionConfig, TinyDiffusionLM
-    from .tokenizer import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    model_config = TinyDiffusionConfig(vocab_size=len(tokenizer), d_model=cfg.d_model, n_layers=cfg.n_layers,
-                                       n_heads=cfg.n_heads, max_seq_len=cfg.max_seq_len,
-                                       mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    return TinyDiffusionLM(model_config), tokenizer
-
 
 def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.dtype | None = None):
     """The path a user's model id takes: AutoConfig/AutoModel/AutoTokenizer with trust_remote_code."""
@@ -123,8 +114,6 @@ def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> tupl
     if cfg.name == "tiny":
         model, tokenizer = build_tiny(cfg)
         if cfg.init != "random":
-            from .pretrain import load_base_weights
-
             model.load_state_dict(load_base_weights(cfg))
     else:
         model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype)

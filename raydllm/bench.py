@@ -1,5 +1,7 @@
-"""`raydllm bench`: what DLLM-JEPA costs over the diffusion-only baseline, measured in one process.
+"""Benchmarks (top layer): what DLLM-JEPA costs over the diffusion-only baseline, measured in one process,
+and `bench_sweep`, the same search space as a full grid and under ASHA.
 
+`raydllm bench`: 
 One WorkerLoop (the real DeepSpeed engine trials use, in a one-rank process group created here when none
 exists) runs interleaved optimizer steps of three phases on the same model, the same batches and the same
 masks (step i of every phase sees batch i):
@@ -23,9 +25,7 @@ LLaDA-8B); `raydllm bench` prints it for LLaDA-8B at world size 8 with predictor
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import socket
 import statistics
@@ -33,6 +33,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -709,80 +710,78 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench(args) -> int:
-    if args.mode == "sweep":
-        return _cmd_bench_sweep(args)
-    from .config import load_config
+# ---------------------------------------------------------------------------------------------------
+# Grid against ASHA over one search space (`raydllm bench sweep`)
+# ---------------------------------------------------------------------------------------------------
 
-    cfg = load_config(args.task, args.preset, args.overrides)
-    result = run_bench(cfg, steps=args.steps, warmup=args.warmup,
-                       target_prob=args.target_prob if args.target_prob > 0 else None,
-                       sampler_batch=args.sampler_batch, sampler_gen_length=args.sampler_gen_length,
-                       sampler_steps=args.sampler_steps, split=not args.no_split,
-                       threads=args.threads)
-    result["preset"] = args.preset
-    if args.json:
-        from .cli import emit_json
+def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None) -> dict[str, Any]:
+    """The same space run twice: as a full grid (every trial to max_t, the grid-best repeated over the seeds
+    to measure seed noise) and under ASHA. Compute is counted in trial-steps, read back from MLflow. Re-running
+    resumes unfinished arms and recomputes the figures from MLflow."""
+    from .search_space import RepeatSettings, load_spec
+    from .tune import run_spec, sweep_name
 
-        emit_json(result, default=_json_default)
-    else:
-        print(format_report(result))
-    return 0
+    space_file = Path(space_file)
+    spec = load_spec(space_file)
+    base = sweep_name(spec, space_file)
+    arms = {
+        "grid": spec.model_copy(update={"scheduler": spec.scheduler.model_copy(update={"type": "fifo"}),
+                                        "repeat": RepeatSettings(top=1), "baseline": False}),
+        "asha": spec.model_copy(update={"repeat": RepeatSettings(top=0), "baseline": False}),
+    }
+    figures: dict[str, Any] = {}
+    for arm, arm_spec in arms.items():
+        if not _sweep_finished(tracking_uri, spec.task, f"{base}-{arm}"):  # a finished arm keeps its wall time
+            run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name, name=f"{base}-{arm}",
+                     tracking_uri=tracking_uri, storage=storage)
+        figures[arm] = arm_figures(spec, tracking_uri=tracking_uri, sweep=f"{base}-{arm}")
+    grid, asha = figures["grid"], figures["asha"]
+    noise = grid["best_metric_std_over_seeds"]
+    sign = 1 if spec.mode == "min" else -1
+    figures["compute_ratio"] = asha["trial_steps"] / max(grid["trial_steps"], 1)
+    figures["asha_gap"] = sign * (asha["best_metric"] - grid["best_metric"])
+    figures["within_seed_noise"] = figures["asha_gap"] <= 2 * noise
+    return figures
 
 
-def _cmd_bench_sweep(args) -> int:
-    """`raydllm bench sweep`: raydllm.tune.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
-    from .tracking import resolve_tracking_uri
-    from .tune import bench_sweep, default_space_file
+def _sweep_finished(tracking_uri: str, task: str, sweep: str) -> bool:
+    from mlflow.tracking import MlflowClient
 
-    space = args.space or default_space_file("bench-sweep")
-    result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
+    from .config import ConfigError
+    from .results import find_sweep
+
     try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except ImportError:
-        pass
-    sys.stderr.flush()
-    if args.json:
-        from .cli import emit_json
-
-        emit_json(result, default=_json_default)
-    else:
-        print(json.dumps(result, indent=1, default=_json_default))
-    return 0
+        return find_sweep(MlflowClient(tracking_uri), task, sweep).info.status == "FINISHED"
+    except ConfigError:  # no such sweep yet
+        return False
 
 
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
+def arm_figures(spec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
+    """One arm of `bench sweep`, from MLflow: its best search trial on the first seed (what the search itself
+    chose), that config's values over every seed it ran (its seed noise), trial-steps and time accounting."""
+    import statistics
 
+    from mlflow.tracking import MlflowClient
 
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
-    p.add_argument("mode", nargs="?", choices=["step", "sweep"], default="step",
-                   help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`")
-    p.add_argument("--task", default="gsm8k", help="task whose data to use (default: gsm8k)")
-    p.add_argument("--preset", default="local", help="local | paper | wide-t (default: local)")
-    p.add_argument("--steps", type=int, default=10, help="measured steps per phase (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per phase, not measured (default 2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set jepa.k=2 (repeatable)")
-    p.add_argument("--target-prob", type=float, default=0.5,
-                   help="jepa.target_prob of the loss-dropout phase; 0 skips it (default 0.5)")
-    p.add_argument("--sampler-batch", type=int, default=16, help="sampler batch; 0 skips the sampler (default 16)")
-    p.add_argument("--sampler-gen-length", type=int, default=32, help="answer tokens generated (default 32)")
-    p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps (default 16)")
-    p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: train.cpus_per_worker, "
-                                               "as trials run)")
-    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml)")
-    p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                          "./mlflow.db)")
-    p.add_argument("--storage", help="sweep mode: where trials keep checkpoints")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    p.set_defaults(func=cmd_bench)
-    return p
+    from .results import find_sweep, time_accounting, trial_runs
+
+    client = MlflowClient(tracking_uri)
+    parent = find_sweep(client, spec.task, sweep)
+    runs = trial_runs(client, parent)
+    search = [r for r in runs if r.data.tags.get("raydllm.phase") == "search" and spec.metric in r.data.metrics]
+    sign = 1 if spec.mode == "min" else -1
+    best = min(search, key=lambda r: sign * r.data.metrics[spec.metric])
+    key = best.data.tags.get("raydllm.config_key")
+    same = [r for r in runs if r.data.tags.get("raydllm.config_key") == key and spec.metric in r.data.metrics]
+    values = [float(r.data.metrics[spec.metric]) for r in same]
+    searched = json.loads(best.data.tags.get("raydllm.searched", "{}"))
+    searched.pop("train.seed", None)
+    wall = ((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000
+    return {"trials": len(search), "wall_s": round(wall, 1),
+            "trial_steps": sum(int(r.data.tags.get("raydllm.last_step", 0)) for r in search),
+            "best_config": searched, "best_metric": float(best.data.metrics[spec.metric]),
+            "best_metric_mean_over_seeds": statistics.fmean(values),
+            "best_metric_std_over_seeds": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": [int(r.data.params.get("train.seed", -1)) for r in same],
+            "time": time_accounting(runs)}
+

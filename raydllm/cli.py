@@ -1,13 +1,17 @@
-"""`raydllm` command line. Bad input exits with code 2 and one line naming the field or file at fault."""
+"""Command line (top layer): `raydllm train | tune | best | eval | pretrain | bench`. Nothing imports this module.
+
+Bad input exits with code 2 and one line naming the field or file at fault."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .config import ConfigError, load_config
 from .tasks.base import DataError
@@ -57,8 +61,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from pathlib import Path
-
     from .search_space import load_spec
     from .tune import default_space_file, run_sweep, sweep_name
 
@@ -144,6 +146,200 @@ def emit_json(result, **dumps_kwargs) -> None:
         os.write(_RESULT_FD, line.encode())
 
 
+# -- raydllm eval ----------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .checkpoints import read_checkpoint_meta
+    from .config import validate
+    from .data import load_examples
+    from .evaluation import default_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
+    from .tasks import get_task
+    from .tracking import log_to_run, resolve_target
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    folder, run_id = resolve_target(args.checkpoint, tracking_uri)
+    if args.base and args.ema:
+        raise ConfigError("--base and --ema: choose one set of weights")
+    backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema, base=args.base)
+    step = 0 if args.base else int(read_checkpoint_meta(folder).get("step", 0))
+    data = cfg.data.model_copy(update={"val_limit": 10**9})  # --limit, not the training val_limit, applies
+    if args.data:
+        data = data.model_copy(update={"source": "local", "path": str(Path(args.data).resolve())})
+    raw = cfg.to_dict() | {"task": args.task, "data": data.model_dump(mode="json")}
+    eval_cfg = validate(raw)
+    task = get_task(args.task)
+    examples = load_examples(eval_cfg, args.split)
+    if args.limit:
+        examples = examples[:args.limit]
+    train = load_examples(eval_cfg, "train") if args.shots else []
+    sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
+    metrics, predictions = evaluate_task(backbone, tokenizer, task, examples, shots=args.shots,
+                                         train_examples=train, sampler=sampler, batch_size=args.batch_size,
+                                         progress=not args.no_progress,
+                                         max_prompt_tokens=prompt_budget(cfg, sampler, args.shots))
+    logged = None
+    if run_id is not None:
+        logged = log_to_run(tracking_uri, run_id, metrics, predictions, split=args.split, shots=args.shots,
+                            task=args.task, step=step, weights="base" if args.base else None)
+    if args.predictions:
+        Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
+              ("ema" if args.ema else "online"), "task": args.task, "split": args.split,
+              "shots": args.shots, "sampler": {"gen_length": sampler.gen_length, "block_length": sampler.block_length,
+                                               "steps": sampler.steps},
+              "metrics": metrics, "logged_as": logged}
+    if args.json:
+        emit_json(result)
+    else:
+        print(("base model of " if args.base else "") + f"checkpoint: {folder} (step {step})"
+              + (f", run {run_id}" if run_id else ""))
+        print(f"{args.task} {args.split} {args.shots}-shot, gen_length {sampler.gen_length}, block "
+              f"{sampler.block_length}, steps {sampler.steps}")
+        for key, value in metrics.items():
+            print(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
+        if logged:
+            print(f"logged to MLflow run {run_id} as {logged}/*")
+    return 0
+
+
+def _add_eval_command(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="generate answers with a checkpoint and score them on a task")
+    p.add_argument("checkpoint", help="a raydllm checkpoint folder (or a Ray run folder), or an MLflow run id")
+    p.add_argument("task", help="task name, e.g. gsm8k")
+    p.add_argument("--shots", type=int, choices=(0, 4), default=0, help="few-shot exemplars from train (default 0)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--split", choices=("validation", "test"), default="test")
+    p.add_argument("--steps", type=int, help="denoising steps (default: gen-length, one token per step)")
+    p.add_argument("--gen-length", type=int, help="answer tokens (default: data.answer_tokens rounded up to the block)")
+    p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the whole answer "
+                                                    "if <= 64 tokens, else 32)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data", help="local data file or folder (default: the checkpoint's data source)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
+    p.add_argument("--base", action="store_true", help="evaluate the model this run started from (same data, "
+                                                       "prompts and sampler), for a before/after comparison")
+    p.add_argument("--predictions", help="also write the predictions jsonl here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_eval)
+
+
+# -- raydllm pretrain -------------------------------------------------------------------------------------
+def cmd_pretrain(args) -> int:
+    from .pretrain import base_key, base_path, build_base, pretrain_tiny, save_weights
+
+    cfg = load_config("gsm8k", args.preset, [f"model.{kv}" if not kv.startswith("model.") else kv
+                                             for kv in args.overrides])
+    model_cfg = cfg.model
+    if args.out:
+        stats: dict = {}
+        state = pretrain_tiny(model_cfg, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+                              stats=stats)
+        path = Path(args.out).expanduser()
+        save_weights(state, path, {"key": base_key(model_cfg, seed=args.seed, steps=args.steps), **stats})
+        meta, cached = stats, False
+    else:
+        existed = base_path(model_cfg, seed=args.seed, steps=args.steps).exists()
+        path, meta = build_base(model_cfg, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+        cached = existed
+    result = {"weights": str(path), "final_loss": meta.get("final_loss"), "seconds": meta.get("seconds"),
+              "steps": args.steps, "seed": args.seed, "corpus": meta.get("corpus"), "cached": cached,
+              "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads}
+    if args.json:
+        emit_json(result)
+    else:
+        loss = result["final_loss"]
+        print(f"weights: {path}" + (" (already cached)" if cached else ""))
+        print(f"final loss: {loss:.4f}" if loss is not None else "final loss: unknown")
+        if not args.out:
+            print("use it with: --set model.init=pretrained")
+    return 0
+
+
+def _add_pretrain_command(subparsers) -> None:
+    from .pretrain import DEFAULT_SEED, DEFAULT_STEPS
+
+    p = subparsers.add_parser("pretrain", help="pretrain the embedded tiny model offline (the model.init=pretrained "
+                                               "base; cached in ~/.cache/raydllm)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
+    p.add_argument("--out", help="write the weights here instead of the cache (use with --set model.init=PATH)")
+    p.add_argument("--preset", default="local", help="preset whose model shape to pretrain (default: local)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model field, e.g. --set model.d_model=256 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_pretrain)
+
+
+# -- raydllm bench ---------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    if args.mode == "sweep":
+        return _cmd_bench_sweep(args)
+    from .bench import format_report, run_bench
+
+    cfg = load_config(args.task, args.preset, args.overrides)
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup,
+                       target_prob=args.target_prob if args.target_prob > 0 else None,
+                       sampler_batch=args.sampler_batch, sampler_gen_length=args.sampler_gen_length,
+                       sampler_steps=args.sampler_steps, split=not args.no_split,
+                       threads=args.threads)
+    result["preset"] = args.preset
+    if args.json:
+        emit_json(result, default=_json_default)
+    else:
+        print(format_report(result))
+    return 0
+
+
+def _cmd_bench_sweep(args) -> int:
+    """`raydllm bench sweep`: bench.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
+    from .bench import bench_sweep
+    from .tune import default_space_file
+
+    space = args.space or default_space_file("bench-sweep")
+    result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
+    _quiet_ray()
+    if args.json:
+        emit_json(result, default=_json_default)
+    else:
+        print(json.dumps(result, indent=1, default=_json_default))
+    return 0
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def _add_bench_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
+    p.add_argument("mode", nargs="?", choices=["step", "sweep"], default="step",
+                   help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`")
+    p.add_argument("--task", default="gsm8k", help="task whose data to use (default: gsm8k)")
+    p.add_argument("--preset", default="local", help="local | paper | wide-t (default: local)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per phase (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per phase, not measured (default 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set jepa.k=2 (repeatable)")
+    p.add_argument("--target-prob", type=float, default=0.5,
+                   help="jepa.target_prob of the loss-dropout phase; 0 skips it (default 0.5)")
+    p.add_argument("--sampler-batch", type=int, default=16, help="sampler batch; 0 skips the sampler (default 16)")
+    p.add_argument("--sampler-gen-length", type=int, default=32, help="answer tokens generated (default 32)")
+    p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps (default 16)")
+    p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: train.cpus_per_worker, "
+                                               "as trials run)")
+    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml)")
+    p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                          "./mlflow.db)")
+    p.add_argument("--storage", help="sweep mode: where trials keep checkpoints")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -175,11 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=cmd_best)
 
-    from . import bench, evaluation, pretrain
-
-    evaluation.register_cli(sub)  # raydllm eval
-    pretrain.register_cli(sub)    # raydllm pretrain
-    bench.register_cli(sub)       # raydllm bench [sweep]
+    _add_eval_command(sub)
+    _add_pretrain_command(sub)
+    _add_bench_command(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Typed run configuration, validated once at the door.
+"""Core layer: typed run configuration, validated once at the door.
 
 A run's config is: built-in defaults <- a preset YAML (`raydllm/configs/<preset>.yaml`) <- `--set key=value`
 overrides. Every field is checked here; nothing downstream re-validates. Errors are one line naming the

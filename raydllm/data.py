@@ -1,4 +1,4 @@
-"""From a task's examples to training batches, in LLaDA's SFT convention.
+"""Data layer: from a task's examples to training batches, in LLaDA's SFT convention.
 
 Each example becomes [left pad][prompt][answer][EOS ... EOS]: the answer is padded with EOS to a fixed
 `answer_tokens`, and those EOS tokens are answer tokens (masked and learned) so the model learns where

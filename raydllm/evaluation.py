@@ -1,41 +1,25 @@
-"""Generation evaluation: a checkpoint answers a task's questions with the diffusion sampler, the task scores it.
+"""Evaluation layer: a model answers a task's questions with the diffusion sampler, and the task scores them.
 
 `evaluate_task` is the core (prompts -> left-padded batches -> `sampler.generate` -> decode up to EOS ->
 `task.extract` -> `task.score`). `load_checkpoint_backbone` rebuilds a backbone from a raydllm checkpoint
-folder. `raydllm eval` (registered by `register_cli`) ties them to the command line and to MLflow.
-
-Checkpoint layout relied on (what `worker.WorkerLoop.save` writes, DeepSpeed 0.19 `save_checkpoint` with
-tag "engine"):
-
-    <checkpoint>/raydllm.json                        {"step", "config", ...}
-    <checkpoint>/engine/mp_rank_00_model_states.pt   {"module": OnlineModel state dict, ...}  (ZeRO 0-2)
-    <checkpoint>/engine/zero_pp_rank_*_mp_rank_00_model_states.pt + optim shards            (ZeRO 3)
-    <checkpoint>/ema.pt                              EMA target state dict (keys "model.*"; lambda > 0 only)
-
-The OnlineModel state dict holds the backbone under `backbone.model.` and the predictor under `predictor.`.
+folder (layout: `checkpoints.py`). `raydllm eval` ties them to the command line and MLflow (`cli.py`).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .checkpoints import BACKBONE_PREFIX, read_checkpoint_meta, read_checkpoint_state, resolve_checkpoint_dir, torch_load
 from .config import Config, ConfigError, validate
 from .sampler import SamplerConfig, decode_generations, generate
 
 log = logging.getLogger(__name__)
 
-DS_TAG = "engine"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-BACKBONE_PREFIX = "backbone.model."
-CHECKPOINT_TAG = "raydllm.checkpoint"  # MLflow tag (or param) of a run pointing at its checkpoint
 # End-of-answer tokens of known families besides the tokenizer's EOS (LLaDA's <|eot_id|>, Qwen/Dream's).
 EXTRA_STOP_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
 
@@ -154,59 +138,18 @@ def prompt_budget(cfg: Config, sampler: SamplerConfig, shots: int) -> int:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint folder: `path` itself when it holds raydllm.json, else its newest `checkpoint_*`
-    child that does (a Ray Train run folder)."""
-    path = Path(path).expanduser()
-    if (path / "raydllm.json").is_file():
-        return path
-    if path.is_dir():
-        children = [c for c in path.iterdir() if c.is_dir() and (c / "raydllm.json").is_file()]
-        if children:
-            return max(children, key=lambda c: (json.loads((c / "raydllm.json").read_text()).get("step", 0), c.name))
-    raise ConfigError(f"checkpoint {path}: no raydllm.json here (not a raydllm checkpoint folder)")
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - DeepSpeed stores a few plain Python objects beside the tensors
-        log.info("%s: not loadable with weights_only=True; loading it as a trusted local checkpoint", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The OnlineModel state dict (`backbone.model.*`, `predictor.*`) of a raydllm checkpoint folder."""
-    folder = resolve_checkpoint_dir(path)
-    states = folder / DS_TAG / MODEL_STATES
-    module = _torch_load(states).get("module") if states.is_file() else None
-    if module is None:  # ZeRO-3 keeps the weights only in the partitioned optimizer shards
-        if not any((folder / DS_TAG).glob("zero_pp_rank_*_model_states.pt")):
-            raise ConfigError(f"checkpoint {folder}: no {DS_TAG}/{MODEL_STATES} (not a DeepSpeed checkpoint)")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        module = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
-    return dict(module)
-
-
-def read_checkpoint_meta(path: str | Path) -> dict:
-    return json.loads((resolve_checkpoint_dir(path) / "raydllm.json").read_text())
-
-
 def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool = False,
                              device: str | torch.device | None = None):
     """(backbone, tokenizer, cfg) of a raydllm checkpoint folder: the backbone is built from the saved
     config, then the checkpoint's `backbone.model.*` weights (or its EMA target with ema=True) are loaded.
     base=True: the model the run started from (its `model` config as is), for before/after comparisons."""
     from .backbone import load_backbone
+    from .pretrain import prepare_base
 
     folder = resolve_checkpoint_dir(path)
     cfg = validate(read_checkpoint_meta(folder)["config"], source=str(folder / "raydllm.json"))
     if base:
-        if cfg.model.name == "tiny" and cfg.model.init == "pretrained":
-            from .train import prepare_base
-
-            prepare_base(cfg)
+        prepare_base(cfg.model)
         backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}))
         if device is not None:
             backbone.to(device)
@@ -219,7 +162,7 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
         ema_file = folder / "ema.pt"
         if not ema_file.is_file():
             raise ConfigError(f"--ema: checkpoint {folder} has no ema.pt (trained with jepa.lambda=0?)")
-        state = {k.removeprefix("model."): v for k, v in _torch_load(ema_file).items()}
+        state = {k.removeprefix("model."): v for k, v in torch_load(ema_file).items()}
     else:
         module = read_checkpoint_state(folder)
         state = {k[len(BACKBONE_PREFIX):]: v for k, v in module.items() if k.startswith(BACKBONE_PREFIX)}
@@ -229,134 +172,3 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
     if device is not None:
         backbone.to(device)
     return backbone.eval(), tokenizer, cfg
-
-
-# -- run ids ---------------------------------------------------------------------------------------------
-def _materialize(uri: str) -> Path:
-    """A local copy of a remote checkpoint (s3://, gs://, ...) via pyarrow, as Ray Train stores them."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
-    local = Path(tempfile.mkdtemp(prefix="raydllm-ckpt-"))
-    pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
-
-
-def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
-    """(local checkpoint folder, MLflow run id or None) for a checkpoint path or a run id."""
-    if Path(target).expanduser().exists():
-        return resolve_checkpoint_dir(target), None
-    if "://" in target:
-        return resolve_checkpoint_dir(_materialize(target)), None
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        run = client.get_run(target)
-    except MlflowException:
-        raise ConfigError(f"{target}: neither a checkpoint folder nor a run id in {tracking_uri}") from None
-    location = run.data.tags.get(CHECKPOINT_TAG) or run.data.params.get(CHECKPOINT_TAG)
-    if not location:
-        raise ConfigError(f"run {target}: no {CHECKPOINT_TAG} tag (it finished without a checkpoint?)")
-    if "://" in location and not location.startswith("file://"):
-        return resolve_checkpoint_dir(_materialize(location)), target
-    return resolve_checkpoint_dir(location.removeprefix("file://")), target
-
-
-def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predictions: list[dict], *,
-               split: str, shots: int, task: str, step: int = 0, weights: str | None = None) -> str:
-    """Log `eval/<split>/<shots>shot[/<weights>]/<metric>` metrics and a predictions jsonl artifact; returns
-    the prefix. `weights="base"` marks figures of the model the run started from."""
-    import time
-
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    prefix = f"eval/{split}/{shots}shot" + (f"/{weights}" if weights else "")
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()])
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot{'-' + weights if weights else ''}.jsonl"
-        file.write_text("".join(json.dumps(p) + "\n" for p in predictions))
-        client.log_artifact(run_id, str(file), artifact_path="eval")
-    return prefix
-
-
-# -- command line ----------------------------------------------------------------------------------------
-def cmd_eval(args) -> int:
-    from .data import load_examples
-    from .tasks import get_task
-    from .tracking import resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    folder, run_id = resolve_target(args.checkpoint, tracking_uri)
-    if args.base and args.ema:
-        raise ConfigError("--base and --ema: choose one set of weights")
-    backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema, base=args.base)
-    step = 0 if args.base else int(read_checkpoint_meta(folder).get("step", 0))
-    data = cfg.data.model_copy(update={"val_limit": 10**9})  # --limit, not the training val_limit, applies
-    if args.data:
-        data = data.model_copy(update={"source": "local", "path": str(Path(args.data).resolve())})
-    raw = cfg.to_dict() | {"task": args.task, "data": data.model_dump(mode="json")}
-    eval_cfg = validate(raw)
-    task = get_task(args.task)
-    examples = load_examples(eval_cfg, args.split)
-    if args.limit:
-        examples = examples[:args.limit]
-    train = load_examples(eval_cfg, "train") if args.shots else []
-    sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
-    metrics, predictions = evaluate_task(backbone, tokenizer, task, examples, shots=args.shots,
-                                         train_examples=train, sampler=sampler, batch_size=args.batch_size,
-                                         progress=not args.no_progress,
-                                         max_prompt_tokens=prompt_budget(cfg, sampler, args.shots))
-    logged = None
-    if run_id is not None:
-        logged = log_to_run(tracking_uri, run_id, metrics, predictions, split=args.split, shots=args.shots,
-                            task=args.task, step=step, weights="base" if args.base else None)
-    if args.predictions:
-        Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
-              ("ema" if args.ema else "online"), "task": args.task, "split": args.split,
-              "shots": args.shots, "sampler": {"gen_length": sampler.gen_length, "block_length": sampler.block_length,
-                                               "steps": sampler.steps},
-              "metrics": metrics, "logged_as": logged}
-    if args.json:
-        from .cli import emit_json
-
-        emit_json(result)
-    else:
-        print(("base model of " if args.base else "") + f"checkpoint: {folder} (step {step})"
-              + (f", run {run_id}" if run_id else ""))
-        print(f"{args.task} {args.split} {args.shots}-shot, gen_length {sampler.gen_length}, block "
-              f"{sampler.block_length}, steps {sampler.steps}")
-        for key, value in metrics.items():
-            print(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
-        if logged:
-            print(f"logged to MLflow run {run_id} as {logged}/*")
-    return 0
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="generate answers with a checkpoint and score them on a task")
-    p.add_argument("checkpoint", help="a raydllm checkpoint folder (or a Ray run folder), or an MLflow run id")
-    p.add_argument("task", help="task name, e.g. gsm8k")
-    p.add_argument("--shots", type=int, choices=(0, 4), default=0, help="few-shot exemplars from train (default 0)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--split", choices=("validation", "test"), default="test")
-    p.add_argument("--steps", type=int, help="denoising steps (default: gen-length, one token per step)")
-    p.add_argument("--gen-length", type=int, help="answer tokens (default: data.answer_tokens rounded up to the block)")
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the whole answer "
-                                                    "if <= 64 tokens, else 32)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data", help="local data file or folder (default: the checkpoint's data source)")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
-    p.add_argument("--base", action="store_true", help="evaluate the model this run started from (same data, "
-                                                       "prompts and sampler), for a before/after comparison")
-    p.add_argument("--predictions", help="also write the predictions jsonl here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    p.set_defaults(func=cmd_eval)
-    return p

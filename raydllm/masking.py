@@ -1,4 +1,4 @@
-"""The forward process q(x_t | x0, t): each maskable token is replaced by the mask token with probability t.
+"""Core layer: the forward process q(x_t | x0, t): each maskable token is replaced by the mask token with probability t.
 
 Prompt tokens (prompt/answer data) and padding are never maskable. Views are drawn from an explicit
 `torch.Generator`, so the same seed gives the same view on any machine.

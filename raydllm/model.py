@@ -1,4 +1,4 @@
-"""The embedded backbone: a tiny bidirectional transformer for masked diffusion, in Hugging Face form.
+"""Core layer: the embedded backbone: a tiny bidirectional transformer for masked diffusion, in Hugging Face form.
 
 It is a `PreTrainedModel`, so it saves with `save_pretrained` (with this file as remote code) and loads
 through exactly the `AutoModel.from_pretrained(..., trust_remote_code=True)` path a user's LLaDA or Dream
@@ -113,3 +113,15 @@ class TinyDiffusionLM(PreTrainedModel):
         hidden_states[-1] = h  # as in Hugging Face decoders: the last entry is after the final norm
         logits = self.lm_head(h)
         return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+
+def build_tiny(cfg) -> tuple[TinyDiffusionLM, object]:
+    """(model, byte tokenizer) of the embedded model at the shape a `config.ModelConfig` names."""
+    from .tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    model_config = TinyDiffusionConfig(vocab_size=len(tokenizer), d_model=cfg.d_model, n_layers=cfg.n_layers,
+                                       n_heads=cfg.n_heads, max_seq_len=cfg.max_seq_len,
+                                       mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return TinyDiffusionLM(model_config), tokenizer

@@ -1,4 +1,4 @@
-"""The DLLM-JEPA objective as plain tensor code: no Ray, no DeepSpeed.
+"""Core layer: the DLLM-JEPA objective as plain tensor code: no Ray, no DeepSpeed.
 
 L = L_diff(context view) + lambda * (1 - cos(g_phi(z_L), sg(z_H))), where z = LayerNorm(mean of the last
 hidden states over non-masked, non-pad tokens), z_L comes from the online backbone on the context view

@@ -1,4 +1,4 @@
-"""A base worth fine-tuning, offline: masked-diffusion pretraining of the embedded tiny model.
+"""Engine layer: the embedded tiny model's base, offline: its masked-diffusion pretraining and the weights cache.
 
 `model.init: pretrained` starts the tiny model from this base instead of random weights. The base is built
 once per shape on first use (a few minutes on one CPU core, with a progress bar) and cached in
@@ -22,11 +22,8 @@ on `<file>.lock`, so Ray workers that start together build it once and never rea
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -38,7 +35,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import backbone_weights, read_checkpoint_state, torch_load
 from .config import ConfigError, ModelConfig
+from .corpora import corpus_tag, corpus_text, encode_text
+from .masking import mask_tokens
+from .model import build_tiny
+from .objective import diffusion_loss
 
 log = logging.getLogger(__name__)
 
@@ -51,125 +53,6 @@ DEFAULT_LR = 1.5e-3
 PROBLEM_FRACTION = 0.25
 PROBLEM_SEED = 7_000_003
 T_MIN = 0.05
-
-_STDLIB_DOC_MODULES = (
-    "string", "textwrap", "json", "random", "collections", "itertools", "functools", "os", "pathlib", "re",
-    "math", "statistics", "datetime", "calendar", "csv", "argparse", "logging", "unittest", "difflib", "heapq",
-    "bisect", "queue", "threading", "subprocess", "shutil", "tempfile", "zipfile", "tarfile", "pickle", "copy",
-    "pprint", "enum", "dataclasses", "typing", "abc", "contextlib", "inspect", "ast", "tokenize", "decimal",
-    "fractions", "operator", "io", "codecs", "locale", "gettext", "hashlib", "uuid", "socket", "selectors",
-    "asyncio", "concurrent.futures", "sched", "glob", "fnmatch", "filecmp", "email.message", "http.client",
-    "urllib.parse", "html.parser", "xml.dom.minidom", "wave", "zlib", "base64", "binascii", "struct", "array",
-    "weakref", "types", "imaplib", "smtplib", "ftplib", "poplib", "mailbox", "configparser", "shlex", "cmd",
-    "code", "pdb", "timeit", "trace", "doctest", "pydoc", "sqlite3", "optparse", "getopt", "traceback",
-    "warnings", "gc", "sys", "builtins",
-)
-_RAYDLLM_DOC_MODULES = ("backbone", "config", "data", "masking", "model", "objective", "sampler", "tokenizer",
-                        "worker", "pretrain", "tasks.base", "tasks.gsm8k", "tasks.synthetic")
-
-
-# -- where the text comes from ---------------------------------------------------------------------------
-def shared_data_dir() -> Path | None:
-    """The shared data folder: $RAYDLLM_SHARED_DATA, else `<repo>/../shared/data`, else `./../shared/data`."""
-    candidates = []
-    if os.environ.get("RAYDLLM_SHARED_DATA"):
-        candidates.append(Path(os.environ["RAYDLLM_SHARED_DATA"]))
-    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-def wikitext_file(split: str) -> Path | None:
-    """`<shared data>/wikitext/<valid|test>.txt` if present."""
-    root = shared_data_dir()
-    if root is None:
-        return None
-    path = root / "wikitext" / f"{split}.txt"
-    return path if path.is_file() else None
-
-
-def builtin_text() -> str:
-    """English prose the package can produce by itself, offline: standard-library and raydllm docstrings."""
-    import warnings
-
-    docs: list[str] = []
-    names = list(_STDLIB_DOC_MODULES) + [f"raydllm.{m}" for m in _RAYDLLM_DOC_MODULES]
-    for name in names:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a module missing on this Python is simply skipped
-            continue
-        doc = inspect.getdoc(module)
-        if doc:
-            docs.append(doc)
-        for attr in sorted(dir(module)):
-            if attr.startswith("_"):
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                obj = getattr(module, attr, None)
-            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            if getattr(obj, "__module__", None) != module.__name__:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80:
-                docs.append(doc)
-    return "\n\n".join(docs)
-
-
-def corpus_text(text_path: Path | None) -> tuple[str, str]:
-    """(text, corpus tag). `text_path` None = WikiText valid from the shared data, else built-in text."""
-    path = text_path if text_path is not None else wikitext_file("valid")
-    if path is not None:
-        log.info("pretrain text: %s + generated GSM8K-format problems", path)
-        return Path(path).read_text(encoding="utf-8"), f"file:{Path(path).name}:{Path(path).stat().st_size}"
-    log.warning("pretrain text: no WikiText copy found (../shared/data/wikitext/valid.txt); using generated "
-                "GSM8K-format problems + built-in text (Python standard-library and raydllm docstrings)")
-    return builtin_text(), "builtin-docstrings"
-
-
-def corpus_tag(text_path: Path | None) -> str:
-    path = text_path if text_path is not None else wikitext_file("valid")
-    if path is not None:
-        return f"file:{Path(path).name}:{Path(path).stat().st_size}"
-    return "builtin-docstrings"
-
-
-# -- tokens ----------------------------------------------------------------------------------------------
-def _gpt2_byte_symbols() -> dict[int, str]:
-    """The byte -> printable symbol map of byte-level BPE (GPT-2's bytes_to_unicode)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def encode_text(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a long text, without special tokens. For the embedded byte tokenizer this is a table
-    lookup over the UTF-8 bytes (checked against the tokenizer on a sample), ~100x faster than the
-    tokenizer on a megabyte of text; any other tokenizer is simply called."""
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    symbols = _gpt2_byte_symbols()
-    if len(vocab) == 260 and all(s in vocab for s in symbols.values()):
-        table = torch.tensor([vocab[symbols[b]] for b in range(256)], dtype=torch.long)
-        import numpy as np
-
-        ids = table[torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))]
-        sample = text[:2000]
-        expected = tokenizer(sample, add_special_tokens=False)["input_ids"]
-        if ids[:len(expected)].tolist() == expected:
-            return ids
-    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 # -- batches ----------------------------------------------------------------------------------------------
@@ -224,9 +107,6 @@ def pretrain_tiny(model_cfg: ModelConfig, *, text_path: Path | None = None, step
     """
     from tqdm.auto import tqdm
 
-    from .backbone import build_tiny
-    from .masking import mask_tokens
-    from .objective import diffusion_loss
 
     if model_cfg.name != "tiny":
         raise ConfigError(f"model.init: pretraining is only for the embedded model, not {model_cfg.name!r}")
@@ -336,21 +216,13 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, meta: dict | None =
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, meta) from a file written by save_weights, or a plain state dict file."""
-    from .evaluation import _torch_load  # weights_only first; DeepSpeed files also hold plain Python objects
-
-    blob = _torch_load(Path(path))
+    blob = torch_load(Path(path))
     if isinstance(blob, dict) and "state_dict" in blob:
         return blob["state_dict"], blob.get("meta", {})
     if isinstance(blob, dict) and "module" in blob:  # a DeepSpeed model-states file
-        return _backbone_weights(blob["module"]), {}
+        return backbone_weights(blob["module"]), {}
     return blob, {}
 
-
-def _backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = "backbone.model."
-    if any(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
 
 
 def build_base(model_cfg: ModelConfig, *, seed: int | None = None, steps: int | None = None,
@@ -373,8 +245,6 @@ def build_base(model_cfg: ModelConfig, *, seed: int | None = None, steps: int | 
 
 
 def _check_shapes(model_cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
-    from .backbone import build_tiny
-
     expected = {k: tuple(v.shape) for k, v in build_tiny(model_cfg)[0].state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
@@ -414,9 +284,7 @@ def load_base_weights(model_cfg: ModelConfig, *, progress: bool = True) -> dict[
     else:
         path = Path(init).expanduser()
         if path.is_dir():
-            from .evaluation import read_checkpoint_state
-
-            state = _backbone_weights(read_checkpoint_state(path))
+            state = backbone_weights(read_checkpoint_state(path))
         elif path.is_file():
             state, _ = read_weights(path)
         else:
@@ -426,50 +294,8 @@ def load_base_weights(model_cfg: ModelConfig, *, progress: bool = True) -> dict[
     return state
 
 
-# -- command line ----------------------------------------------------------------------------------------
-def cmd_pretrain(args) -> int:
-    from .config import load_config
-
-    cfg = load_config("gsm8k", args.preset, [f"model.{kv}" if not kv.startswith("model.") else kv
-                                             for kv in args.overrides])
-    model_cfg = cfg.model
-    if args.out:
-        stats: dict = {}
-        state = pretrain_tiny(model_cfg, steps=args.steps, seed=args.seed, progress=not args.no_progress,
-                              stats=stats)
-        path = Path(args.out).expanduser()
-        save_weights(state, path, {"key": base_key(model_cfg, seed=args.seed, steps=args.steps), **stats})
-        meta, cached = stats, False
-    else:
-        existed = base_path(model_cfg, seed=args.seed, steps=args.steps).exists()
-        path, meta = build_base(model_cfg, seed=args.seed, steps=args.steps, progress=not args.no_progress)
-        cached = existed
-    result = {"weights": str(path), "final_loss": meta.get("final_loss"), "seconds": meta.get("seconds"),
-              "steps": args.steps, "seed": args.seed, "corpus": meta.get("corpus"), "cached": cached,
-              "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads}
-    if args.json:
-        from .cli import emit_json
-
-        emit_json(result)
-    else:
-        loss = result["final_loss"]
-        print(f"weights: {path}" + (" (already cached)" if cached else ""))
-        print(f"final loss: {loss:.4f}" if loss is not None else "final loss: unknown")
-        if not args.out:
-            print("use it with: --set model.init=pretrained")
-    return 0
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("pretrain", help="pretrain the embedded tiny model offline (the model.init=pretrained "
-                                               "base; cached in ~/.cache/raydllm)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
-    p.add_argument("--out", help="write the weights here instead of the cache (use with --set model.init=PATH)")
-    p.add_argument("--preset", default="local", help="preset whose model shape to pretrain (default: local)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model field, e.g. --set model.d_model=256 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    p.set_defaults(func=cmd_pretrain)
-    return p
+def prepare_base(model_cfg: ModelConfig) -> None:
+    """Build (or find) the tiny model's pretrained base in the calling process, with a progress bar on the
+    user's terminal, rather than in every Ray worker at start-up."""
+    if model_cfg.name == "tiny" and model_cfg.init == "pretrained":
+        load_base_weights(model_cfg, progress=True)

@@ -1,4 +1,4 @@
-"""Preservation probes: how much of the base model a fine-tune kept, and whether its embeddings collapsed.
+"""Evaluation layer: preservation probes: how much of the base model a fine-tune kept, and whether its embeddings collapsed.
 
 * `wikitext_loss`: held-out masked-diffusion loss on WikiText **test** at one mask rate (0.5) with a fixed
   seed: the same chunks and the same masks for the base and the fine-tuned model, so their difference
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .corpora import encode_text, wikitext_file
 from .masking import mask_tokens
 from .objective import pool
 
@@ -40,8 +41,6 @@ WIKITEXT_HUB = ("wikitext", "wikitext-103-raw-v1")
 def wikitext_text(text_path: str | Path | None = None) -> str:
     """WikiText test text: `text_path` if given, else the shared-data copy, else the hub test split."""
     if text_path is None:
-        from .pretrain import wikitext_file
-
         text_path = wikitext_file("test")
     if text_path is not None:
         return Path(text_path).read_text(encoding="utf-8")
@@ -56,8 +55,6 @@ def wikitext_chunks(tokenizer, text_path: str | Path | None = None, *, seq_len: 
     """[N, seq_len] non-overlapping token windows of WikiText test, evenly spaced over the whole file
     (so the probe covers many articles, not only the first), deterministic."""
     text = wikitext_text(text_path) if text is None else text
-    from .pretrain import encode_text
-
     ids = encode_text(tokenizer, text)
     n = ids.numel() // seq_len
     if n == 0:

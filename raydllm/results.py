@@ -1,4 +1,4 @@
-"""Reading a sweep back from MLflow: best configs with seeds aggregated, the baseline, a summary plot.
+"""Runs and sweeps layer: reading a sweep back from MLflow: best configs with seeds aggregated, the baseline, a summary plot.
 
 Everything here reads MLflow only (not Ray's files), so it works on a sweep that is still running and on
 a machine that never saw the cluster.

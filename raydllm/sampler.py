@@ -1,4 +1,4 @@
-"""Iterative-unmasking generation for masked-diffusion LMs (LLaDA's sampling scheme).
+"""Core layer: iterative-unmasking generation for masked-diffusion LMs (LLaDA's sampling scheme).
 
 The answer starts as ``gen_length`` [MASK] tokens after the (left-padded) prompt and is filled in
 ``steps`` denoising steps, split evenly over ``gen_length // block_length`` semi-autoregressive blocks.

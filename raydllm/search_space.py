@@ -1,4 +1,4 @@
-"""Search-space YAML files (`search_spaces/<task>.yaml`): schema, validation, and the Tune objects they become.
+"""Runs and sweeps layer: search-space YAML files (`search_spaces/<task>.yaml`): schema, validation, and the Tune objects they become.
 
 A file is validated completely before Ray starts: the schema, every config key (by building a trial config
 at each end of each distribution), the metric, and the t_L < t_H constraint. The constraint is enforced by

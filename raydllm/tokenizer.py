@@ -1,4 +1,4 @@
-"""An offline tokenizer for the embedded model: one token per UTF-8 byte plus four special tokens.
+"""Core layer: an offline tokenizer for the embedded model: one token per UTF-8 byte plus four special tokens.
 
 Built with the `tokenizers` library and wrapped as a `PreTrainedTokenizerFast`, so it saves, loads and
 behaves like any Hugging Face tokenizer (the rest of raydllm only uses that interface). Nothing is

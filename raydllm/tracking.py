@@ -1,4 +1,4 @@
-"""MLflow at the edge: where runs go, and the few operations raydllm needs on them.
+"""Runs and sweeps layer: MLflow at the edge: where runs go, and the few operations raydllm needs on them.
 
 Default store: a SQLite file in the working directory (`sqlite:///<cwd>/mlflow.db`), which
 `mlflow ui --backend-store-uri sqlite:///mlflow.db` opens as is; `--tracking-uri` or MLFLOW_TRACKING_URI
@@ -6,14 +6,22 @@ point at a server instead. A server that cannot be reached is reported before an
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+
+from .checkpoints import materialize, resolve_checkpoint_dir
+from .config import ConfigError
+
+CHECKPOINT_TAG = "raydllm.checkpoint"  # MLflow tag (or param) of a run pointing at its checkpoint
 
 
 class TrackingError(RuntimeError):
@@ -121,3 +129,42 @@ def environment_tags() -> dict[str, str]:
     except Exception:  # noqa: BLE001
         pass
     return tags
+
+
+# -- evaluation of a finished run (`raydllm eval <run id>`) -------------------------------------------
+def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
+    """(local checkpoint folder, MLflow run id or None) for a checkpoint path or a run id."""
+    if Path(target).expanduser().exists():
+        return resolve_checkpoint_dir(target), None
+    if "://" in target:
+        return resolve_checkpoint_dir(materialize(target)), None
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(target)
+    except MlflowException:
+        raise ConfigError(f"{target}: neither a checkpoint folder nor a run id in {tracking_uri}") from None
+    location = run.data.tags.get(CHECKPOINT_TAG) or run.data.params.get(CHECKPOINT_TAG)
+    if not location:
+        raise ConfigError(f"run {target}: no {CHECKPOINT_TAG} tag (it finished without a checkpoint?)")
+    if "://" in location and not location.startswith("file://"):
+        return resolve_checkpoint_dir(materialize(location)), target
+    return resolve_checkpoint_dir(location.removeprefix("file://")), target
+
+
+def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predictions: list[dict], *,
+               split: str, shots: int, task: str, step: int = 0, weights: str | None = None) -> str:
+    """Log `eval/<split>/<shots>shot[/<weights>]/<metric>` metrics and a predictions jsonl artifact; returns
+    the prefix. `weights="base"` marks figures of the model the run started from."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    prefix = f"eval/{split}/{shots}shot" + (f"/{weights}" if weights else "")
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot{'-' + weights if weights else ''}.jsonl"
+        file.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        client.log_artifact(run_id, str(file), artifact_path="eval")
+    return prefix

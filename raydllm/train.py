@@ -1,4 +1,4 @@
-"""Driver side of one training run: a Ray Train `TorchTrainer` over `worker.train_loop_per_worker`.
+"""Runs and sweeps layer: the driver side of one training run: a Ray Train `TorchTrainer` over `trial.train_loop_per_worker`.
 
 The same function serves `raydllm train` (its own MLflow run) and each Ray Tune trial (the trial's child
 run), so a sweep trains exactly what a single run trains.
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .pretrain import prepare_base
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,6 @@ def warm_deepspeed_ops() -> None:
         log.warning("DeepSpeed CPU comm op unavailable (%s); workers use plain torch.distributed", exc)
 
 
-def prepare_base(cfg: Config) -> None:
-    """Build (or find) the tiny model's pretrained base here, with a progress bar on the user's terminal,
-    rather than in every worker at start-up."""
-    if cfg.model.name == "tiny" and cfg.model.init == "pretrained":
-        from .pretrain import load_base_weights
-
-        load_base_weights(cfg.model, progress=True)
-
 
 def choose_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
@@ -102,7 +95,7 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from .worker import train_loop_per_worker
+    from .trial import train_loop_per_worker
 
     return TorchTrainer(
         train_loop_per_worker,
@@ -161,7 +154,7 @@ def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
     run_id, resumed = tracking.open_run(tracking_uri, tracking.experiment_name(cfg.task), key="raydllm.run_name",
                                         name=name, params=cfg.flat(),
                                         tags={"raydllm.kind": "train", **tracking.environment_tags()})
-    prepare_base(cfg)
+    prepare_base(cfg.model)
     ensure_ray()
     warm_deepspeed_ops()
     trainer = build_trainer(cfg, name=name, storage_path=storage,
@@ -174,6 +167,6 @@ def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
         raise
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     # `raydllm eval <run id>` finds the weights through this tag.
-    tracking.finish_run(tracking_uri, run_id, "FINISHED", {"raydllm.checkpoint": checkpoint} if checkpoint else None)
+    tracking.finish_run(tracking_uri, run_id, "FINISHED", {tracking.CHECKPOINT_TAG: checkpoint} if checkpoint else None)
     return TrainOutcome(run_id=run_id, name=name, metrics=dict(result.metrics or {}), checkpoint=checkpoint,
                         resumed=resumed)

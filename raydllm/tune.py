@@ -1,4 +1,4 @@
-"""`raydllm tune`: Ray Tune + ASHA over the training engine, every trial a child run in MLflow.
+"""Runs and sweeps layer: `raydllm tune`: Ray Tune + ASHA over the training engine, every trial a child run in MLflow.
 
 Pattern (Ray Train V2): each Tune trial is a function trainable that builds the same `TorchTrainer` as
 `raydllm train` and forwards its workers' reports to Tune with `TuneReportCallback`; ASHA's clock is the
@@ -129,7 +129,7 @@ class TrialStatusCallback:
                     "raydllm.stopped_at_rung": str(_rung(decided_at, self.grace, self.factor))}
         checkpoint = (trial.last_result or {}).get("checkpoint_path")
         if checkpoint:  # forwarded by TuneReportCallback; `raydllm eval <run id>` finds the weights with it
-            tags["raydllm.checkpoint"] = str(checkpoint)
+            tags[tracking.CHECKPOINT_TAG] = str(checkpoint)
         tracking.finish_run(self.tracking_uri, run_id, "FINISHED", tags)
 
     def error(self, trial) -> None:
@@ -297,9 +297,9 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
 
     from .search_space import base_raw
     from .config import validate
-    from .train import prepare_base
+    from .pretrain import prepare_base
 
-    prepare_base(validate(base_raw(spec)))
+    prepare_base(validate(base_raw(spec)).model)
     ensure_ray_for_sweep(spec)
     warm_deepspeed_ops()
     common = dict(spec=spec, storage=storage, tracking_uri=tracking_uri, experiment=experiment,
@@ -402,67 +402,4 @@ def _search_alg(spec: SweepSpec):
                                  max_concurrent=spec.max_concurrent_trials)
 
 
-def bench_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None) -> dict[str, Any]:
-    """The same space run twice: as a full grid (every trial to max_t, the grid-best repeated over the seeds
-    to measure seed noise) and under ASHA. Compute is counted in trial-steps, read back from MLflow. Re-running
-    resumes unfinished arms and recomputes the figures from MLflow."""
-    from .search_space import RepeatSettings
 
-    space_file = Path(space_file)
-    spec = load_spec(space_file)
-    base = sweep_name(spec, space_file)
-    arms = {
-        "grid": spec.model_copy(update={"scheduler": spec.scheduler.model_copy(update={"type": "fifo"}),
-                                        "repeat": RepeatSettings(top=1), "baseline": False}),
-        "asha": spec.model_copy(update={"repeat": RepeatSettings(top=0), "baseline": False}),
-    }
-    figures: dict[str, Any] = {}
-    for arm, arm_spec in arms.items():
-        if not _sweep_finished(tracking_uri, spec.task, f"{base}-{arm}"):  # a finished arm keeps its wall time
-            run_spec(arm_spec, space_text=space_file.read_text(), space_name=space_file.name, name=f"{base}-{arm}",
-                     tracking_uri=tracking_uri, storage=storage)
-        figures[arm] = arm_figures(spec, tracking_uri=tracking_uri, sweep=f"{base}-{arm}")
-    grid, asha = figures["grid"], figures["asha"]
-    noise = grid["best_metric_std_over_seeds"]
-    sign = 1 if spec.mode == "min" else -1
-    figures["compute_ratio"] = asha["trial_steps"] / max(grid["trial_steps"], 1)
-    figures["asha_gap"] = sign * (asha["best_metric"] - grid["best_metric"])
-    figures["within_seed_noise"] = figures["asha_gap"] <= 2 * noise
-    return figures
-
-
-def _sweep_finished(tracking_uri: str, task: str, sweep: str) -> bool:
-    from .results import find_sweep
-
-    try:
-        return find_sweep(MlflowClient(tracking_uri), task, sweep).info.status == "FINISHED"
-    except ConfigError:  # no such sweep yet
-        return False
-
-
-def arm_figures(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
-    """One arm of `bench sweep`, from MLflow: its best search trial on the first seed (what the search itself
-    chose), that config's values over every seed it ran (its seed noise), trial-steps and time accounting."""
-    import statistics
-
-    from .results import find_sweep, time_accounting
-
-    client = MlflowClient(tracking_uri)
-    parent = find_sweep(client, spec.task, sweep)
-    runs = trial_runs(client, parent)
-    search = [r for r in runs if r.data.tags.get("raydllm.phase") == "search" and spec.metric in r.data.metrics]
-    sign = 1 if spec.mode == "min" else -1
-    best = min(search, key=lambda r: sign * r.data.metrics[spec.metric])
-    key = best.data.tags.get("raydllm.config_key")
-    same = [r for r in runs if r.data.tags.get("raydllm.config_key") == key and spec.metric in r.data.metrics]
-    values = [float(r.data.metrics[spec.metric]) for r in same]
-    searched = json.loads(best.data.tags.get("raydllm.searched", "{}"))
-    searched.pop("train.seed", None)
-    wall = ((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000
-    return {"trials": len(search), "wall_s": round(wall, 1),
-            "trial_steps": sum(int(r.data.tags.get("raydllm.last_step", 0)) for r in search),
-            "best_config": searched, "best_metric": float(best.data.metrics[spec.metric]),
-            "best_metric_mean_over_seeds": statistics.fmean(values),
-            "best_metric_std_over_seeds": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "seeds": [int(r.data.params.get("train.seed", -1)) for r in same],
-            "time": time_accounting(runs)}

@@ -1,4 +1,4 @@
-"""The worker loop: what each Ray Train worker runs, around one DeepSpeed engine.
+"""Engine layer: the training loop each Ray Train worker runs, around one DeepSpeed engine.
 
 Per optimizer step: the online model (backbone + predictor, inside DeepSpeed) runs once with grad on the
 context view; the EMA target runs once under no_grad on the target view (lambda > 0 only); one backward;
@@ -23,14 +23,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .backbone import Backbone, load_backbone
-from .config import Config, validate
+from .checkpoints import DS_TAG
+from .config import Config, ConfigError
 from .data import collate, load_examples, micro_batch_indices, steps_for, tokenize_sft
 from .objective import EmaTarget, Losses, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses
 from .masking import mask_tokens
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
-DS_TAG = "engine"
 
 
 class OnlineModel(nn.Module):
@@ -260,44 +260,14 @@ class WorkerLoop:
             dist.all_reduce(totals)
         return float(totals[0] / totals[1].clamp(min=1))
 
-    # -- generation and probes (rank 0) -------------------------------------------------------------------
-    def _generate_metrics(self, limit: int, shots: int) -> tuple[dict[str, float], list[dict]]:
-        from .evaluation import default_sampler, evaluate_task, prompt_budget
-
-        cfg = self.cfg
-        sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
-                                  steps=cfg.eval.sampler_steps)
-        backbone = self.engine.module.backbone
-        backbone.eval()
-        try:
-            return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
-                                 shots=shots, train_examples=self.train_examples, sampler=sampler,
-                                 batch_size=cfg.train.micro_batch_size, progress=False,
-                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots))
-        finally:
-            backbone.train()
+    # -- evaluation hooks: the engine trains; the evaluation layer (`trial.TrialLoop`) fills these in -----------
+    def validation_accuracy(self) -> float:
+        """The task metric on a validation subset (`eval.metric: accuracy`); rank 0 only."""
+        raise ConfigError("eval.metric=accuracy: this loop has no generation evaluation (use trial.TrialLoop)")
 
     def final_evaluation(self) -> dict[str, float]:
-        """Generation accuracy per shot count and the probes against the base model; rank 0 only."""
-        cfg = self.cfg
-        out: dict[str, float] = {}
-        primary = get_task(cfg.task).primary_metric
-        for shots in cfg.eval.final_shots:
-            metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots)
-            out |= {f"final/val/{shots}shot/{k}": float(v) for k, v in metrics.items()}
-            out.setdefault("final_val_" + primary, float(metrics[primary]))
-        if cfg.eval.probes:
-            from .probes import run_probes
-
-            torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
-            base, _ = load_backbone(cfg.model)
-            base.to(self.device).eval()
-            finetuned = self.engine.module.backbone.eval()
-            with torch.no_grad():
-                out |= run_probes(base, finetuned, self.tokenizer, wikitext_path=cfg.eval.wikitext_path,
-                                  max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size)
-            finetuned.train()
-        return out
+        """End-of-run figures (generation, probes); rank 0 only. The engine alone has none."""
+        return {}
 
     def _final_evaluation_once(self) -> dict[str, float]:
         # A run restored at its final checkpoint has usually logged its final evaluation already.
@@ -384,8 +354,7 @@ class WorkerLoop:
             summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
         summary.pop("tokens", None)
         if self.cfg.eval.metric == "accuracy":
-            summary["val_accuracy"] = self._rank0_value(
-                lambda: self._generate_metrics(self.cfg.eval.gen_limit, 0)[0][get_task(self.cfg.task).primary_metric])
+            summary["val_accuracy"] = self._rank0_value(self.validation_accuracy)
         if self.step >= self.total_steps and self.cfg.eval.final:
             summary |= self._rank0_dict(self._final_evaluation_once)
         self.seconds["eval"] += time.perf_counter() - eval_start
@@ -444,15 +413,3 @@ def _mean_across_ranks(window: list[dict[str, float]], device: torch.device) -> 
     return out
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point. loop_config = {"config": Config dict, "tracking": {tracking_uri, run_id}}."""
-    entered_at = time.time()
-    import ray.train
-    import ray.train.torch
-
-    cfg = validate(loop_config["config"])
-    context = ray.train.get_context()
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    loop = WorkerLoop(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
-                      device=ray.train.torch.get_device(), tracking=loop_config.get("tracking"))
-    loop.run(scheduled_at=loop_config.get("scheduled_at"), entered_at=entered_at)

@@ -1,12 +1,11 @@
 """`raydllm bench` in one process: a tiny model, a few steps, the real DeepSpeed engine (one-rank gloo group)."""
-import argparse
 import json
 import math
 
 import pytest
 
-from raydllm.bench import (GIB, cmd_bench, estimate_memory, format_report, llada_memory_table, predictor_params,
-                           register_cli, run_bench)
+from raydllm.bench import GIB, estimate_memory, format_report, llada_memory_table, predictor_params, run_bench
+from raydllm.cli import build_parser, cmd_bench
 from raydllm.config import load_config
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=16",
@@ -102,8 +101,7 @@ def test_llada_8b_table():
 
 
 def test_cli_parses_mode_and_flags(capsys):
-    parser = argparse.ArgumentParser(prog="raydllm")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["bench", "--preset", "local", "--steps", "3", "--set", "jepa.k=2", "--json"])
     assert args.mode == "step" and args.steps == 3 and args.overrides == ["jepa.k=2"] and args.json
     args = parser.parse_args(["bench", "sweep", "--space", "s.yaml", "--storage", "/tmp/x"])

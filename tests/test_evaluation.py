@@ -1,5 +1,4 @@
 """Generation evaluation, checkpoint loading and `raydllm eval` (MLflow run ids included)."""
-import argparse
 import json
 
 import pytest
@@ -9,8 +8,9 @@ import torch.nn as nn
 from raydllm.backbone import TokenIds, load_backbone
 from raydllm.config import ConfigError, load_config
 from raydllm.data import load_examples
-from raydllm.evaluation import (default_sampler, evaluate_task, left_pad, load_checkpoint_backbone,
-                                read_checkpoint_state, register_cli)
+from raydllm.checkpoints import read_checkpoint_state
+from raydllm.cli import build_parser
+from raydllm.evaluation import default_sampler, evaluate_task, left_pad, load_checkpoint_backbone
 from raydllm.sampler import SamplerConfig
 from raydllm.tasks import get_task
 from raydllm.tokenizer import byte_tokenizer
@@ -143,9 +143,7 @@ def test_worker_checkpoint_loads(process_group, tmp_path):
 
 
 def _eval_parser():
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
 
 
 def test_cli_eval_by_run_id_logs_to_mlflow(tmp_path, capsys):

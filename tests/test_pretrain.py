@@ -1,12 +1,12 @@
 """The offline base: pretraining, the cache (built once, atomically, under a lock) and model.init."""
-import argparse
 import json
 import threading
 
 import pytest
 import torch
 
-from raydllm import pretrain
+from raydllm import corpora, pretrain
+from raydllm.cli import build_parser
 from raydllm.backbone import load_backbone
 from raydllm.config import ConfigError, ModelConfig
 
@@ -42,18 +42,18 @@ def test_fast_byte_encoding_matches_the_tokenizer():
 
     tokenizer = byte_tokenizer()
     text = "Héllo, wörld ☃ \x00\x7f\t\n#### 42 <unk> = 3 " * 50
-    assert pretrain.encode_text(tokenizer, text).tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert corpora.encode_text(tokenizer, text).tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_text_is_wikitext_valid_when_shared_data_exists(shared_data):
-    assert pretrain.wikitext_file("valid") == shared_data / "wikitext" / "valid.txt"
-    assert "valid.txt" in pretrain.corpus_tag(None)
+    assert corpora.wikitext_file("valid") == shared_data / "wikitext" / "valid.txt"
+    assert "valid.txt" in corpora.corpus_tag(None)
 
 
 def test_fallback_text_without_shared_data(monkeypatch, caplog):
-    monkeypatch.setattr(pretrain, "shared_data_dir", lambda: None)
+    monkeypatch.setattr(corpora, "shared_data_dir", lambda: None)
     with caplog.at_level("WARNING", logger="raydllm.pretrain"):
-        text, tag = pretrain.corpus_text(None)
+        text, tag = corpora.corpus_text(None)
     assert tag == "builtin-docstrings" and len(text) > 100_000
     assert "built-in text" in caplog.text
     state = pretrain.pretrain_tiny(ModelConfig(**SMALL), steps=2, seq_len=32, batch_size=4, progress=False)
@@ -110,8 +110,7 @@ def test_init_pretrained_and_init_path_through_load_backbone(fast_defaults, tmp_
 
 
 def test_cli_pretrain(fast_defaults, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    pretrain.register_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "base.pt"
     args = parser.parse_args(["pretrain", "--steps", "3", "--seed", "1", "--out", str(out), "--json",
                               "--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2"])

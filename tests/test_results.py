@@ -100,7 +100,7 @@ def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
 
     from raydllm.search_space import load_spec
     from raydllm.tracking import experiment_name
-    from raydllm.tune import _sweep_finished, arm_figures
+    from raydllm.bench import _sweep_finished, arm_figures
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)

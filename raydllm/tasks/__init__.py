@@ -1,4 +1,4 @@
-"""The task registry: `get_task(name)` -> a Task (see `base.Task`)."""
+"""Data layer: the task registry: `get_task(name)` -> a Task (see `base.Task`)."""
 from __future__ import annotations
 
 from importlib import import_module

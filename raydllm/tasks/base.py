@@ -1,4 +1,4 @@
-"""What every task is: rows of (prompt, answer) text, a prompt format, answer extraction and a metric.
+"""Data layer: what every task is: rows of (prompt, answer) text, a prompt format, answer extraction and a metric.
 
 A task never touches tokens or models; `raydllm.data` tokenizes its examples and `raydllm.evaluation`
 generates answers for them. One module per task, registered in `raydllm.tasks`.

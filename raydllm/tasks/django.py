@@ -1,4 +1,4 @@
-"""Django code generation: pseudo-code annotation -> one line of Python (odashi/ase15-django-dataset).
+"""Data layer: Django code generation: pseudo-code annotation -> one line of Python (odashi/ase15-django-dataset).
 
 Data: a folder with line-aligned all.anno / all.code (18,805 pairs). Splits are the usual ones, in file
 order: the first 16,000 lines train, the next 1,000 validation, the last 1,805 test. The code lines are

@@ -1,4 +1,4 @@
-"""GSM8K: grade-school math word problems; the metric is accuracy of the final number.
+"""Data layer: GSM8K: grade-school math word problems; the metric is accuracy of the final number.
 
 Data: the hub id `openai/gsm8k` (config `main`) for real users, or a local folder / file of the same rows
 (`question`, `answer` ending in `#### n`) in jsonl or parquet. Validation is carved from train (seeded),

@@ -1,4 +1,4 @@
-"""NL-RX-SYNTH: natural-language description -> regex in deep-regex's token syntax.
+"""Data layer: NL-RX-SYNTH: natural-language description -> regex in deep-regex's token syntax.
 
 Data (nicholaslocascio/deep-regex): a folder with line-aligned src-{train,val,test}.txt (descriptions) and
 targ-{train,val,test}.txt (regexes, tokens separated by spaces). There is no hub copy, so `path` is required.

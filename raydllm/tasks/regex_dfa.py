@@ -1,4 +1,4 @@
-"""Language equivalence of NL-RX regexes, decided the way the deep-regex reference evaluator decides it.
+"""Data layer: language equivalence of NL-RX regexes, decided the way the deep-regex reference evaluator decides it.
 
 The reference (nicholaslocascio/deep-regex, `regexDFAEquals.py` + `regex_dfa_equals.jar`) first replaces the
 placeholders with fixed text (`<M0>`..`<M3>` -> "dog", "truck", "ring", "lake"; `<VOW>` -> "AEIOUaeiou",

@@ -1,4 +1,4 @@
-"""Spider text-to-SQL: question + database schema -> one SQLite query.
+"""Data layer: Spider text-to-SQL: question + database schema -> one SQLite query.
 
 Data: Spider's release layout under `path`: train_spider.json and dev.json (lists of objects with
 `question`, `query`, `db_id`) and database/<db_id>/<db_id>.sqlite. The hub copy is not reachable from

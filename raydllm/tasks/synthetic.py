@@ -1,4 +1,4 @@
-"""Generated GSM8K-format word problems for the offline default. This is NOT GSM8K.
+"""Data layer: generated GSM8K-format word problems for the offline default. This is NOT GSM8K.
 
 Short one- and two-step arithmetic stories with answers in GSM8K's format (worked line, then `#### n`),
 generated from a seed, so the embedded model can be fine-tuned and evaluated with no download. Rows are

@@ -1,4 +1,4 @@
-"""Users' own data: (prompt, answer) rows from jsonl / parquet, or plain text for unpaired fine-tuning.
+"""Data layer: users' own data: (prompt, answer) rows from jsonl / parquet, or plain text for unpaired fine-tuning.
 
 * .jsonl / .json / .parquet: read with `datasets.load_dataset`; `prompt_field` and `answer_field` name the
   columns (default "prompt" / "answer"); `prompt_field=None` gives every row an empty prompt.

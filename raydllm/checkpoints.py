@@ -1,0 +1,83 @@
+"""Engine layer: the on-disk layout of a raydllm checkpoint and how to read it back.
+
+What `worker.WorkerLoop.save` writes (DeepSpeed 0.19 `save_checkpoint` with tag "engine"):
+
+    <checkpoint>/raydllm.json                        {"step", "config", ...}
+    <checkpoint>/engine/mp_rank_00_model_states.pt   {"module": OnlineModel state dict, ...}  (ZeRO 0-2)
+    <checkpoint>/engine/zero_pp_rank_*_mp_rank_00_model_states.pt + optim shards            (ZeRO 3)
+    <checkpoint>/ema.pt                              EMA target state dict (keys "model.*"; lambda > 0 only)
+
+The OnlineModel state dict holds the backbone under `backbone.model.` and the predictor under `predictor.`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "engine"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+BACKBONE_PREFIX = "backbone.model."
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint folder: `path` itself when it holds raydllm.json, else its newest `checkpoint_*`
+    child that does (a Ray Train run folder)."""
+    path = Path(path).expanduser()
+    if (path / "raydllm.json").is_file():
+        return path
+    if path.is_dir():
+        children = [c for c in path.iterdir() if c.is_dir() and (c / "raydllm.json").is_file()]
+        if children:
+            return max(children, key=lambda c: (json.loads((c / "raydllm.json").read_text()).get("step", 0), c.name))
+    raise ConfigError(f"checkpoint {path}: no raydllm.json here (not a raydllm checkpoint folder)")
+
+
+def torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - DeepSpeed stores a few plain Python objects beside the tensors
+        log.info("%s: not loadable with weights_only=True; loading it as a trusted local checkpoint", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The OnlineModel state dict (`backbone.model.*`, `predictor.*`) of a raydllm checkpoint folder."""
+    folder = resolve_checkpoint_dir(path)
+    states = folder / DS_TAG / MODEL_STATES
+    module = torch_load(states).get("module") if states.is_file() else None
+    if module is None:  # ZeRO-3 keeps the weights only in the partitioned optimizer shards
+        if not any((folder / DS_TAG).glob("zero_pp_rank_*_model_states.pt")):
+            raise ConfigError(f"checkpoint {folder}: no {DS_TAG}/{MODEL_STATES} (not a DeepSpeed checkpoint)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    return dict(module)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    return json.loads((resolve_checkpoint_dir(path) / "raydllm.json").read_text())
+
+
+def materialize(uri: str) -> Path:
+    """A local copy of a remote checkpoint (s3://, gs://, ...) via pyarrow, as Ray Train stores them."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    local = Path(tempfile.mkdtemp(prefix="raydllm-ckpt-"))
+    pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = BACKBONE_PREFIX
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+

@@ -1,0 +1,70 @@
+"""Evaluation layer: what each Ray Train worker of a trial runs: the engine's training loop (`worker.WorkerLoop`)
+with the task's generation evaluation and the probes plugged in (in-trial `val_accuracy`, end-of-run figures)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .backbone import load_backbone
+from .config import validate
+from .evaluation import default_sampler, evaluate_task, prompt_budget
+from .probes import run_probes
+from .tasks import get_task
+from .worker import WorkerLoop
+
+
+class TrialLoop(WorkerLoop):
+    """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
+
+    def _generate_metrics(self, limit: int, shots: int) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
+                                  steps=cfg.eval.sampler_steps)
+        backbone = self.engine.module.backbone
+        backbone.eval()
+        try:
+            return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
+                                 shots=shots, train_examples=self.train_examples, sampler=sampler,
+                                 batch_size=cfg.train.micro_batch_size, progress=False,
+                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots))
+        finally:
+            backbone.train()
+
+    def validation_accuracy(self) -> float:
+        return self._generate_metrics(self.cfg.eval.gen_limit, 0)[0][get_task(self.cfg.task).primary_metric]
+
+    def final_evaluation(self) -> dict[str, float]:
+        """Generation accuracy per shot count and the probes against the base model; rank 0 only."""
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        primary = get_task(cfg.task).primary_metric
+        for shots in cfg.eval.final_shots:
+            metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots)
+            out |= {f"final/val/{shots}shot/{k}": float(v) for k, v in metrics.items()}
+            out.setdefault("final_val_" + primary, float(metrics[primary]))
+        if cfg.eval.probes:
+            torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
+            base, _ = load_backbone(cfg.model)
+            base.to(self.device).eval()
+            finetuned = self.engine.module.backbone.eval()
+            with torch.no_grad():
+                out |= run_probes(base, finetuned, self.tokenizer, wikitext_path=cfg.eval.wikitext_path,
+                                  max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size)
+            finetuned.train()
+        return out
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point. loop_config = {"config": Config dict, "tracking": {tracking_uri, run_id},
+    "scheduled_at": epoch seconds}."""
+    entered_at = time.time()
+    import ray.train
+    import ray.train.torch
+
+    cfg = validate(loop_config["config"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    loop = TrialLoop(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
+                     device=ray.train.torch.get_device(), tracking=loop_config.get("tracking"))
+    loop.run(scheduled_at=loop_config.get("scheduled_at"), entered_at=entered_at)
