@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .archs import ARCHITECTURES
 from .config import ConfigError, ModelConfig
 from .model import build_tiny
 from .pretrain import load_base_weights
@@ -94,15 +95,44 @@ def resolve_token_ids(cfg: ModelConfig, model_config, tokenizer) -> TokenIds:
 
 
 
-def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.dtype | None = None):
-    """The path a user's model id takes: AutoConfig/AutoModel/AutoTokenizer with trust_remote_code."""
+def own_architecture(name_or_path: str, implementation: str):
+    """raydllm's (config class, model class) for the model_type in the folder's config.json, or None for the
+    folder's own (remote) code; read without running any of the folder's code."""
+    from transformers import PreTrainedConfig
+
+    if implementation == "remote":
+        return None
+    model_type = str(PreTrainedConfig.get_config_dict(name_or_path)[0].get("model_type", ""))
+    own = ARCHITECTURES.get(model_type.lower())
+    if own is None and implementation == "raydllm":
+        raise ConfigError(f"model.implementation: raydllm implements {sorted(ARCHITECTURES)}, "
+                          f"not {name_or_path} (model_type {model_type!r})")
+    return own
+
+
+def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.dtype | None = None,
+                    implementation: str = "auto"):
+    """The path a user's model id takes: raydllm's own classes for LLaDA / Dream (see raydllm.archs), else
+    AutoConfig/AutoModel with trust_remote_code; the tokenizer is always the folder's (AutoTokenizer)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     local = Path(name_or_path)
     if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").exists():
         raise ConfigError(f"model.name: {name_or_path} is not a Hugging Face model folder (no config.json)")
-    model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    own = own_architecture(name_or_path, implementation)
+    if own is not None:
+        config_class, model_class = own
+        try:
+            model_config = config_class.from_pretrained(name_or_path)
+            # "auto": the checkpoint's torch_dtype if its config names one, else float32 (as AutoModel).
+            model = model_class.from_pretrained(name_or_path, config=model_config,
+                                                dtype=dtype if dtype is not None else "auto")
+            return model, tokenizer
+        except NotImplementedError as error:
+            raise ConfigError(f"model.implementation: {error}; model.implementation=remote runs the folder's "
+                              "own code") from None
+    model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModel.from_pretrained(name_or_path, config=model_config, trust_remote_code=trust_remote_code,
                                       **kwargs)
@@ -116,7 +146,8 @@ def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> tupl
         if cfg.init != "random":
             model.load_state_dict(load_base_weights(cfg))
     else:
-        model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+        model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                           implementation=cfg.implementation)
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it; remote-code models on older releases only have the old name.
         if hasattr(model, "activation_checkpointing_enable"):

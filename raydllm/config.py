@@ -32,6 +32,9 @@ class ModelConfig(_Section):
     n_heads: int = Field(4, gt=0)
     max_seq_len: int = Field(512, gt=0)
     trust_remote_code: bool = True
+    # Whose code runs a LLaDA / Dream folder: "auto" and "raydllm" = raydllm.archs (the hub's remote code does not
+    # load under transformers 5); "remote" = the folder's own code (trust_remote_code, transformers 4.x).
+    implementation: Literal["auto", "raydllm", "remote"] = "auto"
     mask_token_id: int | None = None  # None = the model's own (config / tokenizer / known family)
     shift_logits: bool | None = None  # None = auto: True for Dream-family models (token i predicted at i-1)
     gradient_checkpointing: bool = False

@@ -1,7 +1,8 @@
 """raydllm against tiny re-creations of the real LLaDA and Dream remote code (tests/archs).
 
-What each architecture really does is asserted as such; where raydllm's adapter does not yet cope with it,
-the test is a strict xfail that names the reason (remove the marker once raydllm handles it).
+What each architecture's hub code really does is asserted as such, loading with model.implementation=remote
+(the folder's own code). raydllm's default for these model types is its own implementation (raydllm.archs,
+tested in test_archs_raydllm.py); the `*_remote_path_fails_*` tests pin down why that default exists.
 """
 import importlib
 import json
@@ -16,6 +17,7 @@ from raydllm.backbone import load_backbone, load_pretrained
 from raydllm.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REMOTE = "remote"  # model.implementation: the folder's own code, as a transformers 4.x user would run it
 VOCAB, WIDTH, LAYERS = 384, 64, 2
 
 
@@ -42,7 +44,7 @@ def llada_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llada(llada_folder):
-    backbone, tokenizer = load_backbone(ModelConfig(name=str(llada_folder)))
+    backbone, tokenizer = load_backbone(ModelConfig(name=str(llada_folder), implementation=REMOTE))
     return backbone, tokenizer
 
 
@@ -119,7 +121,7 @@ def test_llada_refuses_transformers_gradient_checkpointing(llada):
 
 @pytest.mark.parametrize("strategy", ["whole_layer", "one_in_two", "fine_grained"])
 def test_llada_own_activation_checkpointing_gives_the_same_gradients(llada_folder, strategy):
-    model, _ = load_pretrained(str(llada_folder), trust_remote_code=True)
+    model, _ = load_pretrained(str(llada_folder), trust_remote_code=True, implementation=REMOTE)
     configuration = importlib.import_module(type(model).__module__.replace("modeling_", "configuration_"))
     strategy_enum = configuration.ActivationCheckpointingStrategy
     torch.manual_seed(0)
@@ -137,12 +139,13 @@ def test_llada_own_activation_checkpointing_gives_the_same_gradients(llada_folde
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-7) for k in grads[0])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="raydllm enables checkpointing with activation_checkpointing_enable, which LLaDA refuses; "
-                          "it needs model.model.set_activation_checkpointing(ActivationCheckpointingStrategy...)")
-def test_llada_raydllm_gradient_checkpointing_option(llada_folder):
+def test_llada_gradient_checkpointing_option_fails_on_the_remote_path_only(llada_folder):
+    """raydllm enables checkpointing with activation_checkpointing_enable, which the hub LLaDA refuses (it only
+    has model.model.set_activation_checkpointing); raydllm's LLaDA declares support."""
+    with pytest.raises(ValueError, match="does not support"):
+        load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True, implementation=REMOTE))
     backbone, _ = load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True))
-    assert backbone.model.model.activation_checkpointing_strategy is not None
+    assert all(block.gradient_checkpointing for block in backbone.model.model.transformer.blocks)
 
 
 def test_llada_forward_refuses_a_kv_cache(llada):
@@ -161,13 +164,14 @@ def test_llada_hub_code_drops_use_cache_under_transformers_5(tmp_path):
     assert not hasattr(AutoConfig.from_pretrained(str(folder), trust_remote_code=True), "use_cache")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="the hub LLaDAModelLM never calls post_init(): transformers 5 from_pretrained fails on "
-                          "all_tied_weights_keys (then on tie_weights' signature); forward needs use_cache=False")
-def test_llada_hub_code_loads_through_raydllm(tmp_path):
+def test_llada_hub_folder_fails_on_the_remote_path_and_loads_by_default(tmp_path):
+    """The hub LLaDAModelLM never calls post_init(): transformers 5 from_pretrained fails on
+    all_tied_weights_keys (then on tie_weights' signature; forward needs use_cache=False)."""
     folder = save_tiny_llada(tmp_path / "quirks", tiny_hub_quirks=True)
+    with pytest.raises(AttributeError, match="all_tied_weights_keys"):
+        load_backbone(ModelConfig(name=str(folder), implementation=REMOTE))
     backbone, _ = load_backbone(ModelConfig(name=str(folder)))
-    backbone(torch.randint(0, 256, (1, 5)))
+    assert torch.isfinite(backbone.logits(torch.randint(0, 256, (1, 5)))).all()
 
 
 # ----------------------------------------------------------------------------------------------- Dream
@@ -179,7 +183,7 @@ def dream_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dream(dream_folder):
-    return load_backbone(ModelConfig(name=str(dream_folder)), dtype=torch.float32)
+    return load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
 
 
 def _dream_mask(attention: torch.Tensor):
@@ -213,7 +217,7 @@ def test_dream_loads_through_the_raydllm_user_path(dream, dream_folder):
 
 def test_dream_loads_in_bfloat16_by_default(dream_folder):
     # transformers 5 loads with dtype "auto": the hub config's torch_dtype (bfloat16) unless raydllm passes one
-    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder)))
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE))
     assert next(backbone.model.parameters()).dtype == torch.bfloat16
 
 
@@ -242,15 +246,16 @@ def test_dream_model_does_not_understand_a_2d_attention_mask(dream):
         model(ids, attention_mask=torch.ones_like(ids, dtype=torch.bool))  # [B, L] does not broadcast
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="raydllm passes the 2-D attention mask; Dream needs the 4-D boolean mask "
-                          "(and cumsum position_ids) that its generation_utils builds")
-def test_dream_raydllm_forward_with_padding(dream):
-    backbone, _ = dream
+def test_dream_forward_with_padding_fails_on_the_remote_path_only(dream, dream_folder):
+    """raydllm passes a 2-D attention mask; the hub Dream needs the 4-D boolean mask (and cumsum position_ids)
+    that its generation_utils builds. raydllm's Dream builds them itself."""
     ids = torch.randint(0, 256, (2, 6))
     attention = torch.ones_like(ids)
     attention[0, :2] = 0
-    backbone(ids, attention)
+    with pytest.raises(RuntimeError):
+        dream[0](ids, attention)
+    own, _ = load_backbone(ModelConfig(name=str(dream_folder)), dtype=torch.float32)
+    assert torch.isfinite(own(ids, attention)[0]).all()
 
 
 def test_dream_left_padding_with_the_4d_mask_is_invisible_to_the_real_tokens(dream):
@@ -269,8 +274,8 @@ def test_dream_left_padding_with_the_4d_mask_is_invisible_to_the_real_tokens(dre
 
 
 def test_dream_transformers_gradient_checkpointing_gives_the_same_gradients(dream_folder):
-    plain, _ = load_backbone(ModelConfig(name=str(dream_folder)), dtype=torch.float32)
-    ckpt, _ = load_backbone(ModelConfig(name=str(dream_folder), gradient_checkpointing=True), dtype=torch.float32)
+    plain, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
+    ckpt, _ = load_backbone(ModelConfig(name=str(dream_folder), gradient_checkpointing=True, implementation=REMOTE), dtype=torch.float32)
     assert ckpt.model.model.gradient_checkpointing and not plain.model.model.gradient_checkpointing
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 8))
@@ -286,7 +291,7 @@ def test_dream_transformers_gradient_checkpointing_gives_the_same_gradients(drea
 
 def test_dream_pad_eos_embedding_gets_no_gradient(dream_folder):
     """embed_tokens has padding_idx = pad_token_id, which is Dream's EOS: the EOS input row never trains."""
-    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder)), dtype=torch.float32)
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
     pad = backbone.ids.pad
     assert backbone.model.model.embed_tokens.padding_idx == pad == backbone.ids.eos
     ids = torch.tensor([[5, pad, 7, pad, 9]])
@@ -315,9 +320,11 @@ def test_dream_kv_cache_is_appended_in_place_after_the_cached_tokens(dream):
     assert torch.allclose(block, full[:, 6:], atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="the hub Dream rotary embedding looks up ROPE_INIT_FUNCTIONS['default'], gone in "
-                          "transformers 5 (and, patched, its non-persistent inv_freq loads uninitialised)")
-def test_dream_hub_code_loads_through_raydllm(tmp_path):
+def test_dream_hub_folder_fails_on_the_remote_path_and_loads_by_default(tmp_path):
+    """The hub Dream rotary embedding looks up ROPE_INIT_FUNCTIONS['default'], gone in transformers 5 (and,
+    patched, its non-persistent inv_freq loads uninitialised)."""
     folder = save_tiny_dream(tmp_path / "quirks", tiny_hub_quirks=True)
-    load_backbone(ModelConfig(name=str(folder)))
+    with pytest.raises(KeyError, match="default"):
+        load_backbone(ModelConfig(name=str(folder), implementation=REMOTE))
+    backbone, _ = load_backbone(ModelConfig(name=str(folder)))
+    assert torch.isfinite(backbone.logits(torch.randint(0, 256, (1, 5))).float()).all()

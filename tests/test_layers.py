@@ -18,7 +18,7 @@ LAYERS = ["core", "data", "engine", "evaluation", "runs and sweeps", "top"]
 LAYER_OF = {
     # core: pure tensor and config code; no Ray, DeepSpeed or MLflow
     "config": "core", "masking": "core", "objective": "core", "sampler": "core", "model": "core",
-    "tokenizer": "core",
+    "tokenizer": "core", "archs": "core",
     # data and tasks
     "corpora": "data", "data": "data", "tasks": "data",
     # engine: backbone adapter, the embedded model's base, checkpoints, the worker's training loop
