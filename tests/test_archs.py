@@ -275,7 +275,8 @@ def test_dream_left_padding_with_the_4d_mask_is_invisible_to_the_real_tokens(dre
 
 def test_dream_transformers_gradient_checkpointing_gives_the_same_gradients(dream_folder):
     plain, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
-    ckpt, _ = load_backbone(ModelConfig(name=str(dream_folder), gradient_checkpointing=True, implementation=REMOTE), dtype=torch.float32)
+    ckpt, _ = load_backbone(ModelConfig(name=str(dream_folder), gradient_checkpointing=True, implementation=REMOTE),
+                            dtype=torch.float32)
     assert ckpt.model.model.gradient_checkpointing and not plain.model.model.gradient_checkpointing
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 8))

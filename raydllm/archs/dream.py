@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .common import DiffusionLMOutput, RMSNorm, attend, check_block, rotary, rotate, run_layers
+from .common import DiffusionLMOutput, RMSNorm, attend, check_block, init_weights, rotary, rotate, run_layers
 
 
 class DreamConfig(PreTrainedConfig):
@@ -141,14 +141,7 @@ class DreamModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            nn.init.zeros_(module.weight[module.padding_idx])
-        if isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        init_weights(module, self.config.initializer_range)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .common import DiffusionLMOutput, RMSNorm, attend, check_block, rotary, rotate, run_layers
+from .common import DiffusionLMOutput, RMSNorm, attend, check_block, init_weights, rotary, rotate, run_layers
 
 # Fields whose other values the hub code supports and this implementation does not (the hub checkpoints use these).
 SUPPORTED = {"block_type": ("llama",), "layer_norm_type": ("rms",), "activation_type": ("silu",),
@@ -140,12 +140,7 @@ class LLaDAModelLM(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        init_weights(module, self.config.init_std)
 
     def get_input_embeddings(self):
         return self.model.transformer.wte
