@@ -25,10 +25,15 @@ VOCAB, LAYERS = 384, 2
 ATOL = 1e-5
 
 
-def _hub_reference(folder, config_class, model_class):
-    """The re-created hub code (quirks off) on the folder's weights, in float32."""
+def _hub_reference(folder, config_class, model_class, dtype):
+    """The re-created hub code (quirks off) on the folder's weights."""
     config = config_class.from_pretrained(str(folder), tiny_hub_quirks=False)
-    return model_class.from_pretrained(str(folder), config=config, dtype=torch.float32).eval()
+    return model_class.from_pretrained(str(folder), config=config, dtype=dtype).eval()
+
+
+def _same(a, b, dtype):
+    """float32: within ATOL; bfloat16: bit for bit (both codes round at the same places)."""
+    return a.dtype == b.dtype == dtype and (torch.equal(a, b) if dtype == torch.bfloat16 else _close(a, b))
 
 
 def _batch(pad_rows: int = 1, n_pad: int = 3, length: int = 9):
@@ -100,17 +105,18 @@ def test_llada_hub_folder_loads_into_raydllms_classes(llada_own, llada_hub_folde
     assert model.supports_gradient_checkpointing and model.config.use_cache is False
 
 
-def test_llada_logits_and_hidden_states_match_the_hub_code(llada_own, llada_hub_folder):
-    backbone, _ = llada_own
-    hub = _hub_reference(llada_hub_folder, HubLLaDAConfig, HubLLaDAModelLM)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llada_logits_and_hidden_states_match_the_hub_code(llada_hub_folder, dtype):
+    backbone, _ = load_backbone(ModelConfig(name=str(llada_hub_folder)), dtype=dtype)
+    hub = _hub_reference(llada_hub_folder, HubLLaDAConfig, HubLLaDAModelLM, dtype)
     ids, attention = _batch()
     for mask in (None, attention):
         ours = backbone.model(ids, attention_mask=mask, output_hidden_states=True)
         theirs = hub(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)  # no config.use_cache
-        assert _close(ours.logits, theirs.logits)
+        assert _same(ours.logits, theirs.logits, dtype)
         assert len(ours.hidden_states) == len(theirs.hidden_states) == LAYERS + 1
-        assert all(_close(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
-    assert not _close(backbone.logits(ids, attention), backbone.logits(ids))
+        assert all(_same(a, b, dtype) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+    assert not _close(backbone.logits(ids, attention).float(), backbone.logits(ids).float())
 
 
 def test_llada_left_padding_is_invisible(llada_own):
@@ -212,17 +218,18 @@ def _dream_generation_mask(attention):
     return keep[:, None, None, :] & keep[:, None, :, None], (attention.cumsum(-1) - 1).masked_fill(~keep, 1)
 
 
-def test_dream_logits_and_hidden_states_match_the_hub_code(dream_own, dream_hub_folder):
-    backbone, _ = dream_own
-    hub = _hub_reference(dream_hub_folder, HubDreamConfig, HubDreamModel)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dream_logits_and_hidden_states_match_the_hub_code(dream_hub_folder, dtype):
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_hub_folder)), dtype=dtype)
+    hub = _hub_reference(dream_hub_folder, HubDreamConfig, HubDreamModel, dtype)
     ids, attention = _batch()
     mask4, positions = _dream_generation_mask(attention)
     for ours_mask, hub_kwargs in ((None, {}), (attention, dict(attention_mask=mask4, position_ids=positions))):
         ours = backbone.model(ids, attention_mask=ours_mask, output_hidden_states=True)
         theirs = hub(ids, output_hidden_states=True, **hub_kwargs)
-        assert _close(ours.logits, theirs.logits)  # pad rows too: both zero-attention rows
+        assert _same(ours.logits, theirs.logits, dtype)  # pad rows too: both zero-attention rows
         assert len(ours.hidden_states) == len(theirs.hidden_states) == LAYERS + 1
-        assert all(_close(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+        assert all(_same(a, b, dtype) for a, b in zip(ours.hidden_states, theirs.hidden_states))
 
 
 def test_dream_shift_is_undone_by_the_adapter(dream_own):
