@@ -258,3 +258,12 @@ def test_dream_gradient_checkpointing_gives_the_same_gradients(dream_hub_folder,
 
 def test_dream_block_cache(dream_own):
     _block_cache_matches_full_passes(dream_own[0].model)
+
+
+def test_llada_and_dream_at_the_hub_sizes_have_the_hub_parameter_counts():
+    """The config defaults are the hub config.json values; Dream-7B has Qwen2.5-7B's 7,615,616,512 parameters."""
+    with torch.device("meta"):
+        llada = archs.LLaDAModelLM(archs.LLaDAConfig())
+        dream = archs.DreamModel(archs.DreamConfig())
+    assert sum(p.numel() for p in llada.parameters()) == 8_015_581_184
+    assert sum(p.numel() for p in dream.parameters()) == 7_615_616_512
