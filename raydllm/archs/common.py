@@ -88,11 +88,14 @@ def check_block(length: int, total: int, block_start: int, kv_cache) -> None:
 
 
 def run_layers(layers, x, rope, keep, *, kv_cache, block_start: int, output_hidden_states: bool, return_kv: bool):
-    """x through every layer: (output, inputs of every layer or None, per-layer (keys, values) or None)."""
+    """x through every layer: (output, inputs of every layer or None, per-layer (keys, values) or None).
+    Only what is asked for is kept: a layer's keys and values held past it would undo activation checkpointing."""
     hidden_states, kv = [], []
     for i, layer in enumerate(layers):
-        hidden_states.append(x)
+        if output_hidden_states:
+            hidden_states.append(x)
         x, layer_kv = layer(x, *rope, keep, kv_cache=None if kv_cache is None else kv_cache[i],
                             block_start=block_start)
-        kv.append(layer_kv)
+        if return_kv:
+            kv.append(layer_kv)
     return x, hidden_states if output_hidden_states else None, tuple(kv) if return_kv else None
