@@ -70,9 +70,9 @@ def attend(q, k, v, keep, cache, block_start: int, dropout: float):
         end = block_start + q.shape[-2]
         k = torch.cat((cache[0][..., :block_start, :], k, cache[0][..., end:, :]), dim=-2)
         v = torch.cat((cache[1][..., :block_start, :], v, cache[1][..., end:, :]), dim=-2)
-    groups = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
-                                         attn_mask=keep, dropout_p=dropout, is_causal=False)
+    groups = q.shape[1] // k.shape[1]  # grouped KV heads (Dream): each serves `groups` query heads
+    k_all, v_all = (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=keep, dropout_p=dropout, is_causal=False)
     return out.transpose(1, 2).flatten(2), (k, v)
 
 
