@@ -184,3 +184,54 @@ def test_lora_config_errors_are_one_line(tmp_path):
     backbone, _ = load_backbone(cfg.model)
     assert {n.split(".lora_")[0] for n, p in backbone.named_parameters() if p.requires_grad} == {
         "model.base_model.model.blocks.0.qkv"}
+
+
+# ------------------------------------------------------------------------- the tiny LLaDA re-creation (tests/archs)
+
+def test_lora_through_the_tiny_llada_architecture(process_group, one_thread, tmp_path):
+    """LLaDA's OLMo-style names get the default adapters (not its untied LM head `transformer.ff_out`), and the
+    LoRA loop holds there too: base frozen, target reads the EMA adapters, exact resume, eval merges."""
+    from archs import save_tiny_llada
+    from raydllm.evaluation import load_checkpoint_backbone
+
+    folder = save_tiny_llada(tmp_path / "llada")
+    overrides = [f"model.name={folder}", "jepa.lambda=1", "train.micro_batch_size=4"]
+    loop = _loop(*overrides)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in loop.engine.module.backbone.named_parameters()
+               if p.requires_grad}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}
+    assert not any("transformer.ff_out.lora" in n for n in loop.ema.names)  # the LM head stays untouched
+    base = _frozen(loop)
+    for _ in range(2):
+        loop.train_step()
+    after = dict(loop.engine.module.backbone.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in base.items())
+
+    batch = _batch(loop)
+    z = _z_high(loop, batch)
+    with torch.no_grad():
+        for p in _adapters(loop):
+            p.add_(0.5)
+        assert torch.equal(_z_high(loop, batch), z)
+        for p in _adapters(loop):
+            p.sub_(0.5)
+        loop.ema.params[0].add_(0.5)
+        assert not torch.allclose(_z_high(loop, batch), z)
+        loop.ema.params[0].sub_(0.5)
+
+    checkpoint = tmp_path / "checkpoint_000002"
+    checkpoint.mkdir()
+    loop.save(str(checkpoint))
+    resumed = _loop(*overrides)
+    resumed.restore(str(checkpoint))
+    assert loop.train_step() == resumed.train_step()
+
+    merged, _, _ = load_checkpoint_backbone(tmp_path)
+    online = resumed.engine.module.backbone.eval()
+    fresh = _loop(*overrides).engine.module.backbone.eval()  # the checkpoint's step-2 adapters, for reference
+    fresh_state = {k[len("backbone."):]: v for k, v in read_checkpoint_state(checkpoint).items() if k.startswith("backbone.")}
+    fresh.load_state_dict(fresh_state, strict=False)
+    with torch.no_grad():
+        expected = fresh.logits(batch.input_ids, batch.attention_mask)
+        assert torch.allclose(merged.logits(batch.input_ids, batch.attention_mask), expected, atol=1e-4)
+        assert not torch.allclose(online.logits(batch.input_ids, batch.attention_mask), expected, atol=1e-4)
