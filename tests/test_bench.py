@@ -148,3 +148,16 @@ def test_llada_8b_lora_table():
     p = 12 * 4096 ** 2 + 13 * 4096
     assert jepa["resident_bytes"] - base["resident_bytes"] == pytest.approx(4 * 20_971_520 + 16 * p)
     assert jepa["resident_gib"] < 24 and base["peak_bytes"] < 24 * GIB
+
+
+def test_lora_bench_charges_the_target_pass_to_the_target(process_group):
+    """LoRA: the target forward runs the online modules with the EMA adapters swapped in, so the online
+    backbone's hooks fire inside it; the bench must still charge it to target_forward and count its
+    positions once (FLOP model), and the EMA it reports is the adapters only."""
+    cfg = load_config("gsm8k", "local", TINY + ["model.lora.rank=4", "model.init=random"])
+    r = run_bench(cfg, steps=2, warmup=0, target_prob=None, sampler_batch=0, memory_table=False)
+    assert r["lora_rank"] == 4 and 0 < r["n_params_backbone_trainable"] < r["n_params_backbone"]
+    jepa = r["split_s"]["jepa"]
+    assert jepa["target_forward"] > 0.3 * jepa["online_forward"] > 0
+    assert r["ema_extra_mb"] == pytest.approx(r["n_params_backbone_trainable"] * 4 / 2 ** 20)
+    assert r["peak_memory_mb"]["jepa"] - r["peak_memory_mb"]["baseline"] == pytest.approx(r["ema_extra_mb"])
