@@ -235,3 +235,10 @@ def test_lora_through_the_tiny_llada_architecture(process_group, one_thread, tmp
         expected = fresh.logits(batch.input_ids, batch.attention_mask)
         assert torch.allclose(merged.logits(batch.input_ids, batch.attention_mask), expected, atol=1e-4)
         assert not torch.allclose(online.logits(batch.input_ids, batch.attention_mask), expected, atol=1e-4)
+
+
+def test_lora_ema_in_host_memory_trains_identically(process_group):
+    default, offloaded = _loop("jepa.lambda=1"), _loop("jepa.lambda=1", "jepa.ema_device=cpu")
+    assert offloaded.ema.offload and not default.ema.offload
+    for _ in range(2):
+        assert default.train_step() == offloaded.train_step()
