@@ -21,7 +21,10 @@ so JEPA / baseline = 8/6 = 4/3 (N = backbone parameters without the input embedd
 processed, padding included). With the target branch on a fraction p of steps: 1 + p/3.
 
 `estimate_memory` is the per-GPU arithmetic for a model under DeepSpeed ZeRO (the README quotes it for
-LLaDA-8B); `raydllm bench` prints it for LLaDA-8B at world size 8 with predictor depths 1..5.
+LLaDA-8B); `raydllm bench` prints it for LLaDA-8B at world size 8 with predictor depths 1..5, and
+`estimate_lora_memory` the same for a LoRA trial on one GPU (frozen bf16 base, adapters, EMA adapters) per rank.
+With `--set model.lora.rank=r` the measured phases run in LoRA mode: the target pass is the online backbone with
+the EMA adapters swapped in (`objective.EmaAdapters`), charged to target_forward all the same.
 """
 from __future__ import annotations
 
