@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .archs import ARCHITECTURES
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, LoraSettings, ModelConfig
 from .model import build_tiny
 from .pretrain import load_base_weights
 
@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 # Mask token ids of known families whose config/tokenizer do not expose one under the usual names.
 KNOWN_MASK_IDS = {"llada": 126336}
 SHIFTED_FAMILIES = ("dream",)
+
+# LoRA's default targets per family (by substring of config.model_type): every attention and MLP linear layer
+# of each block, never the embedding or the LM head. A list = module-name suffixes, a string = a regex over
+# the full module name (PEFT's two forms). The embedded model: `model.Block` (fused qkv, proj, the MLP's two
+# linears). LLaDA (OLMo-style LLaDALlamaBlock): q_proj, k_proj, v_proj, attn_out, ff_proj (gate), up_proj,
+# ff_out (down); anchored to the blocks because LLaDA-8B's untied LM head is `transformer.ff_out` too.
+# Dream (Qwen2): the usual seven. Other families fall back to PEFT's own table (Qwen2, Llama, ...).
+LORA_TARGETS: dict[str, list[str] | str] = {
+    "raydllm_tiny": ["qkv", "proj", "mlp.0", "mlp.2"],
+    "llada": r".*\.(blocks\.\d+|block_groups\.\d+\.\d+)\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
+    "dream": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,17 @@ class Backbone(nn.Module):
         self.model = model
         self.ids = ids
         self.shift_logits = shift_logits
+
+    @property
+    def is_lora(self) -> bool:
+        return getattr(self.model, "peft_config", None) is not None
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; PEFT's count for a LoRA model (it unpacks 4-bit storage)."""
+        if self.is_lora:
+            return tuple(int(n) for n in self.model.get_nb_trainable_parameters())
+        return (sum(p.numel() for p in self.parameters() if p.requires_grad),
+                sum(p.numel() for p in self.parameters()))
 
     @property
     def hidden_size(self) -> int:
@@ -68,6 +91,18 @@ class Backbone(nn.Module):
                           ) -> tuple[torch.Tensor, ...]:
         """Embedding output followed by every layer's output (the last after the final norm)."""
         return self._run(input_ids, attention_mask)[1]
+
+
+class BaseView(Backbone):
+    """The frozen base of a LoRA backbone: the same modules and weights with the adapters switched off
+    (PEFT's `disable_adapter`), for the probes' base-vs-fine-tuned comparisons without a second copy."""
+
+    def __init__(self, lora: Backbone):
+        super().__init__(lora.model, lora.ids, shift_logits=lora.shift_logits)
+
+    def _run(self, input_ids, attention_mask):
+        with self.model.disable_adapter():
+            return super()._run(input_ids, attention_mask)
 
 
 def _family(model_config) -> str:
@@ -111,7 +146,7 @@ def own_architecture(name_or_path: str, implementation: str):
 
 
 def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.dtype | None = None,
-                    implementation: str = "auto"):
+                    implementation: str = "auto", **model_kwargs):
     """The path a user's model id takes: raydllm's own classes for LLaDA / Dream (see raydllm.archs), else
     AutoConfig/AutoModel with trust_remote_code; the tokenizer is always the folder's (AutoTokenizer)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -127,13 +162,13 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.
             model_config = config_class.from_pretrained(name_or_path)
             # "auto": the checkpoint's torch_dtype if its config names one, else float32 (as AutoModel).
             model = model_class.from_pretrained(name_or_path, config=model_config,
-                                                dtype=dtype if dtype is not None else "auto")
+                                                dtype=dtype if dtype is not None else "auto", **model_kwargs)
             return model, tokenizer
         except NotImplementedError as error:
             raise ConfigError(f"model.implementation: {error}; model.implementation=remote runs the folder's "
                               "own code") from None
     model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs = ({"dtype": dtype} if dtype is not None else {}) | model_kwargs
     model = AutoModel.from_pretrained(name_or_path, config=model_config, trust_remote_code=trust_remote_code,
                                       **kwargs)
     return model, tokenizer
@@ -141,22 +176,88 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.
 
 def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> tuple[Backbone, object]:
     """(Backbone, tokenizer) for `model.name`: "tiny" or a Hugging Face id / local folder."""
+    quantized = four_bit_kwargs(cfg) if cfg.lora.load_in_4bit else {}
     if cfg.name == "tiny":
+        if quantized:
+            raise ConfigError("model.lora.load_in_4bit: the embedded model is not loaded through from_pretrained; "
+                              "4-bit loading is for Hugging Face models")
         model, tokenizer = build_tiny(cfg)
         if cfg.init != "random":
             model.load_state_dict(load_base_weights(cfg))
     else:
         model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-                                           implementation=cfg.implementation)
+                                           implementation=cfg.implementation, **quantized)
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it; remote-code models on older releases only have the old name.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.rank > 0:
+        model = apply_lora(model, cfg.lora)
     shift = cfg.shift_logits if cfg.shift_logits is not None else any(
         f in _family(model.config) for f in SHIFTED_FAMILIES)
     ids = resolve_token_ids(cfg, model.config, tokenizer)
     log.info("backbone %s: %d layers, width %d, mask id %d, shifted logits %s", cfg.name,
              model.config.num_hidden_layers, model.config.hidden_size, ids.mask, shift)
     return Backbone(model, ids, shift_logits=shift), tokenizer
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------
+def lora_targets(cfg: LoraSettings, model_config) -> list[str] | str | None:
+    """`model.lora.target_modules`, else the family's default, else None (PEFT's table decides)."""
+    if cfg.target_modules is not None:
+        return cfg.target_modules
+    family = _family(model_config)
+    return next((targets for name, targets in LORA_TARGETS.items() if name in family), None)
+
+
+def apply_lora(model: nn.Module, cfg: LoraSettings) -> nn.Module:
+    """The model with LoRA adapters (PEFT `get_peft_model`): every base tensor frozen, the adapters trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
+                        lora_dropout=cfg.dropout, target_modules=lora_targets(cfg, model.config), bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # no default for this family, or no module matches the patterns
+        raise ConfigError(f"model.lora.target_modules: {str(exc).splitlines()[0]}") from None
+
+
+def four_bit_kwargs(cfg: ModelConfig) -> dict:
+    """from_pretrained arguments that load the frozen base in 4-bit NF4 (bf16 compute); refused with one line
+    where bitsandbytes or a CUDA device is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.load_in_4bit: needs the bitsandbytes package (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        raise ConfigError("model.lora.load_in_4bit: needs a CUDA GPU (bitsandbytes 4-bit layers run on CUDA)")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16)}
+
+
+def without_adapters(cfg: ModelConfig) -> ModelConfig:
+    """The model config of the frozen base a LoRA run starts from (4-bit loading kept)."""
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": 0})})
+
+
+def load_adapters(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors (keys as in the PEFT model's state dict; buffers may come along) into a LoRA
+    backbone; every adapter tensor must be there, and no key unknown to the model."""
+    expected = {name for name, p in backbone.model.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - set(backbone.model.state_dict()))
+    if missing or unexpected:
+        raise ConfigError(f"LoRA checkpoint: {len(missing)} adapter tensors missing (e.g. {missing[:1]}), "
+                          f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); was it trained with this "
+                          f"model.lora config?")
+    backbone.model.load_state_dict(state, strict=False)
+
+
+def merge_adapters(backbone: Backbone) -> Backbone:
+    """The backbone with its adapters merged into the base weights (PEFT `merge_and_unload`): a plain model."""
+    backbone.model = backbone.model.merge_and_unload()
+    return backbone

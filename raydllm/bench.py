@@ -21,7 +21,10 @@ so JEPA / baseline = 8/6 = 4/3 (N = backbone parameters without the input embedd
 processed, padding included). With the target branch on a fraction p of steps: 1 + p/3.
 
 `estimate_memory` is the per-GPU arithmetic for a model under DeepSpeed ZeRO (the README quotes it for
-LLaDA-8B); `raydllm bench` prints it for LLaDA-8B at world size 8 with predictor depths 1..5.
+LLaDA-8B); `raydllm bench` prints it for LLaDA-8B at world size 8 with predictor depths 1..5, and
+`estimate_lora_memory` the same for a LoRA trial on one GPU (frozen bf16 base, adapters, EMA adapters) per rank.
+With `--set model.lora.rank=r` the measured phases run in LoRA mode: the target pass is the online backbone with
+the EMA adapters swapped in (`objective.EmaAdapters`), charged to target_forward all the same.
 """
 from __future__ import annotations
 
@@ -71,6 +74,18 @@ def predictor_params(hidden_size: int, k_layers: int) -> int:
     MLP 8d²+5d, two LayerNorms 4d = 12d² + 13d (raydllm.model.Block)."""
     d = hidden_size
     return k_layers * (12 * d * d + 13 * d)
+
+
+# LLaDA-8B's block shapes (its config.json: d_model 4096, mlp_hidden_size 12288, n_kv_heads 32 of 32 heads):
+# the matrices LoRA adapts (backbone.LORA_TARGETS).
+LLADA_8B_BLOCK = {"mlp_hidden_size": 12_288, "kv_width": 4096}
+
+
+def lora_adapter_params(rank: int, *, hidden_size: int, mlp_hidden_size: int, kv_width: int, n_layers: int) -> int:
+    """LoRA parameters r(d_in + d_out) on every attention and MLP linear of each block, LLaDA's names: q_proj and
+    attn_out (d -> d), k_proj and v_proj (d -> kv), ff_proj and up_proj (d -> m), ff_out (m -> d)."""
+    d, m, kv = hidden_size, mlp_hidden_size, kv_width
+    return n_layers * rank * (2 * (d + d) + 2 * (d + kv) + 3 * (d + m))
 
 
 def _zero_state_bytes(n: float, *, world_size: int, zero_stage: int, bf16: bool) -> dict[str, float]:
@@ -216,6 +231,71 @@ def llada_memory_table(*, world_size: int = 8, ks=(1, 2, 3, 4, 5), micro_batch: 
             "rows": rows}
 
 
+def estimate_lora_memory(n_params: int, n_adapter: int, *, k_predictor_layers: int, hidden_size: int,
+                         activation_gb: float | None = None, lam_zero: bool = False, ema_dtype: str = "float32",
+                         reduce_bucket_elements: float = 5e8) -> dict[str, Any]:
+    """Per-GPU memory of one LoRA trial on one GPU (DeepSpeed ZeRO-2 at world size 1, bf16), in bytes and GiB.
+
+    Terms (N base params, A adapter params, P predictor params; lambda = 0 builds no predictor):
+    * frozen base: bf16 weights 2N, no gradient, no optimizer state;
+    * adapters + predictor, trained: `_zero_state_bytes` at W = 1: bf16 weights, bf16 gradients, fp32 master
+      + Adam m, v = 16(A + P);
+    * EMA target (DLLM-JEPA): the adapters only, 4A in float32 (the base is shared with the online forward);
+    * transients as `estimate_memory`: the reduce bucket (allocated at its full size), activations, and the
+      fp32 gradient copy of the optimizer step.
+    """
+    n, a = float(n_params), float(n_adapter)
+    p = 0.0 if lam_zero else float(predictor_params(hidden_size, k_predictor_layers))
+    trained = _zero_state_bytes(a + p, world_size=1, zero_stage=2, bf16=True)
+    resident = {"base_weights": 2 * n, "adapter_weights": 2 * a, "adapter_grads": 2 * a, "adapter_optimizer": 12 * a,
+                "predictor_weights": 2 * p, "predictor_grads": 2 * p, "predictor_optimizer": 12 * p,
+                "ema_adapters": 0.0 if lam_zero else (4 if ema_dtype == "float32" else 2) * a}
+    assert abs(sum(trained.values()) - sum(v for k, v in resident.items() if k.startswith(("adapter", "predictor")))) < 1
+    resident_total = sum(resident.values())
+    bucket = reduce_bucket_elements * 2
+    activations = (activation_gb or 0.0) * 1e9
+    peak = max(resident_total + bucket + activations, resident_total + 4 * (a + p))
+    return {"n_params": int(n), "adapter_params": int(a), "predictor_params": int(p),
+            "k_predictor_layers": None if lam_zero else k_predictor_layers, "lam_zero": lam_zero,
+            "bytes": {**resident, "reduce_bucket": bucket, "activations": activations},
+            "resident_bytes": resident_total, "peak_bytes": peak,
+            "resident_gib": resident_total / GIB, "peak_gib": peak / GIB}
+
+
+def llada_lora_memory_table(*, ranks=(8, 16, 64), k: int = 1, micro_batch: int = 4, seq_len: int = 512
+                            ) -> dict[str, Any]:
+    """LLaDA-8B LoRA, one GPU per trial: baseline and DLLM-JEPA (EMA adapters float32 on the GPU) per rank, at
+    micro-batch 4 x 512 with activation checkpointing (the activation figures of `llada_memory_table`)."""
+    m = LLADA_8B
+    shape = dict(hidden_size=m["hidden_size"], n_layers=m["n_layers"], vocab_size=m["vocab_size"],
+                 micro_batch=micro_batch, seq_len=seq_len)
+    act = {"baseline": rough_activation_gb(**shape, jepa=False), "jepa": rough_activation_gb(**shape)}
+    rows = []
+    for rank in ranks:
+        n_adapter = lora_adapter_params(rank, hidden_size=m["hidden_size"], n_layers=m["n_layers"], **LLADA_8B_BLOCK)
+        est = {arm: estimate_lora_memory(int(m["n_params"]), n_adapter, k_predictor_layers=k,
+                                         hidden_size=m["hidden_size"], activation_gb=act[arm],
+                                         lam_zero=arm == "baseline")
+               for arm in ("baseline", "jepa")}
+        base, jepa = est["baseline"]["peak_bytes"], est["jepa"]["peak_bytes"]
+        terms = est["jepa"]["bytes"]
+        ema = terms["ema_adapters"]
+        predictor = sum(v for key, v in terms.items() if key.startswith("predictor"))
+        rows.append({"rank": rank, "adapter_params": n_adapter,
+                     "baseline_peak_gib": round(base / GIB, 2), "jepa_peak_gib": round(jepa / GIB, 2),
+                     "ema_adapters_mib": round(ema / MIB, 1), "ema_share_of_baseline": ema / base,
+                     # the predictor's weights, gradients and Adam state (k blocks at backbone width), and the
+                     # target forward's extra activations: the rest of what DLLM-JEPA adds
+                     "predictor_gib": round(predictor / GIB, 2),
+                     "target_activations_gib": round((act["jepa"] - act["baseline"]) * 1e9 / GIB, 2),
+                     "jepa_over_baseline": jepa / base - 1.0,
+                     "fits_24gib": jepa <= 24 * GIB})
+    return {"model": m["name"], "n_params": m["n_params"], "world_size": 1, "zero_stage": 2, "bf16": True,
+            "k": k, "activation_gb_rough": {arm: round(v, 2) for arm, v in act.items()},
+            "activation_assumption": f"micro-batch {micro_batch} x {seq_len} tokens, activation checkpointing",
+            "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Process group, timing helpers
 # ---------------------------------------------------------------------------------------------------
@@ -302,6 +382,8 @@ class _Instrument:
         backbone = loop.engine.module.backbone
 
         def count(_module, args, kwargs):
+            if getattr(ema, "active", False):  # LoRA: the target forward runs the online modules (EmaAdapters)
+                return
             ids = args[0] if args else kwargs.get("input_ids")
             if isinstance(ids, torch.Tensor):
                 self.positions += int(ids.numel())
@@ -570,6 +652,7 @@ def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_
 
         backbone = loop.engine.module.backbone
         n_backbone = sum(p.numel() for p in backbone.parameters())
+        n_trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
         # Embedding lookups cost no matmul FLOPs (the LM head does, and stays in N).
         n_flop = n_backbone - sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Embedding))
         n_predictor = sum(p.numel() for p in loop.engine.module.predictor.parameters())
@@ -612,6 +695,7 @@ def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_
         "grad_accum": cfg.train.grad_accum, "steps": steps, "warmup": warmup,
         "positions_per_step": _median(positions["baseline"]),
         "n_params_backbone": n_backbone, "n_params_flop": n_flop, "n_params_predictor": n_predictor,
+        "lora_rank": cfg.model.lora.rank, "n_params_backbone_trainable": n_trainable,
         "step_time_s": {name: med[name] for name in ("baseline", "jepa")},
         "step_time_s_min": {name: min(times[name]) for name in ("baseline", "jepa")},
         "step_ratio": ratio,
@@ -651,6 +735,7 @@ def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_
         result["sampler"] = sampler
     if memory_table:
         result["memory_estimate"] = llada_memory_table()
+        result["memory_estimate_lora"] = llada_lora_memory_table()
     return result
 
 
@@ -707,6 +792,17 @@ def format_report(r: dict[str, Any]) -> str:
                          f"{row['peak_gib_without_activations']:>10.1f}{row['peak_gib']:>8.1f}"
                          f"{'yes' if row['fits_a100_40gb'] else 'no':>9}{'yes' if row['fits_a100_80gb'] else 'no':>9}"
                          f"{row['host_gib_per_rank']:>11.1f}")
+    if "memory_estimate_lora" in r:
+        m = r["memory_estimate_lora"]
+        lines += ["", f"memory estimate, {m['model']} LoRA, one GPU per trial (ZeRO-2 bf16, world 1), predictor "
+                      f"k = {m['k']}, EMA adapters float32 on the GPU ({m['activation_assumption']}):",
+                  f"{'rank':>5}{'adapters':>10}{'baseline':>10}{'jepa':>8}{'EMA MiB':>9}{'EMA %':>7}"
+                  f"{'predictor':>10}{'jepa +%':>8}{'<=24 GiB':>9}"]
+        for row in m["rows"]:
+            lines.append(f"{row['rank']:>5}{row['adapter_params'] / 1e6:>9.1f}M{row['baseline_peak_gib']:>10.2f}"
+                         f"{row['jepa_peak_gib']:>8.2f}{row['ema_adapters_mib']:>9.1f}"
+                         f"{100 * row['ema_share_of_baseline']:>7.2f}{row['predictor_gib']:>10.2f}"
+                         f"{100 * row['jepa_over_baseline']:>8.1f}{'yes' if row['fits_24gib'] else 'no':>9}")
     return "\n".join(lines)
 
 

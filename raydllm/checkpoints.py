@@ -8,6 +8,9 @@ What `worker.WorkerLoop.save` writes (DeepSpeed 0.19 `save_checkpoint` with tag 
     <checkpoint>/ema.pt                              EMA target state dict (keys "model.*"; lambda > 0 only)
 
 The OnlineModel state dict holds the backbone under `backbone.model.` and the predictor under `predictor.`.
+LoRA runs (`model.lora.rank > 0`) leave the frozen base out (`exclude_frozen_parameters`): `backbone.model.*` then
+holds the PEFT adapter tensors only (`base_model.model.<module>.lora_A.default.weight`, ...), ema.pt the EMA of
+those adapters (keys `model.<same names>`), and the base is rebuilt from the config's model source.
 """
 from __future__ import annotations
 

@@ -22,6 +22,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class LoraSettings(_Section):
+    """LoRA adapters (PEFT) on a frozen base: only the adapters and the predictor train. rank 0 = off (full
+    fine-tuning)."""
+    rank: int = Field(0, ge=0)
+    alpha: float | None = Field(None, gt=0)  # None = 2 * rank: the same scaling alpha / rank at every rank
+    dropout: float = Field(0.0, ge=0, lt=1)  # > 0 draws from the global RNG: a resumed run is then not bit-exact
+    # Which linear layers get adapters: a list of module-name suffixes (PEFT's matching: "q_proj" matches
+    # "...layers.3.self_attn.q_proj") or one regular expression that must match a module's full name.
+    # None = the backbone's default (backbone.LORA_TARGETS: the embedded model, LLaDA, Dream).
+    target_modules: list[str] | str | None = None
+    # Load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only, checked when the base is loaded).
+    load_in_4bit: bool = False
+
+    @model_validator(mode="after")
+    def _quantized_base_needs_adapters(self):
+        if self.load_in_4bit and self.rank == 0:
+            raise ValueError("model.lora.load_in_4bit needs model.lora.rank > 0 (a 4-bit base cannot be trained)")
+        return self
+
+
 class ModelConfig(_Section):
     # "tiny" = the embedded bidirectional transformer; anything else is a Hugging Face id or local path.
     name: str = "tiny"
@@ -38,6 +58,7 @@ class ModelConfig(_Section):
     mask_token_id: int | None = None  # None = the model's own (config / tokenizer / known family)
     shift_logits: bool | None = None  # None = auto: True for Dream-family models (token i predicted at i-1)
     gradient_checkpointing: bool = False
+    lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -189,10 +210,21 @@ class Config(_Section):
         return self.model_dump(by_alias=True, mode="json")
 
     def flat(self) -> dict[str, Any]:
-        """`section.key -> value`, the form MLflow params and `--set` use."""
-        return {f"{section}.{key}": value
-                for section, body in self.to_dict().items() if isinstance(body, dict)
-                for key, value in body.items()} | {"task": self.task}
+        """`section.key -> value` (`model.lora.rank` for a sub-section), the form MLflow params and `--set` use."""
+        return _flat_section(self) | {"task": self.task}
+
+
+def _flat_section(section: _Section, prefix: str = "") -> dict[str, Any]:
+    dumped = section.model_dump(by_alias=True, mode="json")
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        key = field.alias or name
+        value = getattr(section, name)
+        if isinstance(value, _Section):
+            out |= _flat_section(value, f"{prefix}{key}.")
+        elif prefix:
+            out[prefix + key] = dumped[key]
+    return out
 
 
 PRESETS = ("local", "paper", "wide-t")

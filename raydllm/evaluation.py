@@ -143,14 +143,18 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
     """(backbone, tokenizer, cfg) of a raydllm checkpoint folder: the backbone is built from the saved
     config, then the checkpoint's `backbone.model.*` weights (or its EMA target with ema=True) are loaded.
     base=True: the model the run started from (its `model` config as is), for before/after comparisons."""
-    from .backbone import load_backbone
+    from .backbone import load_backbone, without_adapters
     from .pretrain import prepare_base
 
     folder = resolve_checkpoint_dir(path)
     cfg = validate(read_checkpoint_meta(folder)["config"], source=str(folder / "raydllm.json"))
+    if cfg.model.lora.rank > 0 and not base:
+        return _load_lora_checkpoint(folder, cfg, ema=ema, device=device)
     if base:
         prepare_base(cfg.model)
-        backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}))
+        torch.manual_seed(cfg.train.seed)  # a random-init base is the one the run's seed drew
+        backbone, tokenizer = load_backbone(without_adapters(cfg.model).model_copy(
+            update={"gradient_checkpointing": False}))
         if device is not None:
             backbone.to(device)
         return backbone.eval(), tokenizer, cfg
@@ -169,6 +173,30 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
         if not state:
             raise ConfigError(f"checkpoint {folder}: no {BACKBONE_PREFIX}* weights in its model states")
     backbone.model.load_state_dict(state, strict=True)
+    if device is not None:
+        backbone.to(device)
+    return backbone.eval(), tokenizer, cfg
+
+
+def _load_lora_checkpoint(folder: Path, cfg: Config, *, ema: bool, device):
+    """A LoRA run's checkpoint holds adapters, not a model: rebuild the frozen base from the run's model source
+    (as the run's workers did: same seed, same base weights), load the adapters (or the EMA adapters), merge."""
+    from .backbone import load_adapters, load_backbone, merge_adapters
+    from .pretrain import prepare_base
+
+    prepare_base(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}))
+    if ema:
+        ema_file = folder / "ema.pt"
+        if not ema_file.is_file():
+            raise ConfigError(f"--ema: checkpoint {folder} has no ema.pt (trained with jepa.lambda=0?)")
+        state = {k.removeprefix("model."): v for k, v in torch_load(ema_file).items()}
+    else:
+        module = read_checkpoint_state(folder)
+        state = {k[len(BACKBONE_PREFIX):]: v for k, v in module.items() if k.startswith(BACKBONE_PREFIX)}
+    load_adapters(backbone, state)
+    merge_adapters(backbone)
     if device is not None:
         backbone.to(device)
     return backbone.eval(), tokenizer, cfg

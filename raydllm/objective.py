@@ -163,6 +163,76 @@ class EmaTarget:
         self.module.load_state_dict(state)
 
 
+class EmaAdapters(EmaTarget):
+    """The target encoder in LoRA mode: the online backbone's own frozen base with an EMA of its adapters.
+
+    With a frozen base, theta' = (base, EMA of the adapters): the EMA holds only the tensors of `online` that
+    require grad, in `dtype` (float32), updated by the inherited `update` after each optimizer step (frozen
+    tensors are skipped there). `module` runs the target forward on the SAME modules as the online forward:
+    it swaps the EMA tensors into the adapters' `.data` (as the offload mode swaps device copies in), runs
+    the backbone in eval mode (adapter dropout off, as the full-mode EMA copy is in eval mode), and puts
+    the online tensors and train/eval modes back even when the forward raises. So the target costs the
+    adapters' size, not a second backbone. Call it under no_grad: no graph may hold the swapped tensors.
+    `offload=True` keeps the EMA in host memory; each forward copies the adapters to the device.
+    `state_dict` is {parameter name in `online`: EMA tensor}.
+    """
+
+    def __init__(self, online: nn.Module, decay: float, *, dtype: torch.dtype = torch.float32,
+                 chunk_size: int = 64, device: torch.device | str | None = None, offload: bool = False):
+        self.decay = decay
+        self.chunk_size = chunk_size
+        self.offload = offload
+        self.device = torch.device(device) if device is not None else None
+        named = [(name, p) for name, p in online.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("EmaAdapters: the online module has no trainable tensors")
+        self.names = [name for name, _ in named]
+        self.adapters = [p for _, p in named]
+        home = torch.device("cpu") if offload or self.device is None else self.device
+        self.params = [p.detach().to(device=home, dtype=dtype, copy=True) for p in self.adapters]
+        self.active = False  # True while the target forward runs (the online modules then compute the target)
+        self.module = _AdapterSwap(online, self)
+
+    @torch.no_grad()
+    def update(self, online_params: Iterable[torch.Tensor]) -> None:
+        super().update(p for p in online_params if p.requires_grad)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.params))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.names):
+            raise ValueError(f"EMA adapters: the saved names do not match this model's {len(self.names)} adapters")
+        for name, target in zip(self.names, self.params):
+            target.copy_(state[name])
+
+
+class _AdapterSwap(nn.Module):
+    """`EmaAdapters.module`: calls the online backbone with the EMA adapter tensors swapped in."""
+
+    def __init__(self, online: nn.Module, ema: EmaAdapters):
+        super().__init__()
+        # Plain attributes, not submodules: this wrapper owns no weights of its own.
+        self.__dict__["online"], self.__dict__["ema"] = online, ema
+
+    def forward(self, *args, **kwargs):
+        online, ema = self.__dict__["online"], self.__dict__["ema"]
+        saved = [p.data for p in ema.adapters]
+        modes = [(m, m.training) for m in online.modules()]
+        try:
+            for p, average in zip(ema.adapters, ema.params):
+                p.data = average.to(p.device, non_blocking=True)
+            online.eval()
+            ema.active = True
+            return online(*args, **kwargs)
+        finally:
+            ema.active = False
+            for m, training in modes:
+                m.training = training
+            for p, data in zip(ema.adapters, saved):
+                p.data = data
+
+
 def attach_l2_anchor(params: list[nn.Parameter], strength: float, *, scale: float = 1.0) -> list:
     """Add the gradient of strength * ||theta - theta_base||^2 to each parameter's gradient.
 

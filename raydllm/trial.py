@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .backbone import load_backbone
+from .backbone import BaseView, load_backbone
 from .config import validate
 from .evaluation import default_sampler, evaluate_task, prompt_budget
 from .probes import run_probes
@@ -44,10 +44,13 @@ class TrialLoop(WorkerLoop):
             out |= {f"final/val/{shots}shot/{k}": float(v) for k, v in metrics.items()}
             out.setdefault("final_val_" + primary, float(metrics[primary]))
         if cfg.eval.probes:
-            torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
-            base, _ = load_backbone(cfg.model)
-            base.to(self.device).eval()
             finetuned = self.engine.module.backbone.eval()
+            if self.lora:  # the frozen base is right there: the same weights with the adapters off
+                base = BaseView(finetuned)
+            else:
+                torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
+                base, _ = load_backbone(cfg.model)
+                base.to(self.device).eval()
             with torch.no_grad():
                 out |= run_probes(base, finetuned, self.tokenizer, wikitext_path=cfg.eval.wikitext_path,
                                   max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size)

@@ -26,7 +26,7 @@ from .backbone import Backbone, load_backbone
 from .checkpoints import DS_TAG
 from .config import Config, ConfigError
 from .data import collate, load_examples, micro_batch_indices, steps_for, tokenize_sft
-from .objective import EmaTarget, Losses, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses
+from .objective import EmaAdapters, EmaTarget, Losses, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses
 from .masking import mask_tokens
 from .tasks import get_task
 
@@ -86,7 +86,10 @@ def _param_groups(module: nn.Module, weight_decay: float):
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on biases and norm gains
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops empty groups (LoRA's baseline trains only 2-D adapters), which would leave the lr
+    # scheduler one learning rate too many.
+    return [g for g in groups if g["params"]]
 
 
 class MetricsSink:
@@ -165,9 +168,17 @@ class WorkerLoop:
         module = OnlineModel(backbone, predictor)
         # lambda = 0 is the baseline: no EMA copy exists and no target forward ever runs.
         # jepa.ema_device=cpu: the EMA master stays in host memory, streamed in for the target forward.
-        self.ema = (EmaTarget(backbone, cfg.jepa.ema_decay, dtype=getattr(torch, cfg.jepa.ema_dtype),
+        # LoRA: the base is frozen, so the target is that same base with an EMA of the adapters only.
+        self.lora = backbone.is_lora
+        ema_class = EmaAdapters if self.lora else EmaTarget
+        self.ema = (ema_class(backbone, cfg.jepa.ema_decay, dtype=getattr(torch, cfg.jepa.ema_dtype),
                               device=device, offload=cfg.jepa.ema_device == "cpu")
                     if cfg.jepa.lam > 0 else None)
+        trainable, total = backbone.parameter_counts()
+        n_predictor = sum(p.numel() for p in predictor.parameters())
+        self.param_counts = {"params/trainable": float(trainable + n_predictor),
+                             "params/total": float(total + n_predictor)}
+        log.info("parameters: %d trainable of %d (LoRA %s)", trainable + n_predictor, total + n_predictor, self.lora)
         if cfg.loss.anchor == "l2":
             attach_l2_anchor(list(backbone.parameters()), cfg.loss.l2_lambda, scale=1.0 / cfg.train.grad_accum)
 
@@ -277,9 +288,12 @@ class WorkerLoop:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        """DeepSpeed engine state (weights, optimizer shards, scheduler) + EMA + step, into `directory`."""
+        """DeepSpeed engine state (weights, optimizer shards, scheduler) + EMA + step, into `directory`.
+        LoRA: the frozen base is left out (rebuilt from model.name / model.init on restore): the checkpoint
+        holds the adapters, the predictor, their optimizer state and the EMA adapters."""
         self.engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False,
-                                    client_state={"step": self.step, "seconds": self.seconds})
+                                    client_state={"step": self.step, "seconds": self.seconds},
+                                    exclude_frozen_parameters=self.lora)
         if self.rank == 0:
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), os.path.join(directory, "ema.pt"))
@@ -288,8 +302,9 @@ class WorkerLoop:
                  "config": self.cfg.to_dict()}, indent=1))
 
     def restore(self, directory: str) -> None:
+        # LoRA: the checkpoint has no base weights; this loop built the base already.
         _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+                                                      load_lr_scheduler_states=True, load_module_strict=not self.lora)
         self.step = int(client_state["step"])
         self.seconds |= client_state.get("seconds", {"train": client_state.get("train_seconds", 0.0)})
         if self.ema is not None:
@@ -350,6 +365,7 @@ class WorkerLoop:
         summary = _mean_across_ranks(window, self.device)
         summary["val_loss_diff"] = self.validation_loss()
         summary["step"] = self.step
+        summary |= self.param_counts
         if window:
             summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
         summary.pop("tokens", None)
@@ -361,7 +377,7 @@ class WorkerLoop:
         # Rank 0's clock for every phase, so each worker reports the same figures.
         summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})
         self.sink.add(self.step, {k: v for k, v in summary.items() if k != "time/checkpoint_s"
-                                  and k.startswith(("val_", "final", "probe/", "time/")) and isinstance(v, float)})
+                                  and k.startswith(("val_", "final", "probe/", "time/", "params/")) and isinstance(v, float)})
         every = self.cfg.train.checkpoint_every or self.cfg.train.eval_every
         if self.step % every == 0 or self.step >= self.total_steps:
             checkpoint_start = time.perf_counter()

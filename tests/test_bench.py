@@ -125,3 +125,39 @@ def test_json_stdout_is_the_result_line_only(tmp_path):
     assert len(lines) == 1, done.stdout[:2000]
     assert json.loads(lines[0])["step_ratio"] > 0
     assert "DeepSpeed" in done.stderr  # what used to land on stdout is still shown
+
+
+def test_llada_8b_lora_table():
+    """LoRA on one GPU: the frozen bf16 base (16 GB) dominates; DLLM-JEPA's EMA is the adapters in fp32 (under 1%
+    of the baseline at rank 8), and rank 8 / k = 1 fits 24 GiB."""
+    from raydllm.bench import GIB, estimate_lora_memory, llada_lora_memory_table, lora_adapter_params
+
+    # LLaDA-8B, rank 8: 32 layers x 8 x (2(d+d) + 2(d+kv) + 3(d+m)) with d = kv = 4096, m = 12288.
+    assert lora_adapter_params(8, hidden_size=4096, mlp_hidden_size=12288, kv_width=4096, n_layers=32) == 20_971_520
+    rows = {r["rank"]: r for r in llada_lora_memory_table()["rows"]}
+    r8 = rows[8]
+    assert r8["ema_adapters_mib"] == pytest.approx(4 * 20_971_520 / 2 ** 20)
+    assert r8["ema_share_of_baseline"] < 0.01 and r8["fits_24gib"] and r8["jepa_peak_gib"] <= 24
+    assert rows[64]["ema_share_of_baseline"] > r8["ema_share_of_baseline"]
+    base = estimate_lora_memory(8_020_000_000, 20_971_520, k_predictor_layers=1, hidden_size=4096, lam_zero=True,
+                                reduce_bucket_elements=0)
+    assert base["bytes"]["base_weights"] == 2 * 8.02e9 and base["predictor_params"] == 0
+    assert base["resident_bytes"] == pytest.approx(2 * 8.02e9 + 16 * 20_971_520)
+    jepa = estimate_lora_memory(8_020_000_000, 20_971_520, k_predictor_layers=1, hidden_size=4096,
+                                reduce_bucket_elements=0)
+    p = 12 * 4096 ** 2 + 13 * 4096
+    assert jepa["resident_bytes"] - base["resident_bytes"] == pytest.approx(4 * 20_971_520 + 16 * p)
+    assert jepa["resident_gib"] < 24 and base["peak_bytes"] < 24 * GIB
+
+
+def test_lora_bench_charges_the_target_pass_to_the_target(process_group):
+    """LoRA: the target forward runs the online modules with the EMA adapters swapped in, so the online
+    backbone's hooks fire inside it; the bench must still charge it to target_forward and count its
+    positions once (FLOP model), and the EMA it reports is the adapters only."""
+    cfg = load_config("gsm8k", "local", TINY + ["model.lora.rank=4", "model.init=random"])
+    r = run_bench(cfg, steps=2, warmup=0, target_prob=None, sampler_batch=0, memory_table=False)
+    assert r["lora_rank"] == 4 and 0 < r["n_params_backbone_trainable"] < r["n_params_backbone"]
+    jepa = r["split_s"]["jepa"]
+    assert jepa["target_forward"] > 0.3 * jepa["online_forward"] > 0
+    assert r["ema_extra_mb"] == pytest.approx(r["n_params_backbone_trainable"] * 4 / 2 ** 20)
+    assert r["peak_memory_mb"]["jepa"] - r["peak_memory_mb"]["baseline"] == pytest.approx(r["ema_extra_mb"])

@@ -214,7 +214,8 @@ def test_failed_trial_status_in_mlflow(tmp_path):
     assert run.data.tags["raydllm.error"] == "FloatingPointError: non-finite loss nan at step 3"
 
 
-@pytest.mark.parametrize("space_file", ["search_spaces/gsm8k.yaml", "search_spaces/nlrx.yaml"])
+@pytest.mark.parametrize("space_file", ["search_spaces/gsm8k.yaml", "search_spaces/nlrx.yaml",
+                                        "search_spaces/gsm8k-lora.yaml"])
 def test_optuna_accepts_the_paper_spaces(space_file):
     """The paper-scale spaces use Optuna TPE (their lambda = 0 baseline runs as its own phase, since Optuna
     cannot warm-start outside its space): the searcher sets up and suggests valid trial configs."""
@@ -262,3 +263,18 @@ def test_grace_period_inside_the_warmup_warns(tmp_path):
     with pytest.warns(UserWarning, match="grace_period=2 ends inside the learning-rate warm-up \\(10 steps\\)"):
         load_spec(_write_space(tmp_path, fixed={**TINY_SPACE["fixed"], "train.max_steps": 40,
                                                 "train.warmup_ratio": 0.25}))
+
+
+def test_lora_space_is_one_gpu_per_trial_with_a_lora_baseline():
+    """search_spaces/gsm8k-lora.yaml: LLaDA-8B LoRA trials on one GPU each, 8 at once, rank searched; its
+    lambda = 0 arm is a LoRA baseline too (the fixed rank), not full fine-tuning."""
+    from raydllm.search_space import baseline_point, load_spec, trial_config
+
+    spec = load_spec("search_spaces/gsm8k-lora.yaml")
+    assert spec.resources.workers == 1 and spec.resources.use_gpu and spec.max_concurrent_trials == 8
+    assert {"jepa.lambda", "jepa.k", "jepa.t_low", "jepa.t_high", "train.lr", "model.lora.rank"} <= set(spec.space)
+    point = baseline_point(spec)
+    assert point["jepa.lambda"] == 0 and point["model.lora.rank"] == 16
+    cfg = trial_config(spec, point, spec.seeds[0])
+    assert cfg.model.name == "GSAI-ML/LLaDA-8B-Base" and cfg.model.lora.rank == 16 and cfg.train.workers == 1
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum == 32
