@@ -74,7 +74,8 @@ def per_node(bundle: dict[str, float], resources: dict[str, float]) -> int:
 
 def placement(bundle: dict[str, float], workers: int, shapes: list[NodeShape]) -> str | None:
     """STRICT_PACK when some node (up or launchable) holds every worker, PACK when only several nodes together
-    can, None when the cluster can never hold them."""
+    can, None when the cluster can never hold them. (A launched node counts both as up and under its type: the
+    check errs towards accepting; it exists to refuse what can never run, not to predict waiting.)"""
     if any(per_node(bundle, s.resources) >= workers for s in shapes):
         return "STRICT_PACK"
     if sum(min(per_node(bundle, s.resources) * s.count, workers) for s in shapes) >= workers:
