@@ -64,9 +64,16 @@ def cmd_tune(args) -> int:
     from .search_space import load_spec
     from .tune import default_space_file, run_sweep, sweep_name
 
+    if args.preset not in (None, "local"):
+        raise ConfigError(f"--preset {args.preset}: tune runs a space file, whose `preset:` is the trials' base "
+                          f"config; use --space FILE (with preset: {args.preset}) or --set KEY=VALUE")
+    if args.preset and args.space:
+        raise ConfigError("--preset local selects search_spaces/local.yaml; with --space, drop --preset")
     space = Path(args.space) if args.space else default_space_file("local" if args.preset == "local" else args.task)
-    extra = {"data.source": "local", "data.path": str(Path(args.data).resolve())} if args.data else None
-    spec = load_spec(space, extra)  # validated before Ray starts
+    extra = _flat_overrides(args.overrides)
+    if args.data:
+        extra |= {"data.source": "local", "data.path": str(Path(args.data).resolve())}
+    spec = load_spec(space, extra or None)  # validated before Ray starts, --set values at every corner
     if spec.task != args.task:
         raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
     if args.resume:
@@ -79,12 +86,25 @@ def cmd_tune(args) -> int:
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"--resume: no sweep to resume at {path}")
     outcome = run_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage,
-                        name=args.name, extra_fixed=extra)
+                        name=args.name, extra_fixed=extra or None)
     _quiet_ray()
     if args.json:
         emit_json({"sweep": outcome.name, "parent_run_id": outcome.parent_run_id,
                    "restored": outcome.restored, "trials": outcome.trials})
     return 0
+
+
+def _flat_overrides(pairs: list[str]) -> dict:
+    """`--set a.b=1` pairs as a space file's `fixed:` keys (values parsed as YAML scalars, like `train --set`)."""
+    from .config import parse_overrides
+
+    flat = {}
+    for pair in pairs:
+        key, value = pair.partition("=")[0], parse_overrides([pair])
+        for part in key.split("."):
+            value = value[part]
+        flat[key] = value
+    return flat
 
 
 def cmd_best(args) -> int:
@@ -353,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="a Ray Tune + ASHA sweep from a search-space file, every trial in MLflow")
     tune.add_argument("task")
-    tune.add_argument("--preset", help="local = the embedded default's space (search_spaces/local.yaml)")
+    tune.add_argument("--preset", help="only local: the embedded default's space (search_spaces/local.yaml); "
+                      "other presets are a space file's `preset:`")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="fix a config field for every trial, like the space's `fixed:` (repeatable)")
     tune.add_argument("--space", help="search-space YAML (default: search_spaces/<task>.yaml)")
     tune.add_argument("--data", help="local data file or folder for every trial")
     tune.add_argument("--name", help="sweep name (default: sweep-<task>-<space file>); same name = resume")

@@ -92,11 +92,28 @@ class SearchSettings(_Strict):
     seed: int | None = 0
 
 
+ACCELERATOR_SHARE = 0.001  # what Ray Train asks of `accelerator_type:<type>` per worker (a node has 1)
+
+
 class Resources(_Strict):
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
+    # The GPU type every worker needs, as Ray names it (e.g. A100-80G): each worker asks for a sliver of the
+    # node's `accelerator_type:<type>` resource, as Ray Train's ScalingConfig(accelerator_type=...) does.
+    accelerator_type: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     custom: dict[str, float] = {}  # custom Ray resources per worker (e.g. a node type's marker resource)
+
+    @model_validator(mode="after")
+    def _gpu_type_needs_gpu(self):
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError("accelerator_type needs use_gpu: true")
+        return self
+
+    def per_worker_extra(self) -> dict[str, float]:
+        """Ray resources each worker asks for beyond CPU and GPU."""
+        gpu_type = {f"accelerator_type:{self.accelerator_type}": ACCELERATOR_SHARE} if self.accelerator_type else {}
+        return {**gpu_type, **self.custom}
 
 
 class RepeatSettings(_Strict):
@@ -136,7 +153,7 @@ class SweepSpec(_Strict):
 def load_spec(path: str | Path, extra_fixed: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate a space file; errors are one line naming the file and the key.
 
-    `extra_fixed` (e.g. the data path from --data) joins the file's `fixed:` before validation."""
+    `extra_fixed` (--set values, the data path from --data) joins the file's `fixed:` before validation."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such search-space file")
@@ -147,6 +164,10 @@ def load_spec(path: str | Path, extra_fixed: dict[str, Any] | None = None) -> Sw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if extra_fixed:
+        space = raw.get("space") if isinstance(raw.get("space"), dict) else {}
+        searched = sorted(set(extra_fixed) & set(space))
+        if searched:
+            raise ConfigError(f"{path}: --set {searched[0]}: the space searches this key; fix it in the file instead")
         raw["fixed"] = {**(raw.get("fixed") or {}), **extra_fixed}
     try:
         spec = SweepSpec.model_validate(raw)
@@ -156,7 +177,20 @@ def load_spec(path: str | Path, extra_fixed: dict[str, Any] | None = None) -> Sw
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {field or 'file'}: {msg}") from None
     check_against_config(spec, path)
+    _check_searcher_installed(spec, path)
     return spec
+
+
+SEARCHER_PACKAGES = {"optuna": "optuna"}  # search.algorithm -> the package Ray Tune's searcher imports
+
+
+def _check_searcher_installed(spec: SweepSpec, path: Path) -> None:
+    import importlib.util
+
+    package = SEARCHER_PACKAGES.get(spec.search.algorithm)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{path}: search.algorithm: {spec.search.algorithm} needs the {package} package, which "
+                          f"is not installed here (pip install {package})")
 
 
 def base_raw(spec: SweepSpec) -> dict[str, Any]:
@@ -166,7 +200,7 @@ def base_raw(spec: SweepSpec) -> dict[str, Any]:
     raw = deep_merge(raw, parse_overrides([f"train.workers={res.workers}",
                                            f"train.cpus_per_worker={res.cpus_per_worker}",
                                            f"train.use_gpu={str(res.use_gpu).lower()}"]))
-    raw = deep_merge(raw, {"train": {"extra_resources": dict(res.custom)}})
+    raw = deep_merge(raw, {"train": {"extra_resources": res.per_worker_extra()}})
     return deep_merge(raw, _nest(spec.fixed))
 
 

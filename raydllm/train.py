@@ -79,14 +79,26 @@ def choose_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def scaling_config(cfg: Config):
-    from ray.train import ScalingConfig
-
-    use_gpu = choose_gpu(cfg)
+def worker_bundle(cfg: Config, use_gpu: bool) -> dict[str, float]:
+    """What one Ray Train worker asks for (extra_resources may name an `accelerator_type:<type>`)."""
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.extra_resources}
     if use_gpu:
         resources["GPU"] = 1
-    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return resources
+
+
+def scaling_config(cfg: Config):
+    """Workers that fit on one node (up now or launchable) are placed on one node (STRICT_PACK: PACK is only a
+    preference, and an 8-GPU trial split over two nodes runs its all-reduce over the network)."""
+    from ray.train import ScalingConfig
+
+    from .cluster import node_shapes, placement
+
+    use_gpu = choose_gpu(cfg)
+    resources = worker_bundle(cfg, use_gpu)
+    strategy = placement(resources, cfg.train.workers, node_shapes()) or "PACK"
+    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                         placement_strategy=strategy)
 
 
 def build_trainer(cfg: Config, *, name: str, storage_path: str, tracking: dict[str, str] | None,

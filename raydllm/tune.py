@@ -9,7 +9,8 @@ Pattern (Ray Train V2): each Tune trial is a function trainable that builds the 
 - `max_concurrent_trials` is ignored after `Tuner.restore`: each trial actor holds one unit of a custom
   `trial_slot` resource, of which the local cluster has exactly `max_concurrent_trials`;
 - a trial whose workers cannot be placed hangs forever: the resources a trial needs are checked against
-  the cluster before anything starts, and `train.start_attempts` bounds the wait.
+  the nodes the cluster has and the node types its autoscaler can launch before anything starts, and
+  `train.start_attempts` bounds the wait.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ SLOT = "trial_slot"
 
 
 def default_space_file(task: str) -> Path:
-    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package."""
+    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package (package
+    data: raydllm/search_spaces links to the checkout's search_spaces/ and is copied into the wheel)."""
     local = Path("search_spaces") / f"{task}.yaml"
     if local.exists():
         return local
-    packaged = Path(__file__).resolve().parent.parent / "search_spaces" / f"{task}.yaml"
+    packaged = Path(__file__).resolve().parent / "search_spaces" / f"{task}.yaml"
     if packaged.exists():
         return packaged
     raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")
@@ -230,19 +232,20 @@ def ensure_ray_for_sweep(spec: SweepSpec) -> None:
 
 
 def check_resources(spec: SweepSpec) -> None:
-    """Refuse, before any trial starts, a trial that this cluster can never place (unless it autoscales)."""
-    import ray
+    """Refuse, before any trial starts, a trial that no node of this cluster can ever hold: neither a node
+    that is up nor a node type its autoscaler can launch (Ray's record of them: raydllm.cluster)."""
+    from .cluster import describe, node_shapes, placement
+    from .config import validate
+    from .search_space import base_raw
+    from .train import worker_bundle
 
-    total = ray.cluster_resources()
-    autoscaling = os.environ.get("RAYDLLM_AUTOSCALING") == "1"
-    res = spec.resources
-    need_cpu = res.workers * res.cpus_per_worker
-    if not autoscaling and need_cpu > total.get("CPU", 0):
-        raise ConfigError(f"resources: a trial needs {need_cpu:g} CPUs for its workers but the cluster has "
-                          f"{total.get('CPU', 0):g}; lower resources.workers or cpus_per_worker")
-    if not autoscaling and res.use_gpu and res.workers > total.get("GPU", 0):
-        raise ConfigError(f"resources: a trial needs {res.workers} GPUs but the cluster has "
-                          f"{total.get('GPU', 0):g}")
+    workers = spec.resources.workers
+    bundle = worker_bundle(validate(base_raw(spec)), spec.resources.use_gpu)
+    shapes = node_shapes()
+    if placement(bundle, workers, shapes) is None:
+        need = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+        raise ConfigError(f"resources: a trial needs {workers} worker(s) of {{{need}}}, more than this cluster "
+                          f"can ever hold ({describe(shapes)}); lower resources or add a node type that fits")
 
 
 def _trial_resources() -> dict[str, float]:

@@ -16,6 +16,9 @@ Facts that shaped this helper (Ray 2.60.0):
 * The head node type must be called ``ray.head.default`` (the provider hard-codes it).
 * ``idle_timeout_minutes`` is a JSON-schema ``number`` (>= 0), so fractions such as 0.1 (6 s) are accepted.
 * Token authentication (new in Ray 2.60) must match between the cluster and this process; see RAY_AUTH_MODE below.
+* Ray 2.60's autoscalers do not record their node types in the GCS (newer v2 autoscalers do); like cluster.yaml's
+  head, the helper reports them after `ray start` (`raydllm.cluster.report_node_types`), so a driver asks Ray
+  what the cluster can launch, exactly as on AWS.
 * Apart from that the driver needs nothing special: ``ray.init(address="<ip>:<port>")`` connects to the head raylet even though
   several raylets share the IP (``services.get_node_to_connect_for_driver`` prefers the head). Only ``ray start``
   needs ``RAY_FAKE_CLUSTER=1``; ``AUTOSCALER_UPDATE_INTERVAL_S=1`` makes the monitor poll every second (5 s default).
@@ -43,6 +46,8 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
+
+from raydllm.cluster import report_node_types
 
 HEAD_NODE_TYPE = "ray.head.default"  # fixed by FakeMultiNodeProvider
 WORKER_NODE_TYPE = "ray.worker.slot"
@@ -362,6 +367,9 @@ def fake_autoscaling_cluster(
             if time.monotonic() > deadline:
                 raise TimeoutError("fake cluster head node did not come up")
             time.sleep(0.5)
+        # What cluster.yaml's head does after `ray start`: record the autoscaler's node types in the GCS, where
+        # raydllm's resource check (and Ray Data) read what the cluster can launch.
+        report_node_types(config_path, address)
         yield cluster
     finally:
         left = _kill_cluster_processes(str(temp_dir))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import sys
 import tomllib
@@ -51,10 +52,6 @@ def _write(tmp_path: Path, cfg: dict, name="broken.yaml") -> Path:
 
 def _worker_types(cfg: dict) -> dict:
     return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
-
-
-def _pyproject_version() -> str:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 @pytest.fixture(params=CLUSTER_FILES, ids=lambda p: p.name)
@@ -223,10 +220,108 @@ def test_docker_image_matches_installed_ray(cluster_file):
     assert worker_image.endswith(("-gpu",)) or re.search(r"-cu\d+$", worker_image)
 
 
-def test_setup_installs_this_raydllm_version(cluster_file):
+def _all_commands(cfg: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for k in keys for c in cfg.get(k) or []]
+
+
+def _pip_installs(cfg: dict) -> list[list[str]]:
+    """The arguments of every `pip install` on any node (split at shell separators)."""
+    out = []
+    for command in _all_commands(cfg):
+        for part in re.split(r"[;&|]+|\bthen\b|\belse\b|\bfi\b", command):
+            words = part.replace('"', " ").replace("'", " ").split()
+            if "pip" in words and "install" in words:
+                out.append(words[words.index("install") + 1:])
+    return out
+
+
+def test_no_node_installs_raydllm_from_a_package_index(cluster_file):
+    """raydllm is not on any index: every node installs the checkout that file_mounts copied to it."""
+    cfg = _load(cluster_file)
+    installs = _pip_installs(cfg)
+    assert installs, "no pip install on the nodes"
+    requirements = [w for args in installs for w in args if not w.startswith("-")]
+    by_name = [w for w in requirements if re.fullmatch(r"raydllm(\[[^\]]*\])?([=<>~!].*)?", w)]
+    assert not by_name, f"installs raydllm from an index: {by_name}"
+    checkout = [w for w in requirements if w.split("[")[0].rstrip("/") in cfg["file_mounts"]
+                or any(m.startswith(w.rstrip("/") + "/") for m in cfg["file_mounts"])]
+    assert checkout, f"no node installs the mounted checkout ({cfg['file_mounts']}): {installs}"
+
+
+def test_file_mounts_are_enough_to_build_raydllm_with_its_spaces(cluster_file, tmp_path):
+    """What file_mounts copies to a node (and nothing else) builds the raydllm wheel, search spaces included."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    cfg = _load(cluster_file)
+    root = Path(os.path.commonpath(list(cfg["file_mounts"])))
+    for remote, local in cfg["file_mounts"].items():
+        source, target = REPO / local, tmp_path / "node" / Path(remote).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(tmp_path / "node")], check=True, capture_output=True)
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("raydllm-*.whl"))).namelist()
+    spaces = {p.name for p in (REPO / "search_spaces").glob("*.yaml")}
+    assert {f"raydllm/search_spaces/{n}" for n in spaces} <= set(names), names
+    assert {"raydllm/cluster.py", "raydllm/configs/paper.yaml"} <= set(names)
+
+
+def test_torch_install_matches_the_node(cluster_file):
+    """torch before raydllm, at the tested version: the CUDA build where a GPU is, the CPU build elsewhere."""
     cfg = _load(cluster_file)
     setup = " ".join(cfg["setup_commands"])
-    assert f"raydllm=={_pyproject_version()}" in setup
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = next(d for d in deps if d.startswith("torch"))
+    low = re.fullmatch(r"torch>=(\d+\.\d+),<.*", pinned)[1]
+    versions = set(re.findall(r"torch==(\d+\.\d+)\.\d+", setup))
+    assert versions == {low}, (versions, pinned)
+    assert "nvidia-smi" in setup and "download.pytorch.org/whl/cpu" in setup
+    assert setup.index("torch==") < setup.index("/home/ray/raydllm")
+
+
+def test_head_records_node_types_for_the_resource_check(cluster_file):
+    cfg = _load(cluster_file)
+    start = cfg["head_start_ray_commands"]
+    i_start = next(i for i, c in enumerate(start) if "ray start --head" in c)
+    report = [i for i, c in enumerate(start) if "python -m raydllm.cluster ~/ray_bootstrap_config.yaml" in c]
+    assert report and report[0] > i_start
+
+
+def _role_of_worker_profile(cfg: dict) -> tuple[str, str]:
+    arns = {w["node_config"]["IamInstanceProfile"]["Arn"] for w in _worker_types(cfg).values()}
+    assert len(arns) == 1, arns
+    m = re.fullmatch(r"arn:aws:iam::(?P<account>[^:]+):instance-profile/(?P<name>[\w+=,.@-]+)", arns.pop())
+    assert m, "worker IamInstanceProfile Arn"
+    return m["account"], m["name"]
+
+
+def test_worker_iam_setup_is_complete(cluster_file):
+    """The head launches workers with an instance profile only if its role may pass that role (iam:PassRole):
+    the exact policy ships in iam/, README's "Fill in" step attaches it and says how to check it."""
+    cfg = _load(cluster_file)
+    if cfg["provider"]["type"] != "aws":
+        pytest.skip("AWS only")
+    account, role = _role_of_worker_profile(cfg)
+    assert role == "ray-autoscaler-v1"  # the role `ray up` gives the head, so PassRole on it covers the workers
+    policy = json.loads((REPO / "iam" / "pass-worker-role.json").read_text())
+    statements = policy["Statement"]
+    assert any(s["Effect"] == "Allow" and s["Action"] == "iam:PassRole"
+               and s["Resource"] == f"arn:aws:iam::{account}:role/{role}" for s in statements), policy
+    readme = (REPO / "README.md").read_text()
+    fill_in = readme[readme.index("### 1. Fill in and start"):readme.index("### 2. ")]
+    block = re.search(r"```json\n(.*?)```", fill_in, re.S)
+    assert block and json.loads(block[1]) == policy, "README's Fill in step must show the policy file exactly"
+    assert f"aws iam put-role-policy --role-name {role}" in fill_in
+    assert "--policy-document file://iam/pass-worker-role.json" in fill_in
+    assert "aws iam simulate-principal-policy --action-names iam:PassRole" in fill_in
+    assert "aws iam put-role-policy" in cluster_file.read_text()
 
 
 def test_mlflow_server_on_head(cluster_file):

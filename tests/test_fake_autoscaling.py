@@ -1,9 +1,10 @@
 """Autoscaling for real on one machine: a Tune sweep makes Ray's autoscaler add worker nodes, then remove them.
 
 The cluster is Ray's ``fake_multinode`` provider (see tests/fake_cluster.py): a head node with no ``node_slot``
-resource and a worker node type with ``{"CPU": 1, "node_slot": 1}``. Every trial asks for one node's worth
-(``{"CPU": 1, "node_slot": 1}``), so nothing fits until the autoscaler launches worker nodes; once the sweep is
-done and the nodes are idle for ``idle_timeout_minutes`` (0.25 min = 15 s) the autoscaler terminates them.
+resource and one worker node type. Every trial asks for a whole node (``node_slot``), so nothing fits until the
+autoscaler launches worker nodes; once the sweep is done and the nodes are idle for ``idle_timeout_minutes``
+(0.25 min = 15 s) the autoscaler terminates them. No raydllm environment variable is set: the resource check
+asks Ray (the node types recorded in the GCS, raydllm.cluster) what the cluster can launch, as on AWS.
 
 The asserted node-count sequence is 0 -> >= 2 worker nodes -> 0. `run_sweep` is the one place to swap in
 raydllm's real sweep; it receives the cluster address and must leave the driver disconnected when it returns.
@@ -19,20 +20,25 @@ from pathlib import Path
 import pytest
 
 from fake_cluster import NodeTimeline, fake_autoscaling_cluster
+from raydllm.config import ConfigError
 
 NODE_RESOURCES = {"CPU": 1, "node_slot": 1}
 MAX_WORKERS = 3
-NUM_TRIALS = 3
+NUM_TRIALS = 2
+# The scale-up sweep: a node type of two worker slots and trials of two workers, one slot each, so a trial is a
+# whole node, placed there with STRICT_PACK (PACK would let its workers split over two nodes).
+PAIR_NODE = {"CPU": 2, "node_slot": 2}
+PAIR_WORKER = {"CPU": 1, "node_slot": 1}
 IDLE_TIMEOUT_MIN = 0.25  # 15 s. With 0.1 (6 s) a freshly launched node was once removed before its trial
 # actor started ("Terminated by autoscaler", trial failed): on 2 busy cores the trial took longer than 6 s from
 # node launch to a running actor, and the node counted as idle meanwhile. On a real cluster the timeout is minutes.
 
 
-def run_sweep(address: str, num_trials: int, resources_per_trial: dict, *, overrides: dict | None = None,
-              workdir: str | None = None) -> list[dict]:
+def run_sweep(address: str, num_trials: int, resources_per_worker: dict, *, workers: int = 1,
+              overrides: dict | None = None, workdir: str | None = None) -> list[dict]:
     """raydllm's real sweep (`raydllm.tune.run_spec`: Tune + ASHA over TorchTrainer/DeepSpeed trials, MLflow)
     on the cluster at `address`. The node-sized request comes from the space's `resources`, exactly as on
-    the real cluster; only the address and RAYDLLM_AUTOSCALING (skip the fits-now check) differ."""
+    the real cluster; only the address differs."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -40,7 +46,7 @@ def run_sweep(address: str, num_trials: int, resources_per_trial: dict, *, overr
     from raydllm.search_space import SweepSpec
     from raydllm.tune import run_spec
 
-    custom = {k: v for k, v in resources_per_trial.items() if k != "CPU"}
+    custom = {k: v for k, v in resources_per_worker.items() if k != "CPU"}
     raw = {
         "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
         "fixed": {"model.init": "random", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
@@ -49,15 +55,15 @@ def run_sweep(address: str, num_trials: int, resources_per_trial: dict, *, overr
         "space": {"jepa.lambda": {"grid": [0.5, 1.0, 2.0][:num_trials]}},
         "baseline": False, "scheduler": {"grace_period": 4}, "search": {"algorithm": "grid"},
         "num_samples": 1, "max_concurrent_trials": num_trials,
-        "resources": {"workers": 1, "cpus_per_worker": resources_per_trial.get("CPU", 1), "custom": custom},
+        "resources": {"workers": workers, "cpus_per_worker": resources_per_worker.get("CPU", 1), "custom": custom},
     }
     for key, value in (overrides or {}).items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and key != "space" else value
     spec = SweepSpec.model_validate(raw)
     if ray.is_initialized():
         ray.shutdown()
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAYDLLM_AUTOSCALING")}
-    os.environ.update({"RAY_ADDRESS": address, "RAYDLLM_AUTOSCALING": "1"})
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
     storage = None if workdir else tempfile.TemporaryDirectory(prefix="raydllm-fake-tune-")
     root = workdir or storage.name
     try:
@@ -72,10 +78,33 @@ def run_sweep(address: str, num_trials: int, resources_per_trial: dict, *, overr
                 for r in trial_runs(client, client.get_run(outcome.parent_run_id))]
     finally:
         ray.shutdown()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        os.environ.pop("RAY_ADDRESS", None) if saved is None else os.environ.__setitem__("RAY_ADDRESS", saved)
         if storage:
             storage.cleanup()
+
+
+class WorkerGroupPlacements(threading.Thread):
+    """Records every placement group of Train workers (bundles asking for `marker`) while the driver is
+    connected: its strategy and the nodes its bundles were placed on."""
+
+    def __init__(self, marker: str = "node_slot"):
+        super().__init__(daemon=True)
+        self.marker, self.seen, self.done = marker, {}, threading.Event()
+
+    def run(self):
+        import ray
+
+        while not self.done.is_set():
+            try:
+                if ray.is_initialized():
+                    for pg_id, pg in ray.util.placement_group_table().items():
+                        nodes = pg.get("bundles_to_node_id") or {}
+                        wanted = any(self.marker in b for b in pg.get("bundles", {}).values())
+                        if wanted and pg.get("state") == "CREATED" and len(nodes) == len(pg["bundles"]):
+                            self.seen[pg_id] = {"strategy": pg["strategy"], "nodes": sorted(set(nodes.values()))}
+            except Exception:  # noqa: BLE001 - the driver connects and disconnects under us
+                pass
+            self.done.wait(0.3)
 
 
 @pytest.mark.ray
@@ -83,7 +112,7 @@ def test_tune_sweep_scales_workers_up_then_down():
     t_start = time.monotonic()
     with fake_autoscaling_cluster(
         head_cpus=1,
-        worker_resources=NODE_RESOURCES,
+        worker_resources=PAIR_NODE,
         max_workers=MAX_WORKERS,
         idle_timeout_minutes=IDLE_TIMEOUT_MIN,
     ) as cluster:
@@ -93,10 +122,13 @@ def test_tune_sweep_scales_workers_up_then_down():
         assert cluster.worker_count() == 0
 
         timeline = NodeTimeline(cluster, interval_s=0.5).start()
+        placements = WorkerGroupPlacements()
+        placements.start()
         try:
             t_sweep0 = time.monotonic()
-            results = run_sweep(cluster.address, NUM_TRIALS, NODE_RESOURCES)
+            results = run_sweep(cluster.address, NUM_TRIALS, PAIR_WORKER, workers=2)
             t_sweep = time.monotonic() - t_sweep0
+            placements.done.set()
             # Scale-down: Ray Train's autoscaling request for a trial's workers outlives the trial until it
             # expires (180 s, AUTOSCALING_REQUESTS_EXPIRE_TIME_S in Ray 2.60), then the idle timeout (15 s)
             # + the autoscaler update interval + raylet shutdown.
@@ -107,6 +139,8 @@ def test_tune_sweep_scales_workers_up_then_down():
             raise
         finally:
             timeline.stop()
+            placements.done.set()
+            print(f"\nTrain worker placement groups: {list(placements.seen.values())}")
             print(f"\nfake cluster: head up in {t_up:.1f}s; sweep of {NUM_TRIALS} trials ran"
                   f" {locals().get('t_sweep', float('nan')):.1f}s")
             print("alive worker nodes over time (t = seconds since the head came up; only changes shown):")
@@ -124,6 +158,11 @@ def test_tune_sweep_scales_workers_up_then_down():
         head_id = head[0]["node_id"]
         assert head_id not in trial_nodes, "a trial ran on the head, which has no node_slot"
         assert len(trial_nodes) >= 2, f"trials ran on only {trial_nodes}"
+        # Each trial's two workers: one placement group, STRICT_PACK, both bundles on the same worker node.
+        groups = list(placements.seen.values())
+        assert len(groups) >= NUM_TRIALS, groups
+        assert all(g["strategy"] == "STRICT_PACK" and len(g["nodes"]) == 1 for g in groups), groups
+        assert {g["nodes"][0] for g in groups} >= trial_nodes, (groups, trial_nodes)
 
         counts = timeline.counts()
         peak = max(counts)
@@ -138,6 +177,39 @@ def test_tune_sweep_scales_workers_up_then_down():
     print(f"total test time {time.monotonic() - t_start:.1f}s")
     # Nothing of the fake cluster may outlive the context manager (other tests start their own Ray).
     assert not os.path.exists(cluster.temp_dir)
+
+
+@pytest.mark.ray
+def test_trial_no_node_type_can_hold_is_refused_before_scheduling(tmp_path):
+    """A trial of 3 workers x {CPU: 1, node_slot: 1} needs 3 slots; the one node type has 2 per node and up to 3
+    nodes. STRICT_PACK cannot hold it, but PACK across two nodes can, so it is accepted; a worker asking for
+    {CPU: 4} fits no node type at all and is refused by the resource check, before any node is launched or any
+    trial exists (the node types come from Ray: no raydllm environment variable is set)."""
+    import ray
+
+    from raydllm.cluster import node_shapes, placement
+
+    assert not any(k.startswith("RAYDLLM") for k in os.environ)
+    with fake_autoscaling_cluster(head_cpus=1, worker_resources=PAIR_NODE, max_workers=MAX_WORKERS,
+                                  idle_timeout_minutes=IDLE_TIMEOUT_MIN) as cluster:
+        ray.init(address=cluster.address, configure_logging=False)
+        try:
+            shapes = node_shapes()
+            assert placement(PAIR_WORKER, 2, shapes) == "STRICT_PACK"  # one launchable node holds both
+            assert placement(PAIR_WORKER, 3, shapes) == "PACK"  # two launchable nodes together
+            assert placement(PAIR_WORKER, 7, shapes) is None  # 3 nodes x 2 slots
+        finally:
+            ray.shutdown()
+        with pytest.raises(ConfigError, match=r"resources: a trial needs 1 worker\(s\) of \{CPU: 4, node_slot: 1\}"
+                                              r".*ray\.worker\.slot \(up to 3\)"):
+            run_sweep(cluster.address, 1, {"CPU": 4, "node_slot": 1}, workdir=str(tmp_path))
+        assert cluster.worker_count() == 0
+        from mlflow.tracking import MlflowClient
+
+        runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+            [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])
+        assert not [r for r in runs if r.data.tags.get("raydllm.kind") == "trial"], "a trial was created"
+        assert not (tmp_path / "fake-autoscaling").exists(), "Tune started"
 
 
 class NodeKiller(threading.Thread):
