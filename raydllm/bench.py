@@ -100,7 +100,7 @@ def _zero_state_bytes(n: float, *, world_size: int, zero_stage: int, bf16: bool)
 def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predictor_layers: int,
                     hidden_size: int, ema_dtype: str, ema_on_cpu: bool, bf16: bool,
                     activation_gb: float | None = None, lam_zero: bool = False,
-                    reduce_bucket_elements: float = 5e8) -> dict[str, Any]:
+                    reduce_bucket_elements: float = 5e8, l2_anchor: bool = False) -> dict[str, Any]:
     """Per-GPU memory of one DLLM-JEPA rank under DeepSpeed ZeRO (bytes, plus GiB and fit verdicts).
 
     Terms (N backbone params, P predictor params, W world size), for ZeRO-2 + bf16:
@@ -111,6 +111,8 @@ def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predic
       host memory (`ema_on_cpu`, then counted under host_bytes_per_rank instead);
     * transient, backward: DeepSpeed's contiguous reduce bucket (reduce_bucket_size elements, default
       5e8, in the gradient dtype) plus activations (`activation_gb`; None = not counted, say so);
+    * L2-to-base anchor (`l2_anchor`): theta_base, a clone of the backbone weights the optimizer updates,
+      on the GPU in their dtype: 2N under bf16 (4N in fp32), replicated, none in host memory;
     * transient, optimizer step: the fp32 copy of the rank's gradient partition, 4(N + P)/W.
     Peak = resident + max(backward transient, step transient).
     `lam_zero` = the lambda = 0 baseline: no EMA (the predictor is still built by today's worker).
@@ -136,6 +138,7 @@ def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predic
         "predictor_weights": predictor["params"], "predictor_grads": predictor["grads"],
         "predictor_optimizer": predictor["optimizer"],
         "ema": ema_gpu,
+        "l2_anchor_base": (2 if bf16 else 4) * n if l2_anchor else 0.0,
     }
     resident_total = sum(resident.values())
     backward_peak = resident_total + bucket + activations
@@ -144,7 +147,7 @@ def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predic
     out: dict[str, Any] = {
         "n_params": int(n), "predictor_params": int(p), "world_size": w, "zero_stage": zero_stage,
         "k_predictor_layers": k_predictor_layers, "bf16": bf16, "ema_dtype": None if lam_zero else ema_dtype,
-        "ema_on_cpu": ema_on_cpu, "lam_zero": lam_zero,
+        "ema_on_cpu": ema_on_cpu, "lam_zero": lam_zero, "l2_anchor": l2_anchor,
         "bytes": {**resident, "reduce_bucket": bucket, "activations": activations,
                   "step_fp32_grad_partition": step_transient},
         "resident_bytes": resident_total, "peak_bytes": peak,
@@ -202,6 +205,9 @@ def llada_memory_table(*, world_size: int = 8, ks=(1, 2, 3, 4, 5), micro_batch: 
         kw = dict(common, k_predictor_layers=k, ema_dtype="float32", ema_on_cpu=False, lam_zero=True)
         rows.append(row("baseline (lambda=0)", estimate_memory(int(m["n_params"]), **kw),
                         estimate_memory(int(m["n_params"]), activation_gb=act_base, **kw)))
+        kw = dict(kw, l2_anchor=True)  # the paper's L2 arm: lambda = 0 + the anchor
+        rows.append(row("L2 anchor (lambda=0, theta_base bf16 on gpu)", estimate_memory(int(m["n_params"]), **kw),
+                        estimate_memory(int(m["n_params"]), activation_gb=act_base, **kw)))
     for ema_dtype, on_cpu in (("float32", False), ("bfloat16", False), ("float32", True)):
         for k in ks:
             kw = dict(common, k_predictor_layers=k, ema_dtype=ema_dtype, ema_on_cpu=on_cpu)
@@ -213,7 +219,99 @@ def llada_memory_table(*, world_size: int = 8, ks=(1, 2, 3, 4, 5), micro_batch: 
             "activation_gb_rough": round(act, 2), "activation_gb_rough_baseline": round(act_base, 2),
             "activation_assumption": f"micro-batch {micro_batch} x {seq_len} tokens, activation checkpointing",
             "usable_gib": {k: round(v / GIB, 2) for k, v in A100_USABLE_BYTES.items()},
-            "rows": rows}
+            "rows": rows, "load": load_host_estimate(m["n_params"]),
+            "checkpoints": checkpoint_bytes_estimate(m["n_params"], world_size=world_size)}
+
+
+def load_host_estimate(n_params: float) -> dict[str, Any]:
+    """Host memory per rank while a rank builds its model from a bf16 checkpoint (LLaDA-8B-Base's), in
+    bytes and GiB, from what `measure_load_memory` measured on the tiny architectures (stored in bf16 as the
+    hub ships them; README "Costs"):
+    * loaded in bf16 (raydllm: the training dtype): the weights stay memory-mapped from the checkpoint
+      files, so a rank's private memory barely grows (0.1x the weights, measured) and the mapped pages
+      (2N) are page cache shared by every rank of the node that maps the same files;
+    * loaded in float32 (what a rank did without a dtype on transformers 4): the peak is 1.54x the float32
+      weights (measured: the float32 copy plus the bf16 pages being read), all private: 6.2N per rank;
+    * DLLM-JEPA builds its EMA from the loaded weights: a private bf16 deep copy (2N), then float32 (4N)
+      on the GPU (jepa.ema_device=auto; the host copy is freed) or in host memory (jepa.ema_device=cpu)."""
+    n = float(n_params)
+    figures = {
+        "load_bf16_private": 0.1 * 2 * n,
+        "load_bf16_mapped_shared_per_node": 2 * n,
+        "load_float32_peak_private": 1.54 * 4 * n,
+        "jepa_ema_init_peak_private": 0.1 * 2 * n + 2 * n + 4 * n,
+        "jepa_ema_cpu_resident_private": 4 * n,
+    }
+    return {"bytes_per_rank": figures, "gib_per_rank": {k: round(v / GIB, 1) for k, v in figures.items()},
+            "measured_on": "tiny LLaDA/Dream (~55M params) stored in bf16, tests/test_llada_dream.py"}
+
+
+def checkpoint_bytes_estimate(n_params: float, *, world_size: int = 8, lam_zero: bool = False,
+                              export_ema: bool = False) -> dict[str, Any]:
+    """Bytes one checkpoint writes (all ranks together) under ZeRO-2 bf16: the bf16 module weights (2N,
+    rank 0's model states), the optimizer shards (fp32 master + Adam m, v: 12N over all ranks), the float32
+    EMA (4N, lambda > 0); the final one adds the weights-only export (2N bf16, +2N with the EMA)."""
+    n = float(n_params)
+    per_save = 2 * n + 12 * n + (0 if lam_zero else 4 * n)
+    export = 2 * n + (2 * n if export_ema else 0)
+    return {"per_save_bytes": per_save, "per_save_gib": round(per_save / GIB, 1),
+            "export_bytes": export, "export_gib": round(export / GIB, 1), "world_size": world_size}
+
+
+def trial_checkpoint_bytes(n_params: float, *, max_t: int, eval_every: int, grace: int, factor: float,
+                           checkpoint_at_rungs: bool = True, lam_zero: bool = False) -> dict[str, Any]:
+    """Checkpoint bytes a trial that runs to max_t writes: at every report (before), or at ASHA's rungs and
+    the end (now), plus the final export."""
+    import math
+
+    est = checkpoint_bytes_estimate(n_params, lam_zero=lam_zero)
+    count = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
+    rungs = {int(grace * factor ** k) for k in range(count)}
+    reports = list(range(eval_every, max_t, eval_every)) + [max_t]
+    at_rungs = sum(1 for step in reports if step == max_t or any(step - eval_every < r <= step for r in rungs))
+    saves = at_rungs if checkpoint_at_rungs else len(reports)
+    total = saves * est["per_save_bytes"] + est["export_bytes"]
+    return {"saves": saves, "bytes": total, "tb": round(total / 1e12, 2), "per_save_gib": est["per_save_gib"]}
+
+
+def measure_load_memory(folder: str | Path, dtype: str) -> dict[str, Any]:
+    """Peak host memory a `backbone.load_pretrained(folder, dtype)` adds, measured in a fresh Linux process:
+    the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just before the load) minus
+    the resident set before it; imports, config and tokenizer come first. Also, once every weight has been
+    read: the private (RssAnon) and file-backed (RssFile: memory-mapped checkpoint pages, shared by every
+    rank on a node that maps the same file) resident memory the model holds."""
+    import subprocess
+
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoConfig, AutoTokenizer\n"
+        "from raydllm.backbone import load_pretrained\n"
+        "def status(key):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])\n"
+        "AutoConfig.from_pretrained(folder, trust_remote_code=True)\n"
+        "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current RSS\n"
+        "before = {k: status(k) for k in ('VmRSS', 'RssAnon', 'RssFile')}\n"
+        "model, _ = load_pretrained(folder, trust_remote_code=True, dtype=dtype)\n"
+        "peak = status('VmHWM')\n"
+        "for p in model.parameters():  # touch every weight: memory-mapped ones are read in now\n"
+        "    float(p.detach().float().sum())\n"
+        "after = {k: status(k) - v for k, v in before.items()}\n"
+        "params = sum(p.numel() * p.element_size() for p in model.parameters())\n"
+        "print(json.dumps({'peak_delta_bytes': peak - before['VmRSS'], 'param_bytes': params,\n"
+        "                  'anon_after_bytes': after['RssAnon'], 'file_after_bytes': after['RssFile'],\n"
+        "                  'dtype': str(next(model.parameters()).dtype)}))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script, str(folder), dtype], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"measure_load_memory: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["peak_over_params"] = result["peak_delta_bytes"] / max(result["param_bytes"], 1)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ class WorkerLoop:
                                       betas=tuple(cfg.train.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(self.total_steps, cfg.train.warmup_ratio))
+        # from_pretrained hands models back in eval mode, where transformers-style checkpointing is off.
+        module.train()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.bf16))
