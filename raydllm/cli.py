@@ -279,6 +279,8 @@ def _add_pretrain_command(subparsers) -> None:
 def cmd_bench(args) -> int:
     if args.mode == "sweep":
         return _cmd_bench_sweep(args)
+    if args.mode == "gpu":
+        return _cmd_bench_gpu(args)
     if args.mode == "l2":
         from .bench import format_l2_report, l2_anchor_strength
 
@@ -321,6 +323,29 @@ def _cmd_bench_sweep(args) -> int:
     return 0
 
 
+def _cmd_bench_gpu(args) -> int:
+    """`raydllm bench gpu --llada FOLDER --dream FOLDER`: bench.bench_gpu; a CPU-only machine skips it."""
+    import torch
+
+    from .bench import bench_gpu, format_gpu_report
+
+    folders = {name: path for name, path in (("llada", args.llada), ("dream", args.dream)) if path}
+    if not folders:
+        raise ConfigError("bench gpu: give --llada FOLDER and/or --dream FOLDER (tiny architectures, see README)")
+    for name, path in folders.items():
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"--{name} {path}: not a Hugging Face model folder (no config.json)")
+    if not args.cpu and not torch.cuda.is_available():
+        print("raydllm bench gpu: no CUDA device here; skipped (--cpu runs the same parts on the CPU)")
+        return 0
+    result = bench_gpu(folders, cpu=args.cpu, steps=args.steps)
+    if args.json:
+        emit_json(result, default=_json_default)
+    else:
+        print(format_gpu_report(result))
+    return 0 if result["all_ran"] else 1
+
+
 def _json_default(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -330,9 +355,13 @@ def _json_default(x):
 def _add_bench_command(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
-    p.add_argument("mode", nargs="?", choices=["step", "sweep", "l2"], default="step",
+    p.add_argument("mode", nargs="?", choices=["step", "sweep", "l2", "gpu"], default="step",
                    help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`; "
-                        "l2: what strength of the L2-to-base anchor changes the update (--steps per lambda)")
+                        "l2: what strength of the L2-to-base anchor changes the update (--steps per lambda); "
+                        "gpu: the tiny LLaDA/Dream folders through every part an 8B trial runs, on the first GPU")
+    p.add_argument("--llada", help="gpu mode: a tiny LLaDA-architecture folder")
+    p.add_argument("--dream", help="gpu mode: a tiny Dream-architecture folder")
+    p.add_argument("--cpu", action="store_true", help="gpu mode: run the same parts on the CPU (float32)")
     p.add_argument("--lambdas", default="0,1e-4,1e-2,1,100", help="l2 mode: the loss.l2_lambda values "
                                                                    "(comma-separated; 0 = no anchor)")
     p.add_argument("--task", default="gsm8k", help="task whose data to use (default: gsm8k)")

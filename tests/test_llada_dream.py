@@ -200,3 +200,21 @@ def test_load_peak_host_memory_in_the_training_dtype(arch, tmp_path):
     assert bf16["param_bytes"] * 2 == fp32["param_bytes"] > 10e6
     assert bf16["peak_delta_bytes"] < 0.5 * bf16["param_bytes"] and bf16["anon_after_bytes"] < 0.5 * bf16["param_bytes"]
     assert fp32["peak_delta_bytes"] > 1.2 * fp32["param_bytes"] and fp32["anon_after_bytes"] > 0.9 * fp32["param_bytes"]
+
+
+def test_bench_gpu_runs_every_part_on_cpu(tmp_path, capsys):
+    """`raydllm bench gpu --cpu`: the same parts a CUDA machine runs (here float32); without --cpu and no
+    GPU it skips with one line."""
+    from raydllm.cli import build_parser
+
+    folder = save_tiny_llada(tmp_path / "llada")
+    if not torch.cuda.is_available():
+        args = build_parser().parse_args(["bench", "gpu", "--llada", str(folder)])
+        assert args.func(args) == 0
+        assert capsys.readouterr().out.strip().count("\n") == 0
+    args = build_parser().parse_args(["bench", "gpu", "--llada", str(folder), "--cpu", "--steps", "1", "--json"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    llada = result["architectures"]["llada"]
+    assert result["all_ran"] and set(llada["parts"]) == {"baseline", "jepa_ema_gpu", "jepa_ema_host", "l2_anchor"}
+    assert llada["evaluation"]["n"] == 8 and llada["step_ratio"] > 0
