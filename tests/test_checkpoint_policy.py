@@ -31,3 +31,40 @@ def test_staging_dir_prefers_the_local_disk(tmp_path, monkeypatch):
     assert staging_dir() == str(tmp_path / "raydllm-staging")
     monkeypatch.setenv(LOCAL_DIR_ENV, str(tmp_path / "absent"))
     assert staging_dir() in (None, "/opt/dlami/nvme/raydllm-staging")
+
+
+@pytest.mark.ray
+def test_rung_checkpoints_async_upload_export_and_bytes(tmp_path):
+    """A real `raydllm train` (2 DeepSpeed workers): checkpoints only at the report after each listed step and
+    at the end, staged under RAYDLLM_LOCAL_DIR and uploaded asynchronously (the staged copies are gone
+    after), the final one with the weights-only export, and checkpoint/bytes logged at each save."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    staging = tmp_path / "nvme"
+    staging.mkdir()
+    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json",
+           *[a for kv in ["model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                          "data.synthetic_size=200", "data.val_limit=16", "train.micro_batch_size=4",
+                          "eval.final=false", "jepa.lambda=0", "train.max_steps=6", "train.eval_every=2",
+                          "train.checkpoint_steps=[3]", "train.checkpoint_upload=async"] for a in ("--set", kv)]]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=500,
+                          env=dict(os.environ, **{LOCAL_DIR_ENV: str(staging)}))
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    run_folder = Path(result["checkpoint"]).parent
+    saved = sorted(json.loads(p.read_text())["step"] for p in run_folder.glob("checkpoint_*/raydllm.json"))
+    assert saved == [4, 6]  # the report after step 3, and the end
+    final = Path(result["checkpoint"])
+    assert (final / "export" / "config.json").is_file() and (final / "export" / "model.safetensors").is_file()
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(result["run_id"],
+                                                                                     "checkpoint/bytes")
+    written = sorted((m.step, m.value) for m in history)
+    assert [s for s, _ in written] == [4, 6] and 0 < written[0][1] < written[1][1]
+    assert json.loads((final / "raydllm.json").read_text())["checkpoint_bytes"] == written[1][1]
+    assert not any((staging / "raydllm-staging").iterdir())  # Ray deleted the staged copies after uploading
