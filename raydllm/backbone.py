@@ -186,11 +186,13 @@ def enable_gradient_checkpointing(model: nn.Module, name: str) -> str:
 
 
 @torch.no_grad()
-def padding_mode(model: nn.Module, *, pad_id: int, vocab_size: int, tolerance: float = 0.02) -> str:
+def padding_mode(model: nn.Module, *, pad_id: int, vocab_size: int, tolerance: float = 0.1) -> str:
     """Which form of attention mask keeps a row's logits independent of its batch (see PADDING_MODES).
 
-    Probe: a 6-token row alone, then left-padded by 3 beside a 9-token row; the row's logits must match
-    to `tolerance` (relative L2, loose enough for bf16, far below what attending to 3 pad keys changes)."""
+    Probe: a 6-token row alone, then left-padded by 3 beside a 9-token row. A form passes when it changes
+    the row's logits by at most `tolerance` times what attending to the 3 pads changes them (relative L2
+    errors against the row alone): a yardstick of the model's own scale, so bf16 rounding passes and an
+    ignored mask does not."""
     generator = torch.Generator().manual_seed(0)
     low = min(16, max(vocab_size - 64, 0))  # ordinary token ids, clear of most special ones
     high = max(low + 1, min(vocab_size, low + 1000))
@@ -204,15 +206,21 @@ def padding_mode(model: nn.Module, *, pad_id: int, vocab_size: int, tolerance: f
     model.eval()
     try:
         reference = model(input_ids=short_row[None].to(device)).logits[0].float()
+
+        def error(mask) -> float:
+            logits = model(input_ids=batch, attention_mask=mask).logits[1, 3:].float()
+            return float((logits - reference).norm() / reference.norm().clamp(min=1e-12))
+
+        unmasked = error(None)
         for mode in ("mask", "mask_4d"):
             try:
-                logits = model(input_ids=batch, attention_mask=_mask_for(mode, attention)).logits[1, 3:].float()
+                err = error(_mask_for(mode, attention))
             except (RuntimeError, ValueError, TypeError) as exc:  # e.g. SDPA refusing a [B, L] integer mask
                 log.info("padding probe: %s mask refused (%s)", mode, str(exc).splitlines()[0][:200])
                 continue
-            error = float((logits - reference).norm() / reference.norm().clamp(min=1e-12))
-            log.info("padding probe: %s mask, relative logit change %.2e", mode, error)
-            if error <= tolerance:
+            log.info("padding probe: %s mask, relative logit change %.2e (pads attended: %.2e)", mode, err,
+                     unmasked)
+            if err <= tolerance * unmasked or err < 1e-6:
                 return mode
         return "rows"
     finally:
