@@ -68,3 +68,29 @@ def test_rung_checkpoints_async_upload_export_and_bytes(tmp_path):
     assert [s for s, _ in written] == [4, 6] and 0 < written[0][1] < written[1][1]
     assert json.loads((final / "raydllm.json").read_text())["checkpoint_bytes"] == written[1][1]
     assert not any((staging / "raydllm-staging").iterdir())  # Ray deleted the staged copies after uploading
+
+
+def test_status_callback_deletes_a_stopped_trials_checkpoints_and_keeps_a_finished_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from raydllm.tune import TrialStatusCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("raydllm-gsm8k", artifact_location=(tmp_path / "artifacts").as_uri())
+    storage = tmp_path / "sweep" / "train"
+    runs = {}
+    for trial_id in ("stopped", "finished"):
+        runs[trial_id] = client.create_run(experiment, tags={"raydllm.trial_id": trial_id}).info.run_id
+        (storage / f"train-{trial_id}" / "checkpoint_000001" / "export").mkdir(parents=True)
+    status = TrialStatusCallback(uri, "raydllm-gsm8k", max_t=40, grace=10, factor=2, train_storage=str(storage))
+    status.complete(SimpleNamespace(trial_id="stopped", last_result={"step": 10}))
+    status.complete(SimpleNamespace(trial_id="finished", last_result={
+        "step": 40, "checkpoint_path": str(storage / "train-finished" / "checkpoint_000001")}))
+    assert not list((storage / "train-stopped").iterdir())
+    assert (storage / "train-finished" / "checkpoint_000001" / "export").is_dir()
+    stopped, finished = (client.get_run(runs[t]).data.tags for t in ("stopped", "finished"))
+    assert stopped["raydllm.status"] == "stopped_early" and stopped["raydllm.checkpoints_deleted"] == "1"
+    assert finished["raydllm.status"] == "completed" and finished["raydllm.checkpoint"].endswith("checkpoint_000001")
