@@ -153,13 +153,84 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.
         raise ConfigError(f"model.name: {name_or_path} is not a Hugging Face model folder (no config.json)")
     model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if trust_remote_code:
+        _hub_code_on_transformers_5(name_or_path, model_config)
     import transformers
 
     # transformers 4.x names the argument torch_dtype (5.x accepts both, and prefers dtype).
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = AutoModel.from_pretrained(name_or_path, config=model_config, trust_remote_code=trust_remote_code,
                                       low_cpu_mem_usage=True, **{dtype_kw: dtype})
+    _recompute_rope_buffers(model)
     return model, tokenizer
+
+
+def _default_rope_init(config, device=None, seq_len=None, **_):
+    """transformers 4's ROPE_INIT_FUNCTIONS["default"] (plain RoPE), which Dream's hub code looks up."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
+    return inv_freq, 1.0
+
+
+def _hub_code_on_transformers_5(name_or_path: str, model_config) -> None:
+    """Let remote code written for transformers 4 (LLaDA's and Dream's hub code) load under transformers 5:
+    * LLaDA's `LLaDAModelLM.__init__` never calls `post_init()` (transformers 5's from_pretrained needs what it
+      sets up); its `tie_weights(self)` takes none of the arguments transformers 5 passes; its config loses
+      `use_cache` (transformers 5 drops generation fields from config kwargs) that its forward reads;
+    * Dream's rotary embedding looks up ROPE_INIT_FUNCTIONS["default"], which transformers 5 removed.
+    The class is patched where it is cached (transformers reuses a remote module while its files are
+    unchanged). Nothing is done for code that does not need it."""
+    import inspect
+
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return
+    reference = (getattr(model_config, "auto_map", None) or {}).get("AutoModel")
+    if not reference:
+        return
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    ROPE_INIT_FUNCTIONS.setdefault("default", _default_rope_init)
+    if not hasattr(model_config, "use_cache"):
+        model_config.use_cache = False
+    cls = get_class_from_dynamic_module(reference, name_or_path)
+    if getattr(cls, "_raydllm_patched", False):
+        return
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not hasattr(self, "all_tied_weights_keys"):  # set by post_init(), which the class never called
+            self.post_init()
+
+    cls.__init__ = __init__
+    tie = cls.__dict__.get("tie_weights")
+    if tie is not None:
+        def tie_weights(self, *args, **kwargs):
+            if len(inspect.signature(tie).parameters) == 1:
+                return tie(self)
+            try:
+                return tie(self, *args, **kwargs)
+            except TypeError:  # written for transformers 4, which called tie_weights() bare
+                return tie(self)
+
+        cls.tie_weights = tie_weights
+    cls._raydllm_patched = True
+
+
+def _recompute_rope_buffers(model: nn.Module) -> None:
+    """Non-persistent inv_freq buffers are not in the checkpoint, and a model built on the meta device
+    leaves them uninitialised: recompute them from the config, as the module's own init would."""
+    for module in model.modules():
+        init_fn = getattr(module, "rope_init_fn", None)
+        if callable(init_fn) and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            inv_freq, _ = init_fn(module.config, module.inv_freq.device)
+            module.inv_freq.data = inv_freq.to(module.inv_freq.dtype)
+            if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+                module.original_inv_freq = module.inv_freq.clone()
 
 
 def enable_gradient_checkpointing(model: nn.Module, name: str) -> str:
