@@ -435,7 +435,13 @@ class WorkerLoop:
         try:
             self.save(directory)  # carries the seconds so far; this checkpoint's own cost is counted next
             if self.step >= self.total_steps:
-                self.export(directory)
+                try:
+                    self.export(directory)
+                except Exception as exc:  # noqa: BLE001 - e.g. remote code save_pretrained cannot write
+                    # The trial's result must not hang on it: eval falls back to the engine's model states.
+                    log.warning("export/ not written (%s: %s); `raydllm eval` will read the DeepSpeed model "
+                                "states instead", type(exc).__name__, exc)
+                    shutil.rmtree(Path(directory, EXPORT_DIR), ignore_errors=True)
             written = torch.tensor([folder_bytes(directory)], dtype=torch.float64, device=self.device)
             if dist.is_initialized() and self.world > 1:
                 dist.all_reduce(written)
