@@ -4,10 +4,19 @@ The adapter gives the rest of raydllm a single contract: `backbone(input_ids, at
 logits aligned so that logits[:, i] predicts token i, and the last hidden states for pooling;
 `all_hidden_states` gives every layer for the drift probe. Dream-family models predict token i at
 position i - 1 (shifted logits); the adapter undoes that here so losses and the sampler never see it.
+
+Padding: a row's logits must not depend on how much longer the other rows of its batch are. Backbones
+differ in what they do with `attention_mask`: the embedded model and transformers-style models take the
+[B, L] mask; Dream's code hands `attention_mask` to SDPA as is, so it needs a [B, 1, 1, L] boolean key mask;
+LLaDA's original hub code accepts the mask and never applies it (its attention runs with attn_mask=None).
+`padding_mode` finds out at load time which form the backbone honours (a 2-row probe, left padded, against
+the short row alone); a backbone that honours neither runs each group of rows with the same padding
+separately, with the padding cut off ("rows": exact, fewer rows per matmul). `model.padding` overrides it.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +54,25 @@ class TokenIds:
     eos: int
 
 
+# How a backbone is given padding (see the module docstring).
+PADDING_MODES = ("mask", "mask_4d", "rows")
+
+
+def _mask_for(mode: str, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    if attention_mask is None or mode == "mask":
+        return attention_mask
+    return attention_mask.bool()[:, None, None, :]  # mask_4d: True = this key may be attended to
+
+
 class Backbone(nn.Module):
-    def __init__(self, model: nn.Module, ids: TokenIds, *, shift_logits: bool):
+    def __init__(self, model: nn.Module, ids: TokenIds, *, shift_logits: bool, padding: str = "mask"):
         super().__init__()
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         self.model = model
         self.ids = ids
         self.shift_logits = shift_logits
+        self.padding = padding
 
     @property
     def is_lora(self) -> bool:
@@ -72,11 +94,35 @@ class Backbone(nn.Module):
         return int(self.model.config.num_hidden_layers)
 
     def _run(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        if self.padding == "rows" and attention_mask is not None and not bool(attention_mask.all()):
+            return self._run_rows(input_ids, attention_mask)
+        out = self.model(input_ids=input_ids, attention_mask=_mask_for(self.padding, attention_mask),
+                         output_hidden_states=True)
         logits = out.logits
         if self.shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits, out.hidden_states
+
+    def _run_rows(self, input_ids, attention_mask):
+        """For a backbone that ignores its attention mask: each group of rows with the same real positions
+        runs alone with its padding cut off; pad positions get zero logits and hidden states."""
+        keep = attention_mask.bool()
+        groups: dict[bytes, list[int]] = {}
+        for row in range(input_ids.shape[0]):
+            if keep[row].any():
+                groups.setdefault(keep[row].cpu().numpy().tobytes(), []).append(row)
+        logits = hidden = None
+        for rows in groups.values():
+            index = torch.tensor(rows, device=input_ids.device)
+            positions = keep[rows[0]].nonzero().squeeze(1)
+            sub_logits, sub_hidden = self._run(input_ids[index][:, positions], None)
+            if logits is None:
+                batch, length = input_ids.shape
+                logits = sub_logits.new_zeros(batch, length, sub_logits.shape[-1])
+                hidden = [h.new_zeros(batch, length, h.shape[-1]) for h in sub_hidden]
+            logits = logits.index_put((index[:, None], positions[None, :]), sub_logits)
+            hidden = [h.index_put((index[:, None], positions[None, :]), s) for h, s in zip(hidden, sub_hidden)]
+        return logits, tuple(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +220,74 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.
     return model, tokenizer
 
 
-def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> tuple[Backbone, object]:
-    """(Backbone, tokenizer) for `model.name`: "tiny" or a Hugging Face id / local folder."""
+def enable_gradient_checkpointing(model: nn.Module, name: str) -> str:
+    """Turn on activation checkpointing through the entry point the model has: transformers' API where
+    the class declares `supports_gradient_checkpointing` (the embedded model, Dream), else LLaDA's own
+    `model.model.set_activation_checkpointing(whole_layer)` (LLaDA's hub class declares no support, and
+    transformers 5 refuses it). Returns which one was used."""
+    if getattr(model, "supports_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        # transformers 5 renamed it; remote-code models on older releases only have the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return "transformers"
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "set_activation_checkpointing"):
+        # The strategy enum lives in the model's own (remote) code; it is a str enum, so the name works too.
+        strategies = getattr(sys.modules.get(type(inner).__module__), "ActivationCheckpointingStrategy", None)
+        inner.set_activation_checkpointing(strategies.whole_layer if strategies is not None else "whole_layer")
+        return "set_activation_checkpointing"
+    raise ConfigError(f"model.gradient_checkpointing: {name} ({type(model).__name__}) supports neither transformers' "
+                      "gradient checkpointing nor set_activation_checkpointing; set model.gradient_checkpointing=false")
+
+
+@torch.no_grad()
+def padding_mode(model: nn.Module, *, pad_id: int, vocab_size: int, tolerance: float = 0.1) -> str:
+    """Which form of attention mask keeps a row's logits independent of its batch (see PADDING_MODES).
+
+    Probe: a 6-token row alone, then left-padded by 3 beside a 9-token row. A form passes when it changes
+    the row's logits by at most `tolerance` times what attending to the 3 pads changes them (relative L2
+    errors against the row alone): a yardstick of the model's own scale, so bf16 rounding passes and an
+    ignored mask does not."""
+    generator = torch.Generator().manual_seed(0)
+    low = min(16, max(vocab_size - 64, 0))  # ordinary token ids, clear of most special ones
+    high = max(low + 1, min(vocab_size, low + 1000))
+    device = next(model.parameters()).device
+    long_row = torch.randint(low, high, (9,), generator=generator)
+    short_row = torch.randint(low, high, (6,), generator=generator)
+    batch = torch.stack([long_row, torch.cat([torch.full((3,), pad_id), short_row])]).to(device)
+    attention = torch.ones_like(batch)
+    attention[1, :3] = 0
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model(input_ids=short_row[None].to(device)).logits[0].float()
+
+        def error(mask) -> float:
+            logits = model(input_ids=batch, attention_mask=mask).logits[1, 3:].float()
+            return float((logits - reference).norm() / reference.norm().clamp(min=1e-12))
+
+        unmasked = error(None)
+        for mode in ("mask", "mask_4d"):
+            try:
+                err = error(_mask_for(mode, attention))
+            except (RuntimeError, ValueError, TypeError) as exc:  # e.g. SDPA refusing a [B, L] integer mask
+                log.info("padding probe: %s mask refused (%s)", mode, str(exc).splitlines()[0][:200])
+                continue
+            log.info("padding probe: %s mask, relative logit change %.2e (pads attended: %.2e)", mode, err,
+                     unmasked)
+            if err <= tolerance * unmasked or err < 1e-6:
+                return mode
+        return "rows"
+    finally:
+        model.train(was_training)
+
+
+def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> tuple[Backbone, object]:
+    """(Backbone, tokenizer) for `model.name`: "tiny" or a Hugging Face id / local folder, in `dtype`
+    (the training dtype: bfloat16 when training runs in bf16)."""
     quantized = four_bit_kwargs(cfg) if cfg.lora.load_in_4bit else {}
     if cfg.name == "tiny":
         if quantized:
@@ -184,23 +296,22 @@ def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> tupl
         model, tokenizer = build_tiny(cfg)
         if cfg.init != "random":
             model.load_state_dict(load_base_weights(cfg))
+        model.to(dtype)
     else:
         model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
                                            implementation=cfg.implementation, **quantized)
     if cfg.gradient_checkpointing:
-        # transformers 5 renamed it; remote-code models on older releases only have the old name.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.rank > 0:
-        model = apply_lora(model, cfg.lora)
+        enable_gradient_checkpointing(model, cfg.name)
     shift = cfg.shift_logits if cfg.shift_logits is not None else any(
         f in _family(model.config) for f in SHIFTED_FAMILIES)
     ids = resolve_token_ids(cfg, model.config, tokenizer)
-    log.info("backbone %s: %d layers, width %d, mask id %d, shifted logits %s", cfg.name,
-             model.config.num_hidden_layers, model.config.hidden_size, ids.mask, shift)
-    return Backbone(model, ids, shift_logits=shift), tokenizer
+    padding = cfg.padding if cfg.padding != "auto" else padding_mode(
+        model, pad_id=ids.pad, vocab_size=int(model.config.vocab_size))
+    if cfg.lora.rank > 0:
+        model = apply_lora(model, cfg.lora)
+    log.info("backbone %s: %d layers, width %d, mask id %d, shifted logits %s, padding %s", cfg.name,
+             model.config.num_hidden_layers, model.config.hidden_size, ids.mask, shift, padding)
+    return Backbone(model, ids, shift_logits=shift, padding=padding), tokenizer
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ the EMA adapters swapped in (`objective.EmaAdapters`), charged to target_forward
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import statistics
@@ -115,7 +116,7 @@ def _zero_state_bytes(n: float, *, world_size: int, zero_stage: int, bf16: bool)
 def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predictor_layers: int,
                     hidden_size: int, ema_dtype: str, ema_on_cpu: bool, bf16: bool,
                     activation_gb: float | None = None, lam_zero: bool = False,
-                    reduce_bucket_elements: float = 5e8) -> dict[str, Any]:
+                    reduce_bucket_elements: float = 5e8, l2_anchor: bool = False) -> dict[str, Any]:
     """Per-GPU memory of one DLLM-JEPA rank under DeepSpeed ZeRO (bytes, plus GiB and fit verdicts).
 
     Terms (N backbone params, P predictor params, W world size), for ZeRO-2 + bf16:
@@ -126,6 +127,8 @@ def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predic
       host memory (`ema_on_cpu`, then counted under host_bytes_per_rank instead);
     * transient, backward: DeepSpeed's contiguous reduce bucket (reduce_bucket_size elements, default
       5e8, in the gradient dtype) plus activations (`activation_gb`; None = not counted, say so);
+    * L2-to-base anchor (`l2_anchor`): theta_base, a clone of the backbone weights the optimizer updates,
+      on the GPU in their dtype: 2N under bf16 (4N in fp32), replicated, none in host memory;
     * transient, optimizer step: the fp32 copy of the rank's gradient partition, 4(N + P)/W.
     Peak = resident + max(backward transient, step transient).
     `lam_zero` = the lambda = 0 baseline: no EMA (the predictor is still built by today's worker).
@@ -151,6 +154,7 @@ def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predic
         "predictor_weights": predictor["params"], "predictor_grads": predictor["grads"],
         "predictor_optimizer": predictor["optimizer"],
         "ema": ema_gpu,
+        "l2_anchor_base": (2 if bf16 else 4) * n if l2_anchor else 0.0,
     }
     resident_total = sum(resident.values())
     backward_peak = resident_total + bucket + activations
@@ -159,7 +163,7 @@ def estimate_memory(n_params: int, *, world_size: int, zero_stage: int, k_predic
     out: dict[str, Any] = {
         "n_params": int(n), "predictor_params": int(p), "world_size": w, "zero_stage": zero_stage,
         "k_predictor_layers": k_predictor_layers, "bf16": bf16, "ema_dtype": None if lam_zero else ema_dtype,
-        "ema_on_cpu": ema_on_cpu, "lam_zero": lam_zero,
+        "ema_on_cpu": ema_on_cpu, "lam_zero": lam_zero, "l2_anchor": l2_anchor,
         "bytes": {**resident, "reduce_bucket": bucket, "activations": activations,
                   "step_fp32_grad_partition": step_transient},
         "resident_bytes": resident_total, "peak_bytes": peak,
@@ -217,6 +221,9 @@ def llada_memory_table(*, world_size: int = 8, ks=(1, 2, 3, 4, 5), micro_batch: 
         kw = dict(common, k_predictor_layers=k, ema_dtype="float32", ema_on_cpu=False, lam_zero=True)
         rows.append(row("baseline (lambda=0)", estimate_memory(int(m["n_params"]), **kw),
                         estimate_memory(int(m["n_params"]), activation_gb=act_base, **kw)))
+        kw = dict(kw, l2_anchor=True)  # the paper's L2 arm: lambda = 0 + the anchor
+        rows.append(row("L2 anchor (lambda=0, theta_base bf16 on gpu)", estimate_memory(int(m["n_params"]), **kw),
+                        estimate_memory(int(m["n_params"]), activation_gb=act_base, **kw)))
     for ema_dtype, on_cpu in (("float32", False), ("bfloat16", False), ("float32", True)):
         for k in ks:
             kw = dict(common, k_predictor_layers=k, ema_dtype=ema_dtype, ema_on_cpu=on_cpu)
@@ -228,7 +235,104 @@ def llada_memory_table(*, world_size: int = 8, ks=(1, 2, 3, 4, 5), micro_batch: 
             "activation_gb_rough": round(act, 2), "activation_gb_rough_baseline": round(act_base, 2),
             "activation_assumption": f"micro-batch {micro_batch} x {seq_len} tokens, activation checkpointing",
             "usable_gib": {k: round(v / GIB, 2) for k, v in A100_USABLE_BYTES.items()},
-            "rows": rows}
+            "rows": rows, "load": load_host_estimate(m["n_params"]),
+            "checkpoints": checkpoint_bytes_estimate(m["n_params"], world_size=world_size),
+            # search_spaces/gsm8k.yaml: 444 steps, reports every 37, ASHA grace 74, reduction 3
+            "checkpoints_per_trial": {
+                "every_report": trial_checkpoint_bytes(m["n_params"], max_t=444, eval_every=37, grace=74, factor=3,
+                                                       checkpoint_at_rungs=False),
+                "rungs_and_end": trial_checkpoint_bytes(m["n_params"], max_t=444, eval_every=37, grace=74, factor=3)}}
+
+
+def load_host_estimate(n_params: float) -> dict[str, Any]:
+    """Host memory per rank while a rank builds its model from a bf16 checkpoint (LLaDA-8B-Base's), in
+    bytes and GiB, from what `measure_load_memory` measured on the tiny architectures (stored in bf16 as the
+    hub ships them; README "Costs"):
+    * loaded in bf16 (raydllm: the training dtype): the weights stay memory-mapped from the checkpoint
+      files, so a rank's private memory barely grows (0.1x the weights, measured) and the mapped pages
+      (2N) are page cache shared by every rank of the node that maps the same files;
+    * loaded in float32 (what a rank did without a dtype on transformers 4): the peak is 1.54x the float32
+      weights (measured: the float32 copy plus the bf16 pages being read), all private: 6.2N per rank;
+    * DLLM-JEPA builds its EMA from the loaded weights: a private bf16 deep copy (2N), then float32 (4N)
+      on the GPU (jepa.ema_device=auto; the host copy is freed) or in host memory (jepa.ema_device=cpu)."""
+    n = float(n_params)
+    figures = {
+        "load_bf16_private": 0.1 * 2 * n,
+        "load_bf16_mapped_shared_per_node": 2 * n,
+        "load_float32_peak_private": 1.54 * 4 * n,
+        "jepa_ema_init_peak_private": 0.1 * 2 * n + 2 * n + 4 * n,
+        "jepa_ema_cpu_resident_private": 4 * n,
+    }
+    return {"bytes_per_rank": figures, "gib_per_rank": {k: round(v / GIB, 1) for k, v in figures.items()},
+            "measured_on": "tiny LLaDA/Dream (~55M params) stored in bf16, tests/test_llada_dream.py"}
+
+
+def checkpoint_bytes_estimate(n_params: float, *, world_size: int = 8, lam_zero: bool = False,
+                              export_ema: bool = False) -> dict[str, Any]:
+    """Bytes one checkpoint writes (all ranks together) under ZeRO-2 bf16: the bf16 module weights (2N,
+    rank 0's model states), the optimizer shards (fp32 master + Adam m, v: 12N over all ranks), the float32
+    EMA (4N, lambda > 0); the final one adds the weights-only export (2N bf16, +2N with the EMA)."""
+    n = float(n_params)
+    per_save = 2 * n + 12 * n + (0 if lam_zero else 4 * n)
+    export = 2 * n + (2 * n if export_ema else 0)
+    return {"per_save_bytes": per_save, "per_save_gib": round(per_save / GIB, 1),
+            "export_bytes": export, "export_gib": round(export / GIB, 1), "world_size": world_size}
+
+
+def trial_checkpoint_bytes(n_params: float, *, max_t: int, eval_every: int, grace: int, factor: float,
+                           checkpoint_at_rungs: bool = True, lam_zero: bool = False) -> dict[str, Any]:
+    """Checkpoint bytes a trial that runs to max_t writes: at every report (before), or at ASHA's rungs and
+    the end (now), plus the final export."""
+    import math
+
+    est = checkpoint_bytes_estimate(n_params, lam_zero=lam_zero)
+    count = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
+    rungs = {int(grace * factor ** k) for k in range(count)}
+    reports = list(range(eval_every, max_t, eval_every)) + [max_t]
+    at_rungs = sum(1 for step in reports if step == max_t or any(step - eval_every < r <= step for r in rungs))
+    saves = at_rungs if checkpoint_at_rungs else len(reports)
+    total = saves * est["per_save_bytes"] + est["export_bytes"]
+    return {"saves": saves, "bytes": total, "tb": round(total / 1e12, 2), "per_save_gib": est["per_save_gib"]}
+
+
+def measure_load_memory(folder: str | Path, dtype: str) -> dict[str, Any]:
+    """Peak host memory a `backbone.load_pretrained(folder, dtype)` adds, measured in a fresh Linux process:
+    the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just before the load) minus
+    the resident set before it; imports, config and tokenizer come first. Also, once every weight has been
+    read: the private (RssAnon) and file-backed (RssFile: memory-mapped checkpoint pages, shared by every
+    rank on a node that maps the same file) resident memory the model holds."""
+    import subprocess
+
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoConfig, AutoTokenizer\n"
+        "from raydllm.backbone import load_pretrained\n"
+        "def status(key):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])\n"
+        "AutoConfig.from_pretrained(folder, trust_remote_code=True)\n"
+        "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current RSS\n"
+        "before = {k: status(k) for k in ('VmRSS', 'RssAnon', 'RssFile')}\n"
+        "model, _ = load_pretrained(folder, trust_remote_code=True, dtype=dtype)\n"
+        "peak = status('VmHWM')\n"
+        "for p in model.parameters():  # touch every weight: memory-mapped ones are read in now\n"
+        "    float(p.detach().float().sum())\n"
+        "after = {k: status(k) - v for k, v in before.items()}\n"
+        "params = sum(p.numel() * p.element_size() for p in model.parameters())\n"
+        "print(json.dumps({'peak_delta_bytes': peak - before['VmRSS'], 'param_bytes': params,\n"
+        "                  'anon_after_bytes': after['RssAnon'], 'file_after_bytes': after['RssFile'],\n"
+        "                  'dtype': str(next(model.parameters()).dtype)}))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script, str(folder), dtype], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"measure_load_memory: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["peak_over_params"] = result["peak_delta_bytes"] / max(result["param_bytes"], 1)
+    return result
 
 
 def estimate_lora_memory(n_params: int, n_adapter: int, *, k_predictor_layers: int, hidden_size: int,
@@ -788,10 +892,19 @@ def format_report(r: dict[str, Any]) -> str:
                   f"{'config':32}{'k':>3}{'resident':>10}{'no-act':>10}{'peak':>8}{'A100-40':>9}{'A100-80':>9}"
                   f"{'host/rank':>11}"]
         for row in m["rows"]:
-            lines.append(f"{row['config']:32}{row['k']:>3}{row['resident_gib']:>10.1f}"
+            lines.append(f"{row['config'][:32]:32}{row['k']:>3}{row['resident_gib']:>10.1f}"
                          f"{row['peak_gib_without_activations']:>10.1f}{row['peak_gib']:>8.1f}"
                          f"{'yes' if row['fits_a100_40gb'] else 'no':>9}{'yes' if row['fits_a100_80gb'] else 'no':>9}"
                          f"{row['host_gib_per_rank']:>11.1f}")
+        load, ckpt, trial = m["load"]["gib_per_rank"], m["checkpoints"], m["checkpoints_per_trial"]
+        lines += ["", f"loading (host, per rank): bf16 {load['load_bf16_private']} GiB private + "
+                      f"{load['load_bf16_mapped_shared_per_node']} GiB mapped (shared per node); float32 would peak at "
+                      f"{load['load_float32_peak_private']} GiB; DLLM-JEPA's EMA init peaks at "
+                      f"{load['jepa_ema_init_peak_private']} GiB",
+                  f"checkpoint: {ckpt['per_save_gib']} GiB a save (all ranks), export {ckpt['export_gib']} GiB; "
+                  f"per finished trial of gsm8k.yaml: {trial['rungs_and_end']['saves']} saves, "
+                  f"{trial['rungs_and_end']['tb']} TB (every report: {trial['every_report']['saves']} saves, "
+                  f"{trial['every_report']['tb']} TB)"]
     if "memory_estimate_lora" in r:
         m = r["memory_estimate_lora"]
         lines += ["", f"memory estimate, {m['model']} LoRA, one GPU per trial (ZeRO-2 bf16, world 1), predictor "
@@ -803,6 +916,65 @@ def format_report(r: dict[str, Any]) -> str:
                          f"{row['jepa_peak_gib']:>8.2f}{row['ema_adapters_mib']:>9.1f}"
                          f"{100 * row['ema_share_of_baseline']:>7.2f}{row['predictor_gib']:>10.2f}"
                          f"{100 * row['jepa_over_baseline']:>8.1f}{'yes' if row['fits_24gib'] else 'no':>9}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What strength of the L2-to-base anchor changes the update (`raydllm bench l2`)
+# ---------------------------------------------------------------------------------------------------
+
+def l2_anchor_strength(cfg, *, lambdas=(0.0, 1e-4, 1e-2, 1.0, 100.0), steps: int = 100,
+                       threads: int | None = None) -> dict[str, Any]:
+    """Train `steps` steps of `cfg` once per lambda_L2 (the same seed, data and masks; 0 = no anchor) and
+    report, per lambda: the ratio ||anchor gradient|| / ||loss gradient|| (over all anchored parameters,
+    per backward; its median over the run and its value at the last step) and the parameter distance to
+    base ||theta - theta_base|| / ||theta_base|| after the run, against lambda = 0."""
+    from .worker import WorkerLoop
+
+    device = _pick_device(cfg)
+    saved_threads = torch.get_num_threads()
+    if threads or device.type == "cpu":
+        torch.set_num_threads(threads or max(1, int(cfg.train.cpus_per_worker)))
+    rows = []
+    try:
+        with one_rank_group(device):
+            for lam in lambdas:
+                run_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(
+                    update={"anchor": "l2", "l2_lambda": float(lam)})})
+                loop = WorkerLoop(run_cfg, rank=0, world=1, device=device)
+                loop.anchor.measure = True
+                ratios, start = [], time.perf_counter()
+                for _ in range(steps):
+                    loop.anchor.loss_sq = loop.anchor.anchor_sq = 0.0
+                    metrics = loop.train_step()
+                    ratios.append((loop.anchor.anchor_sq / max(loop.anchor.loss_sq, 1e-30)) ** 0.5)
+                distance, norm = loop.anchor.distance()
+                rows.append({"l2_lambda": float(lam), "grad_ratio_median": _median(ratios),
+                             "grad_ratio_last": ratios[-1], "distance_to_base": distance,
+                             "relative_distance_to_base": distance / max(norm, 1e-30),
+                             "loss_diff_last": metrics["loss_diff"], "seconds": time.perf_counter() - start})
+                del loop
+    finally:
+        torch.set_num_threads(saved_threads)
+    free = next((r for r in rows if r["l2_lambda"] == 0.0), None)
+    for r in rows:
+        r["distance_vs_unanchored"] = (r["distance_to_base"] / free["distance_to_base"]
+                                       if free and free["distance_to_base"] > 0 else None)
+    return {"model": cfg.model.name, "device": str(device), "steps": steps, "lr": cfg.train.lr,
+            "lambda": cfg.jepa.lam, "rows": rows,
+            # A bf16 gradient element keeps 8 significant bits: an added term below 2^-9 of it rounds away.
+            "bf16_resolution": 2.0 ** -9}
+
+
+def format_l2_report(r: dict[str, Any]) -> str:
+    lines = [f"L2-to-base anchor on {r['model']} ({r['device']}), {r['steps']} steps at lr {r['lr']}, "
+             f"jepa.lambda {r['lambda']}:",
+             f"{'l2_lambda':>10}{'|g_anchor|/|g_loss| (median)':>30}{'(last)':>10}{'|θ-θ0|/|θ0|':>14}"
+             f"{'vs λ=0':>9}"]
+    for row in r["rows"]:
+        lines.append(f"{row['l2_lambda']:>10g}{row['grad_ratio_median']:>30.3g}{row['grad_ratio_last']:>10.3g}"
+                     f"{row['relative_distance_to_base']:>14.3g}{_fmt(row['distance_vs_unanchored'], '.3f'):>9}")
+    lines.append(f"(under bf16 an anchor term below {r['bf16_resolution']:.1e} of a gradient element is rounded away)")
     return "\n".join(lines)
 
 
@@ -881,3 +1053,115 @@ def arm_figures(spec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
             "seeds": [int(r.data.params.get("train.seed", -1)) for r in same],
             "time": time_accounting(runs)}
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The first GPU: tiny LLaDA and Dream through everything an 8B trial does (`raydllm bench gpu`)
+# ---------------------------------------------------------------------------------------------------
+
+GPU_VARIANTS = {
+    "baseline": ["jepa.lambda=0"],
+    "jepa_ema_gpu": ["jepa.lambda=1"],
+    "jepa_ema_host": ["jepa.lambda=1", "jepa.ema_device=cpu"],
+    "l2_anchor": ["jepa.lambda=0", "loss.anchor=l2", "loss.l2_lambda=0.01"],
+}
+
+
+def bench_gpu(folders: dict[str, str], *, cpu: bool = False, steps: int = 5, warmup: int = 1,
+              eval_limit: int = 8) -> dict[str, Any]:
+    """Each architecture folder (e.g. {"llada": ..., "dream": ...}, saved by tests/archs) through DeepSpeed
+    ZeRO-2 with gradient checkpointing, bf16 on a GPU (float32 with `cpu`): lambda = 0, DLLM-JEPA with the
+    EMA on the device and in host memory, the L2 anchor; then the end-of-run export and the generation
+    evaluation from it on the same device. Per part: whether it ran (or its error), step time, tokens/s,
+    peak device memory; per architecture the JEPA / baseline step ratio."""
+    import tempfile as _tempfile
+
+    from .config import load_config
+    from .data import load_examples
+    from .evaluation import evaluate_task, load_checkpoint_backbone
+    from .sampler import SamplerConfig
+    from .tasks import get_task
+    from .worker import WorkerLoop
+
+    device = torch.device("cpu") if cpu else torch.device("cuda", 0)
+    base = ["data.source=synthetic", "data.synthetic_size=256", "data.val_limit=16", "data.max_prompt_tokens=96",
+            "data.answer_tokens=32", "train.micro_batch_size=8", f"train.max_steps={warmup + steps}",
+            "train.lr=1e-4", "train.zero_stage=2", "model.gradient_checkpointing=true", f"train.bf16={str(not cpu).lower()}",
+            "train.export_ema=true"]
+    out: dict[str, Any] = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu",
+                           "steps": steps, "architectures": {}}
+    started = time.perf_counter()
+    with one_rank_group(device):
+        for arch, folder in folders.items():
+            parts: dict[str, dict[str, Any]] = {}
+            exported = None
+            for variant, overrides in GPU_VARIANTS.items():
+                part: dict[str, Any] = {"ran": False}
+                try:
+                    cfg = load_config("gsm8k", None, base + [f"model.name={folder}"] + overrides)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    loop = WorkerLoop(cfg, rank=0, world=1, device=device)
+                    times, tokens = [], 0.0
+                    for i in range(warmup + steps):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        metrics = loop.train_step()
+                        _sync(device)
+                        if i >= warmup:
+                            times.append(time.perf_counter() - t0)
+                            tokens += metrics["tokens"]
+                    if not math.isfinite(metrics["loss_total"]):
+                        raise FloatingPointError(f"loss {metrics['loss_total']}")
+                    part.update(ran=True, step_s=_median(times), tokens_per_s=tokens / sum(times),
+                                loss=metrics["loss_total"],
+                                peak_memory_mb=(torch.cuda.max_memory_allocated(device) / MIB
+                                                if device.type == "cuda" else None))
+                    if variant == "jepa_ema_gpu":  # the end of a trial: checkpoint + weights-only export
+                        exported = _tempfile.mkdtemp(prefix="raydllm-bench-gpu-")
+                        loop.save(exported)
+                        loop.export(exported)
+                    del loop
+                except Exception as exc:  # noqa: BLE001 - the point is to report which parts run
+                    part["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                parts[variant] = part
+            evaluation: dict[str, Any] = {"ran": False}
+            try:
+                if exported is None:
+                    raise RuntimeError("no export (the DLLM-JEPA part failed)")
+                t0 = time.perf_counter()
+                backbone, tokenizer, cfg = load_checkpoint_backbone(exported, device=device)
+                examples = load_examples(cfg, "validation")[:eval_limit]
+                metrics, _ = evaluate_task(backbone, tokenizer, get_task("gsm8k"), examples, progress=False,
+                                           sampler=SamplerConfig(steps=16, gen_length=16, block_length=16),
+                                           batch_size=eval_limit, max_prompt_tokens=cfg.data.max_prompt_tokens)
+                evaluation.update(ran=True, seconds=time.perf_counter() - t0, n=int(metrics["n"]),
+                                  device=str(next(backbone.parameters()).device),
+                                  dtype=str(next(backbone.parameters()).dtype).removeprefix("torch."))
+            except Exception as exc:  # noqa: BLE001
+                evaluation["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            ratio = (parts["jepa_ema_gpu"]["step_s"] / parts["baseline"]["step_s"]
+                     if parts["baseline"]["ran"] and parts["jepa_ema_gpu"]["ran"] else None)
+            out["architectures"][arch] = {"folder": str(folder), "parts": parts, "evaluation": evaluation,
+                                          "step_ratio": ratio}
+    out["seconds"] = time.perf_counter() - started
+    out["all_ran"] = all(p["ran"] for a in out["architectures"].values()
+                         for p in [*a["parts"].values(), a["evaluation"]])
+    return out
+
+
+def format_gpu_report(r: dict[str, Any]) -> str:
+    lines = [f"raydllm bench gpu on {r['device_name']} ({r['device']}), {r['steps']} steps a part, "
+             f"{r['seconds']:.0f} s: {'every part ran' if r['all_ran'] else 'SOME PARTS FAILED'}"]
+    for arch, a in r["architectures"].items():
+        lines += ["", f"{arch}: step ratio (DLLM-JEPA / baseline) {_fmt(a['step_ratio'])}",
+                  f"  {'part':16}{'ran':>5}{'step s':>9}{'tokens/s':>10}{'peak MB':>9}"]
+        for name, p in a["parts"].items():
+            lines.append(f"  {name:16}{'yes' if p['ran'] else 'NO':>5}{_fmt(p.get('step_s'), '.3f'):>9}"
+                         f"{_fmt(p.get('tokens_per_s'), '.0f'):>10}{_fmt(p.get('peak_memory_mb'), '.0f'):>9}"
+                         + (f"  {p['error']}" if "error" in p else ""))
+        e = a["evaluation"]
+        lines.append(f"  {'evaluation':16}{'yes' if e['ran'] else 'NO':>5}"
+                     + (f"  {e['n']} answers in {e['seconds']:.1f} s on {e['device']} ({e['dtype']}), from export/"
+                        if e["ran"] else f"  {e.get('error', '')}"))
+    return "\n".join(lines)

@@ -6,6 +6,9 @@ What `worker.WorkerLoop.save` writes (DeepSpeed 0.19 `save_checkpoint` with tag 
     <checkpoint>/engine/mp_rank_00_model_states.pt   {"module": OnlineModel state dict, ...}  (ZeRO 0-2)
     <checkpoint>/engine/zero_pp_rank_*_mp_rank_00_model_states.pt + optim shards            (ZeRO 3)
     <checkpoint>/ema.pt                              EMA target state dict (keys "model.*"; lambda > 0 only)
+    <checkpoint>/export/                             final checkpoint only: the backbone as a save_pretrained
+                                                     folder (+ tokenizer, remote code) in the training dtype
+    <checkpoint>/export/ema/model.safetensors        with train.export_ema: the EMA weights, same dtype
 
 The OnlineModel state dict holds the backbone under `backbone.model.` and the predictor under `predictor.`.
 LoRA runs (`model.lora.rank > 0`) leave the frozen base out (`exclude_frozen_parameters`): `backbone.model.*` then
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,6 +32,35 @@ log = logging.getLogger(__name__)
 DS_TAG = "engine"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 BACKBONE_PREFIX = "backbone.model."
+EXPORT_DIR = "export"
+EXPORT_EMA = "ema/model.safetensors"
+# Where checkpoints are staged before Ray uploads them: the env var, else the instance-store NVMe that AWS
+# Deep Learning AMIs mount (p4d/p4de: 8 x 1 TB), else the system temp folder.
+LOCAL_DIR_ENV = "RAYDLLM_LOCAL_DIR"
+NVME_CANDIDATES = ("/opt/dlami/nvme",)
+
+
+def staging_dir() -> str | None:
+    """The folder checkpoints are written to before upload (None = the system temp folder)."""
+    for candidate in [os.environ.get(LOCAL_DIR_ENV)] + list(NVME_CANDIDATES):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            folder = Path(candidate, "raydllm-staging")
+            folder.mkdir(exist_ok=True)
+            return str(folder)
+        if candidate and candidate == os.environ.get(LOCAL_DIR_ENV):
+            log.warning("%s=%s is not a writable folder; staging checkpoints in the temp folder", LOCAL_DIR_ENV,
+                        candidate)
+    return None
+
+
+def folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def export_folder(path: str | Path) -> Path | None:
+    """The weights-only export of a checkpoint folder, when it has one."""
+    folder = resolve_checkpoint_dir(path) / EXPORT_DIR
+    return folder if (folder / "config.json").is_file() else None
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

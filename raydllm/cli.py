@@ -179,7 +179,7 @@ def cmd_eval(args) -> int:
     folder, run_id = resolve_target(args.checkpoint, tracking_uri)
     if args.base and args.ema:
         raise ConfigError("--base and --ema: choose one set of weights")
-    backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema, base=args.base)
+    backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema, base=args.base, device=args.device)
     step = 0 if args.base else int(read_checkpoint_meta(folder).get("step", 0))
     data = cfg.data.model_copy(update={"val_limit": 10**9})  # --limit, not the training val_limit, applies
     if args.data:
@@ -203,7 +203,8 @@ def cmd_eval(args) -> int:
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
     result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
-              ("ema" if args.ema else "online"), "task": args.task, "split": args.split,
+              ("ema" if args.ema else "online"), "device": str(next(backbone.parameters()).device),
+              "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."), "task": args.task, "split": args.split,
               "shots": args.shots, "sampler": {"gen_length": sampler.gen_length, "block_length": sampler.block_length,
                                                "steps": sampler.steps},
               "metrics": metrics, "logged_as": logged}
@@ -237,6 +238,8 @@ def _add_eval_command(subparsers) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
     p.add_argument("--base", action="store_true", help="evaluate the model this run started from (same data, "
                                                        "prompts and sampler), for a before/after comparison")
+    p.add_argument("--device", default="auto", help="where to generate: auto (the first GPU when there is one, in "
+                                                    "bf16; else the CPU in float32), cpu, cuda, cuda:N")
     p.add_argument("--predictions", help="also write the predictions jsonl here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -296,6 +299,19 @@ def _add_pretrain_command(subparsers) -> None:
 def cmd_bench(args) -> int:
     if args.mode == "sweep":
         return _cmd_bench_sweep(args)
+    if args.mode == "gpu":
+        return _cmd_bench_gpu(args)
+    if args.mode == "l2":
+        from .bench import format_l2_report, l2_anchor_strength
+
+        cfg = load_config(args.task, args.preset, args.overrides)
+        lambdas = [float(x) for x in args.lambdas.split(",")]
+        result = l2_anchor_strength(cfg, lambdas=lambdas, steps=args.steps, threads=args.threads)
+        if args.json:
+            emit_json(result)
+        else:
+            print(format_l2_report(result))
+        return 0
     from .bench import format_report, run_bench
 
     cfg = load_config(args.task, args.preset, args.overrides)
@@ -327,6 +343,29 @@ def _cmd_bench_sweep(args) -> int:
     return 0
 
 
+def _cmd_bench_gpu(args) -> int:
+    """`raydllm bench gpu --llada FOLDER --dream FOLDER`: bench.bench_gpu; a CPU-only machine skips it."""
+    import torch
+
+    from .bench import bench_gpu, format_gpu_report
+
+    folders = {name: path for name, path in (("llada", args.llada), ("dream", args.dream)) if path}
+    if not folders:
+        raise ConfigError("bench gpu: give --llada FOLDER and/or --dream FOLDER (tiny architectures, see README)")
+    for name, path in folders.items():
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"--{name} {path}: not a Hugging Face model folder (no config.json)")
+    if not args.cpu and not torch.cuda.is_available():
+        print("raydllm bench gpu: no CUDA device here; skipped (--cpu runs the same parts on the CPU)")
+        return 0
+    result = bench_gpu(folders, cpu=args.cpu, steps=args.steps)
+    if args.json:
+        emit_json(result, default=_json_default)
+    else:
+        print(format_gpu_report(result))
+    return 0 if result["all_ran"] else 1
+
+
 def _json_default(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -336,8 +375,15 @@ def _json_default(x):
 def _add_bench_command(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
-    p.add_argument("mode", nargs="?", choices=["step", "sweep"], default="step",
-                   help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`")
+    p.add_argument("mode", nargs="?", choices=["step", "sweep", "l2", "gpu"], default="step",
+                   help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`; "
+                        "l2: what strength of the L2-to-base anchor changes the update (--steps per lambda); "
+                        "gpu: the tiny LLaDA/Dream folders through every part an 8B trial runs, on the first GPU")
+    p.add_argument("--llada", help="gpu mode: a tiny LLaDA-architecture folder")
+    p.add_argument("--dream", help="gpu mode: a tiny Dream-architecture folder")
+    p.add_argument("--cpu", action="store_true", help="gpu mode: run the same parts on the CPU (float32)")
+    p.add_argument("--lambdas", default="0,1e-4,1e-2,1,100", help="l2 mode: the loss.l2_lambda values "
+                                                                   "(comma-separated; 0 = no anchor)")
     p.add_argument("--task", default="gsm8k", help="task whose data to use (default: gsm8k)")
     p.add_argument("--preset", default="local", help="local | paper | wide-t (default: local)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per phase (default 10)")

@@ -59,6 +59,8 @@ class ModelConfig(_Section):
     shift_logits: bool | None = None  # None = auto: True for Dream-family models (token i predicted at i-1)
     gradient_checkpointing: bool = False
     lora: LoraSettings = LoraSettings()
+    # How padded batches reach the backbone (backbone.PADDING_MODES): auto = probed at load time.
+    padding: Literal["auto", "mask", "mask_4d", "rows"] = "auto"
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -138,6 +140,15 @@ class TrainConfig(_Section):
     # Steps between checkpoints, a multiple of eval_every (checkpoints ride on reports); None = every report.
     # Fewer checkpoints = less time writing them, more steps re-done after a failure.
     checkpoint_every: int | None = Field(None, gt=0)
+    # Steps where a scheduler decides (ASHA's rungs; `raydllm tune` fills it in): a checkpoint is saved at the
+    # first report at or after each, and at the end, and (with checkpoint_every None) at no other report.
+    checkpoint_steps: list[int] | None = None
+    # sync: ray.train.report waits for the upload; async: training goes on while Ray uploads (Ray 2.60
+    # CheckpointUploadMode.ASYNC) and deletes the staged copy after. Staging folder: $RAYDLLM_LOCAL_DIR,
+    # else the node's NVMe at /opt/dlami/nvme when there is one, else the system temp folder.
+    checkpoint_upload: Literal["sync", "async"] = "sync"
+    # The final checkpoint holds export/ (save_pretrained weights + tokenizer); this adds export/ema/.
+    export_ema: bool = False
     seed: int = 42
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: Literal["auto"] | bool = "auto"

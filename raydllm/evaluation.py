@@ -138,30 +138,62 @@ def prompt_budget(cfg: Config, sampler: SamplerConfig, shots: int) -> int:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
+def eval_device(device: str | torch.device | None = None) -> torch.device:
+    """`--device`: auto (None or "auto") = the first GPU when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible")
+    return device
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it natively (the training dtype of GPU runs), float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool = False,
                              device: str | torch.device | None = None):
-    """(backbone, tokenizer, cfg) of a raydllm checkpoint folder: the backbone is built from the saved
-    config, then the checkpoint's `backbone.model.*` weights (or its EMA target with ema=True) are loaded.
-    base=True: the model the run started from (its `model` config as is), for before/after comparisons."""
+    """(backbone, tokenizer, cfg) of a raydllm checkpoint folder, on `device` (None/"auto": the GPU when
+    there is one) in bf16 on a GPU, float32 on the CPU.
+
+    The weights come from the checkpoint's weights-only export (`export/`, written at the end of a run)
+    when it has one, else from the DeepSpeed model states (`engine/mp_rank_00_model_states.pt`, which
+    under ZeRO 0-2 hold the module weights only); optimizer state is never read. ema=True: the EMA
+    target (export/ema/, else ema.pt). base=True: the model the run started from (its `model` config as
+    is), for before/after comparisons."""
     from .backbone import load_backbone, without_adapters
+    from .checkpoints import EXPORT_EMA, export_folder
     from .pretrain import prepare_base
 
     folder = resolve_checkpoint_dir(path)
     cfg = validate(read_checkpoint_meta(folder)["config"], source=str(folder / "raydllm.json"))
+    device = eval_device(device)
+    dtype = eval_dtype(device)
     if cfg.model.lora.rank > 0 and not base:
-        return _load_lora_checkpoint(folder, cfg, ema=ema, device=device)
+        return _load_lora_checkpoint(folder, cfg, ema=ema, device=device, dtype=dtype)
     if base:
         prepare_base(cfg.model)
         torch.manual_seed(cfg.train.seed)  # a random-init base is the one the run's seed drew
         backbone, tokenizer = load_backbone(without_adapters(cfg.model).model_copy(
-            update={"gradient_checkpointing": False}))
-        if device is not None:
-            backbone.to(device)
-        return backbone.eval(), tokenizer, cfg
+            update={"gradient_checkpointing": False}), dtype=dtype)
+        return backbone.to(device).eval(), tokenizer, cfg
+    export = export_folder(folder)
+    if export is not None and (not ema or (export / EXPORT_EMA).is_file()):
+        from safetensors.torch import load_file
+
+        log.info("loading the weights-only export %s", export)
+        backbone, tokenizer = load_backbone(cfg.model.model_copy(update={
+            "name": str(export), "gradient_checkpointing": False, "trust_remote_code": True}), dtype=dtype)
+        if ema:
+            state = load_file(str(export / EXPORT_EMA))
+            backbone.model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+        return backbone.to(device).eval(), tokenizer, cfg
     # The weights come from the checkpoint, so the tiny model needs no pretrained base built first.
     model_cfg = cfg.model.model_copy(update={"init": "random"}) if cfg.model.name == "tiny" else cfg.model
     model_cfg = model_cfg.model_copy(update={"gradient_checkpointing": False})
-    backbone, tokenizer = load_backbone(model_cfg)
+    backbone, tokenizer = load_backbone(model_cfg, dtype=dtype)
     if ema:
         ema_file = folder / "ema.pt"
         if not ema_file.is_file():
@@ -173,12 +205,10 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
         if not state:
             raise ConfigError(f"checkpoint {folder}: no {BACKBONE_PREFIX}* weights in its model states")
     backbone.model.load_state_dict(state, strict=True)
-    if device is not None:
-        backbone.to(device)
-    return backbone.eval(), tokenizer, cfg
+    return backbone.to(device).eval(), tokenizer, cfg
 
 
-def _load_lora_checkpoint(folder: Path, cfg: Config, *, ema: bool, device):
+def _load_lora_checkpoint(folder: Path, cfg: Config, *, ema: bool, device, dtype):
     """A LoRA run's checkpoint holds adapters, not a model: rebuild the frozen base from the run's model source
     (as the run's workers did: same seed, same base weights), load the adapters (or the EMA adapters), merge."""
     from .backbone import load_adapters, load_backbone, merge_adapters
@@ -186,7 +216,7 @@ def _load_lora_checkpoint(folder: Path, cfg: Config, *, ema: bool, device):
 
     prepare_base(cfg.model)
     torch.manual_seed(cfg.train.seed)
-    backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}))
+    backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}), dtype=dtype)
     if ema:
         ema_file = folder / "ema.pt"
         if not ema_file.is_file():
@@ -197,6 +227,4 @@ def _load_lora_checkpoint(folder: Path, cfg: Config, *, ema: bool, device):
         state = {k[len(BACKBONE_PREFIX):]: v for k, v in module.items() if k.startswith(BACKBONE_PREFIX)}
     load_adapters(backbone, state)
     merge_adapters(backbone)
-    if device is not None:
-        backbone.to(device)
-    return backbone.eval(), tokenizer, cfg
+    return backbone.to(device).eval(), tokenizer, cfg

@@ -233,21 +233,62 @@ class _AdapterSwap(nn.Module):
                 p.data = data
 
 
-def attach_l2_anchor(params: list[nn.Parameter], strength: float, *, scale: float = 1.0) -> list:
-    """Add the gradient of strength * ||theta - theta_base||^2 to each parameter's gradient.
+class L2Anchor:
+    """strength * ||theta - theta_base||^2 on the gradient side: one tensor hook per parameter adds
+    2 * strength * scale * (theta - theta_base) to the parameter's gradient.
 
-    Injected with tensor hooks, which fire before DeepSpeed's gradient reduction hooks, so the loss
-    graph is never duplicated. `scale` = 1 / gradient-accumulation steps, because the hook fires on every
-    micro-batch while DeepSpeed averages micro-batch gradients. Returns the hook handles.
-    """
-    handles = []
-    for p in params:
-        if not p.requires_grad:
-            continue
-        base = p.detach().clone()
-        coef = 2.0 * strength * scale
-        handles.append(p.register_hook(lambda g, p=p, base=base: g + coef * (p.detach() - base).to(g.dtype)))
-    return handles
+    theta_base is a clone of each parameter as it is when the anchor is attached, on the parameter's
+    device and in its dtype: attach it to the weights the optimizer updates (after the DeepSpeed engine is
+    built: bf16 on the GPU under bf16 training), so no copy lives in host memory and the hook never mixes
+    devices. Tensor hooks fire before DeepSpeed's gradient reduction hooks, so the loss graph is never
+    duplicated. `scale` = 1 / gradient-accumulation steps, because the hook fires on every micro-batch
+    while DeepSpeed averages micro-batch gradients.
+
+    `measure=True` also sums, per backward, the squared norms of the incoming loss gradient and of the
+    anchor term (both in float32), for `raydllm bench l2`; it costs two reductions per parameter.
+    Iterating over it gives the hook handles."""
+
+    def __init__(self, params: Iterable[nn.Parameter], strength: float, *, scale: float = 1.0,
+                 measure: bool = False):
+        self.coef = 2.0 * strength * scale
+        self.measure = measure
+        self.loss_sq = self.anchor_sq = 0.0
+        self.params = [p for p in params if p.requires_grad]
+        self.bases = [p.detach().clone() for p in self.params]
+        self.handles = [p.register_hook(self._hook(p, base)) for p, base in zip(self.params, self.bases)]
+
+    def _hook(self, p: nn.Parameter, base: torch.Tensor):
+        def add_anchor(g: torch.Tensor) -> torch.Tensor:
+            anchor = self.coef * (p.detach() - base).to(g.dtype)
+            if self.measure:
+                self.loss_sq += float(g.float().square().sum())
+                self.anchor_sq += float(anchor.float().square().sum())
+            return g + anchor
+        return add_anchor
+
+    def __iter__(self):
+        return iter(self.handles)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bases)
+
+    @torch.no_grad()
+    def distance(self) -> tuple[float, float]:
+        """(||theta - theta_base||, ||theta_base||) over all anchored parameters, in float32."""
+        dist = sum(float((p.float() - b.float()).square().sum()) for p, b in zip(self.params, self.bases))
+        norm = sum(float(b.float().square().sum()) for b in self.bases)
+        return dist ** 0.5, norm ** 0.5
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def attach_l2_anchor(params: list[nn.Parameter], strength: float, *, scale: float = 1.0,
+                     measure: bool = False) -> L2Anchor:
+    """The L2-to-base anchor on `params` from now on (see L2Anchor)."""
+    return L2Anchor(params, strength, scale=scale, measure=measure)
 
 
 @dataclass

@@ -97,8 +97,11 @@ def time_accounting(runs) -> dict | None:
     reserved = 0.0
     spent = dict.fromkeys(phases, 0.0)
     startups: dict[str, list[float]] = {"total": [], "ray": [], "init": []}
+    written: list[float] = []  # checkpoint bytes per trial (all its ranks, every save, the export)
     for run in runs:
         metrics = run.data.metrics
+        if "checkpoint/bytes" in metrics:
+            written.append(float(metrics["checkpoint/bytes"]))
         for part, key in [("total", "time/startup_s"), ("ray", "time/startup/ray_s"), ("init", "time/startup/init_s")]:
             if key in metrics:
                 startups[part].append(float(metrics[key]))
@@ -116,7 +119,8 @@ def time_accounting(runs) -> dict | None:
     return {"training_fraction": shares["training"], "shares": shares, "reserved_worker_s": reserved,
             "training_worker_s": spent["training"], "trials_timed": len(startups["total"]),
             "startup_s_median": median["total"], "startup_s_max": max(startups["total"], default=None),
-            "startup_ray_s_median": median["ray"], "startup_init_s_median": median["init"]}
+            "startup_ray_s_median": median["ray"], "startup_init_s_median": median["init"],
+            "checkpoint_bytes_total": sum(written), "checkpoint_bytes_per_trial_max": max(written, default=None)}
 
 
 def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | None = None) -> dict:
@@ -163,6 +167,9 @@ def format_time_accounting(timing: dict) -> str:
         if timing.get("startup_ray_s_median") is not None:
             line += (f" (Ray start {timing['startup_ray_s_median']:.0f} s + model, data and DeepSpeed init "
                      f"{timing['startup_init_s_median']:.0f} s)")
+    if timing.get("checkpoint_bytes_per_trial_max"):
+        line += (f" | checkpoints written: {timing['checkpoint_bytes_total'] / 1e9:.3g} GB, at most "
+                 f"{timing['checkpoint_bytes_per_trial_max'] / 1e9:.3g} GB a trial")
     return line
 
 

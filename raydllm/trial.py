@@ -49,7 +49,9 @@ class TrialLoop(WorkerLoop):
                 base = BaseView(finetuned)
             else:
                 torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
-                base, _ = load_backbone(cfg.model)
+                # In the training dtype, as the online model: no float32 copy of an 8B base on a bf16 run.
+                base, _ = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}),
+                                        dtype=torch.bfloat16 if self.bf16 else torch.float32)
                 base.to(self.device).eval()
             with torch.no_grad():
                 out |= run_probes(base, finetuned, self.tokenizer, wikitext_path=cfg.eval.wikitext_path,

@@ -67,6 +67,10 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
     trial_id = context.get_trial_id()
     cfg = trial_config(sweep, config, int(config["train.seed"]))
     cfg.train.max_steps = max_steps(sweep)
+    if cfg.train.checkpoint_steps is None and cfg.train.checkpoint_every is None:
+        # Checkpoints where ASHA decides and at the end: a resumed trial loses at most one rung of work.
+        cfg.train.checkpoint_steps = rung_steps(sweep.scheduler.grace_period, sweep.scheduler.reduction_factor,
+                                                cfg.train.max_steps)
     run_id, resumed = tracking.open_run(
         tracking_uri, experiment, key="raydllm.trial_id", name=trial_id, params=cfg.flat(),
         run_name=f"{phase}-{trial_id}",
@@ -92,6 +96,35 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
 
 # -- on the driver ------------------------------------------------------------------------------------------
 
+def rung_steps(grace: int, factor: float, max_t: int) -> list[int]:
+    """ASHA's milestones below max_t: grace * factor^k (Ray's one-bracket AsyncHyperBandScheduler)."""
+    count = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
+    return sorted(int(grace * factor ** k) for k in range(count))
+
+
+def delete_checkpoints(run_folder: str) -> int:
+    """Delete the `checkpoint_*` folders of one trial's Ray Train run (local or s3://...): a trial ASHA
+    stopped is never resumed, and the repeat phase starts its configs afresh. Returns how many went."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(run_folder) if "://" in run_folder else (
+            pafs.LocalFileSystem(), str(Path(run_folder).resolve()))
+        children = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as exc:
+        log.warning("could not list %s to delete its checkpoints: %s", run_folder, exc)
+        return 0
+    deleted = 0
+    for info in children:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            try:
+                fs.delete_dir(info.path)
+                deleted += 1
+            except OSError as exc:
+                log.warning("could not delete %s: %s", info.path, exc)
+    return deleted
+
+
 def _rung(step: int, grace: int, factor: float) -> int:
     return max(0, round(math.log(max(step, 1) / grace, factor))) if step >= grace else 0
 
@@ -99,9 +132,12 @@ def _rung(step: int, grace: int, factor: float) -> int:
 class TrialStatusCallback:
     """Writes each trial's final status to its MLflow run from the driver (the trial itself may be killed)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, max_t: int, grace: int, factor: float):
+    def __init__(self, tracking_uri: str, experiment: str, max_t: int, grace: int, factor: float,
+                 train_storage: str | None = None):
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.max_t, self.grace, self.factor = max_t, grace, factor
+        self.train_storage = train_storage  # where trials' Train runs keep checkpoints (train-<trial id>)
+        self.stopped: list[str] = []  # trial ids whose checkpoints were deleted
 
     def _run_id(self, trial_id: str) -> str | None:
         client = MlflowClient(self.tracking_uri)
@@ -130,9 +166,16 @@ class TrialStatusCallback:
                     "raydllm.stopped_at_step": str(decided_at),
                     "raydllm.stopped_at_rung": str(_rung(decided_at, self.grace, self.factor))}
         checkpoint = (trial.last_result or {}).get("checkpoint_path")
-        if checkpoint:  # forwarded by TuneReportCallback; `raydllm eval <run id>` finds the weights with it
+        if tags["raydllm.status"] == "stopped_early" and self.train_storage:
+            # Nothing resumes a trial ASHA stopped: its checkpoints only cost storage (~140 GB each at 8B).
+            self.stopped.append(trial.trial_id)
+            tags["raydllm.checkpoints_deleted"] = str(self.delete_stopped(trial.trial_id))
+        elif checkpoint:  # forwarded by TuneReportCallback; `raydllm eval <run id>` finds the weights with it
             tags[tracking.CHECKPOINT_TAG] = str(checkpoint)
         tracking.finish_run(self.tracking_uri, run_id, "FINISHED", tags)
+
+    def delete_stopped(self, trial_id: str) -> int:
+        return delete_checkpoints(f"{self.train_storage.rstrip('/')}/train-{trial_id}")
 
     def error(self, trial) -> None:
         run_id = self._run_id(trial.trial_id)
@@ -348,7 +391,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
         restored = True
     else:
         status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
-                                     spec.scheduler.reduction_factor)
+                                     spec.scheduler.reduction_factor, train_storage=train_storage)
         # The pinned baseline is one of the num_samples; Tune runs num_samples x every grid combination.
         total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
             if search else None
@@ -368,6 +411,9 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
         restored = False
     tuner.fit()
+    if not restored:
+        for trial_id in status.stopped:  # a stopped trial's worker may have saved once more after the decision
+            status.delete_stopped(trial_id)
     if progress:
         sys.stdout.write("\n")
     return restored

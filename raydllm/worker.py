@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .backbone import Backbone, load_backbone
-from .checkpoints import DS_TAG
+from .checkpoints import DS_TAG, EXPORT_DIR, EXPORT_EMA, folder_bytes, staging_dir
 from .config import Config, ConfigError
 from .data import collate, load_examples, micro_batch_indices, steps_for, tokenize_sft
 from .objective import EmaAdapters, EmaTarget, Losses, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses
@@ -102,7 +103,7 @@ class MetricsSink:
     """
 
     KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s",
-            "time/eval_s", "time/checkpoint_s")
+            "time/eval_s", "time/checkpoint_s", "checkpoint/bytes")
 
     def __init__(self, tracking: dict | None):
         self.client = None
@@ -149,7 +150,8 @@ class WorkerLoop:
         self.bf16 = use_bf16(cfg, device)
         torch.manual_seed(cfg.train.seed)  # same init on every rank; data differs by rank below
 
-        backbone, tokenizer = load_backbone(cfg.model)
+        # Straight into the training dtype: a bf16 run never holds a float32 copy of the weights.
+        backbone, tokenizer = load_backbone(cfg.model, dtype=torch.bfloat16 if self.bf16 else torch.float32)
         self.ids = backbone.ids
         self.tokenizer = tokenizer
         task = get_task(cfg.task)
@@ -179,8 +181,6 @@ class WorkerLoop:
         self.param_counts = {"params/trainable": float(trainable + n_predictor),
                              "params/total": float(total + n_predictor)}
         log.info("parameters: %d trainable of %d (LoRA %s)", trainable + n_predictor, total + n_predictor, self.lora)
-        if cfg.loss.anchor == "l2":
-            attach_l2_anchor(list(backbone.parameters()), cfg.loss.l2_lambda, scale=1.0 / cfg.train.grad_accum)
 
         import deepspeed
 
@@ -188,13 +188,20 @@ class WorkerLoop:
                                       betas=tuple(cfg.train.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(self.total_steps, cfg.train.warmup_ratio))
+        # from_pretrained hands models back in eval mode, where transformers-style checkpointing is off.
+        module.train()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.bf16))
+        # After the engine: theta_base is cloned from the weights the optimizer updates, on their device and
+        # in their dtype (bf16 on the GPU under bf16), so no second copy lives in host memory.
+        self.anchor = (attach_l2_anchor(list(self.engine.module.backbone.parameters()), cfg.loss.l2_lambda,
+                                        scale=1.0 / cfg.train.grad_accum) if cfg.loss.anchor == "l2" else None)
         self.step = 0
         # Worker time by phase (training steps, evaluation, checkpointing), summed over the run's attempts and
         # kept in checkpoints: what the sweep summary's time accounting reads.
         self.seconds = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0}
+        self.checkpoint_bytes = 0  # written by all ranks over the run's checkpoints (kept in them too)
         self.target_rng = torch.Generator().manual_seed(cfg.train.seed + 7)
 
     # -- one optimizer step -------------------------------------------------------------------------
@@ -292,14 +299,44 @@ class WorkerLoop:
         LoRA: the frozen base is left out (rebuilt from model.name / model.init on restore): the checkpoint
         holds the adapters, the predictor, their optimizer state and the EMA adapters."""
         self.engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False,
-                                    client_state={"step": self.step, "seconds": self.seconds},
+                                    client_state={"step": self.step, "seconds": self.seconds,
+                                                  "checkpoint_bytes": self.checkpoint_bytes},
                                     exclude_frozen_parameters=self.lora)
         if self.rank == 0:
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), os.path.join(directory, "ema.pt"))
             Path(directory, "raydllm.json").write_text(json.dumps(
                 {"step": self.step, "data_position": self.step, "seconds": self.seconds,
-                 "config": self.cfg.to_dict()}, indent=1))
+                 "checkpoint_bytes": self.checkpoint_bytes, "config": self.cfg.to_dict()}, indent=1))
+
+    def export(self, directory: str) -> None:
+        """Rank 0: the backbone as a weights-only `save_pretrained` folder in the training dtype (bf16 under
+        bf16 training, float32 on CPU runs), with its tokenizer and modeling code, at <directory>/export;
+        with train.export_ema the EMA weights beside it (export/ema/model.safetensors). `raydllm eval` loads
+        this instead of the DeepSpeed files, and never reads optimizer state."""
+        if self.rank != 0:
+            return
+        if self.cfg.train.zero_stage >= 3:
+            log.warning("train.zero_stage=3 shards the weights: no export/ written (eval reads the engine files)")
+            return
+        from safetensors.torch import save_file
+
+        folder = Path(directory, EXPORT_DIR)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        model = self.engine.module.backbone.model
+        if getattr(model, "_auto_class", None) is None:
+            # The embedded model: register its classes so the folder carries model.py and an auto_map, and
+            # loads through AutoModel(trust_remote_code) like a hub model. Remote-code models already are.
+            type(model.config).register_for_auto_class()
+            type(model).register_for_auto_class("AutoModel")
+        state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        if self.cfg.train.export_ema and self.ema is not None:
+            (folder / EXPORT_EMA).parent.mkdir(parents=True, exist_ok=True)
+            ema = {k.removeprefix("model."): v.detach().to(dtype).contiguous()
+                   for k, v in self.ema.state_dict().items()}
+            save_file(_untied(ema), str(folder / EXPORT_EMA))
 
     def restore(self, directory: str) -> None:
         # LoRA: the checkpoint has no base weights; this loop built the base already.
@@ -307,6 +344,7 @@ class WorkerLoop:
                                                       load_lr_scheduler_states=True, load_module_strict=not self.lora)
         self.step = int(client_state["step"])
         self.seconds |= client_state.get("seconds", {"train": client_state.get("train_seconds", 0.0)})
+        self.checkpoint_bytes = int(client_state.get("checkpoint_bytes", 0))
         if self.ema is not None:
             # Through host memory: the offloaded EMA's masters live there, and a resident one is copied
             # into place without a second full copy on the GPU.
@@ -378,20 +416,69 @@ class WorkerLoop:
         summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})
         self.sink.add(self.step, {k: v for k, v in summary.items() if k != "time/checkpoint_s"
                                   and k.startswith(("val_", "final", "probe/", "time/", "params/")) and isinstance(v, float)})
-        every = self.cfg.train.checkpoint_every or self.cfg.train.eval_every
-        if self.step % every == 0 or self.step >= self.total_steps:
+        if self.checkpoint_due():
             checkpoint_start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as directory:
-                self.save(directory)  # carries the seconds so far; this checkpoint's own cost is counted next
-                ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            self._checkpoint_and_report(summary)
             self.seconds["checkpoint"] += time.perf_counter() - checkpoint_start
-            self.sink.add(self.step, {"time/checkpoint_s": self._rank0_value(lambda: self.seconds["checkpoint"])})
+            self.sink.add(self.step, {"time/checkpoint_s": self._rank0_value(lambda: self.seconds["checkpoint"]),
+                                      "checkpoint/bytes": float(self.checkpoint_bytes)})
         else:
             ray.train.report(summary)
         # After the checkpoint is persisted. Steps past the last checkpoint are re-done with the same values on
         # a resume and skipped then, so the curve keeps every step once.
         self.sink.flush()
 
+
+    def checkpoint_due(self) -> bool:
+        """At the end; at the first report at or after each of train.checkpoint_steps (where ASHA decides,
+        so a resumed trial loses at most one rung of work) and every train.checkpoint_every steps; at every
+        report when neither is set."""
+        train = self.cfg.train
+        if self.step >= self.total_steps:
+            return True
+        if train.checkpoint_steps is None and train.checkpoint_every is None:
+            return True
+        at_rung = any(self.step - train.eval_every < s <= self.step for s in train.checkpoint_steps or ())
+        return at_rung or bool(train.checkpoint_every and self.step % train.checkpoint_every == 0)
+
+    def _checkpoint_and_report(self, summary: dict) -> None:
+        """Save into a staging folder (the node's NVMe where there is one), count the bytes every rank wrote,
+        and report with the checkpoint: synchronously (the folder is removed after the upload), or
+        asynchronously (Ray uploads while training goes on, and deletes the staged folder after)."""
+        import ray.train
+
+        directory = tempfile.mkdtemp(prefix="raydllm-ckpt-", dir=staging_dir())
+        try:
+            self.save(directory)  # carries the seconds so far; this checkpoint's own cost is counted next
+            if self.step >= self.total_steps:
+                try:
+                    self.export(directory)
+                except Exception as exc:  # noqa: BLE001 - e.g. remote code save_pretrained cannot write
+                    # The trial's result must not hang on it: eval falls back to the engine's model states.
+                    log.warning("export/ not written (%s: %s); `raydllm eval` will read the DeepSpeed model "
+                                "states instead", type(exc).__name__, exc)
+                    shutil.rmtree(Path(directory, EXPORT_DIR), ignore_errors=True)
+            written = torch.tensor([folder_bytes(directory)], dtype=torch.float64, device=self.device)
+            if dist.is_initialized() and self.world > 1:
+                dist.all_reduce(written)
+            self.checkpoint_bytes += int(written.item())
+            if self.rank == 0:  # the tally in raydllm.json includes this checkpoint
+                meta = Path(directory, "raydllm.json")
+                meta.write_text(json.dumps(json.loads(meta.read_text()) | {"checkpoint_bytes": self.checkpoint_bytes},
+                                           indent=1))
+            summary["checkpoint/bytes"] = float(self.checkpoint_bytes)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            if self.cfg.train.checkpoint_upload == "async":
+                from ray.train import CheckpointUploadMode
+
+                ray.train.report(summary, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                                 delete_local_checkpoint_after_upload=True)
+                directory = None  # Ray's now
+            else:
+                ray.train.report(summary, checkpoint=checkpoint)
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def _rank0_value(self, compute) -> float:
         """Computed on rank 0 and shared, so every worker reports the same number."""
@@ -405,6 +492,17 @@ class WorkerLoop:
         if dist.is_initialized() and self.world > 1:
             dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied embeddings): give each its own."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
 
 
 def _predictor_heads(width: int) -> int:

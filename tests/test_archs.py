@@ -139,11 +139,11 @@ def test_llada_own_activation_checkpointing_gives_the_same_gradients(llada_folde
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-7) for k in grads[0])
 
 
-def test_llada_gradient_checkpointing_option_fails_on_the_remote_path_only(llada_folder):
-    """raydllm enables checkpointing with activation_checkpointing_enable, which the hub LLaDA refuses (it only
-    has model.model.set_activation_checkpointing); raydllm's LLaDA declares support."""
-    with pytest.raises(ValueError, match="does not support"):
-        load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True, implementation=REMOTE))
+def test_llada_gradient_checkpointing_option_on_both_paths(llada_folder):
+    """The hub LLaDA refuses transformers' checkpointing API (it only has model.model.set_activation_checkpointing,
+    which the adapter calls on the remote path); raydllm's LLaDA declares support."""
+    remote, _ = load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True, implementation=REMOTE))
+    assert remote.model.model.activation_checkpointing_strategy == "whole_layer"
     backbone, _ = load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True))
     assert all(block.gradient_checkpointing for block in backbone.model.model.transformer.blocks)
 
@@ -215,9 +215,12 @@ def test_dream_loads_through_the_raydllm_user_path(dream, dream_folder):
     assert backbone.ids.pad == backbone.ids.eos == model.config.pad_token_id == 256
 
 
-def test_dream_loads_in_bfloat16_by_default(dream_folder):
-    # transformers 5 loads with dtype "auto": the hub config's torch_dtype (bfloat16) unless raydllm passes one
+def test_dream_loads_in_the_dtype_raydllm_asks_for(dream_folder):
+    # transformers 5 would load with dtype "auto" (the hub config's torch_dtype, bfloat16): raydllm always
+    # passes the training dtype, float32 for a CPU run, bfloat16 for a bf16 one.
     backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE))
+    assert next(backbone.model.parameters()).dtype == torch.float32
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.bfloat16)
     assert next(backbone.model.parameters()).dtype == torch.bfloat16
 
 
@@ -246,16 +249,18 @@ def test_dream_model_does_not_understand_a_2d_attention_mask(dream):
         model(ids, attention_mask=torch.ones_like(ids, dtype=torch.bool))  # [B, L] does not broadcast
 
 
-def test_dream_forward_with_padding_fails_on_the_remote_path_only(dream, dream_folder):
-    """raydllm passes a 2-D attention mask; the hub Dream needs the 4-D boolean mask (and cumsum position_ids)
-    that its generation_utils builds. raydllm's Dream builds them itself."""
+def test_dream_forward_with_padding_on_both_paths(dream, dream_folder):
+    """raydllm passes a 2-D attention mask; the hub Dream needs the 4-D boolean mask that its generation_utils
+    builds: the adapter's load-time probe finds that form for the remote path. raydllm's Dream takes 2-D."""
     ids = torch.randint(0, 256, (2, 6))
     attention = torch.ones_like(ids)
     attention[0, :2] = 0
-    with pytest.raises(RuntimeError):
-        dream[0](ids, attention)
+    assert dream[0].padding == "mask_4d"
+    assert torch.allclose(dream[0].logits(ids, attention)[0, 3:], dream[0].logits(ids[:1, 2:])[0, 1:], atol=1e-5)
+    with pytest.raises(RuntimeError):  # the hub code itself, handed the 2-D mask
+        dream[0].model(input_ids=ids, attention_mask=attention)
     own, _ = load_backbone(ModelConfig(name=str(dream_folder)), dtype=torch.float32)
-    assert torch.isfinite(own(ids, attention)[0]).all()
+    assert own.padding == "mask" and torch.isfinite(own(ids, attention)[0]).all()
 
 
 def test_dream_left_padding_with_the_4d_mask_is_invisible_to_the_real_tokens(dream):

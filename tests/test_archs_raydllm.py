@@ -207,8 +207,11 @@ def test_dream_hub_folder_loads_into_raydllms_classes(dream_own, dream_hub_folde
     assert model.model.embed_tokens.padding_idx == 256  # as the hub: the EOS input row gets no gradient
 
 
-def test_dream_loads_in_the_hub_configs_bfloat16_by_default(dream_hub_folder):
+def test_dream_loads_in_the_training_dtype_not_the_hub_configs(dream_hub_folder):
+    # The hub config names bfloat16; raydllm loads in the dtype it trains in (float32 on a CPU run).
     backbone, _ = load_backbone(ModelConfig(name=str(dream_hub_folder)))
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.float32}
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_hub_folder)), dtype=torch.bfloat16)
     assert {p.dtype for p in backbone.model.parameters()} == {torch.bfloat16}
 
 

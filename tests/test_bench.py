@@ -161,3 +161,21 @@ def test_lora_bench_charges_the_target_pass_to_the_target(process_group):
     assert jepa["target_forward"] > 0.3 * jepa["online_forward"] > 0
     assert r["ema_extra_mb"] == pytest.approx(r["n_params_backbone_trainable"] * 4 / 2 ** 20)
     assert r["peak_memory_mb"]["jepa"] - r["peak_memory_mb"]["baseline"] == pytest.approx(r["ema_extra_mb"])
+def test_l2_strength_bench_and_the_8b_figures(process_group):
+    from raydllm.bench import l2_anchor_strength
+
+    cfg = load_config("gsm8k", "local", TINY + ["train.lr=3e-3"])
+    result = l2_anchor_strength(cfg, lambdas=(0.0, 10.0), steps=3)
+    free, anchored = result["rows"]
+    assert free["grad_ratio_median"] == 0 and anchored["grad_ratio_median"] > 0
+    assert anchored["distance_to_base"] < free["distance_to_base"] and anchored["distance_vs_unanchored"] < 1
+    table = llada_memory_table()
+    rows = {r["config"]: r for r in table["rows"]}
+    l2 = rows["L2 anchor (lambda=0, theta_base bf16 on gpu)"]
+    # theta_base: the bf16 weights again, on the GPU, none on the host
+    assert l2["resident_gib"] - rows["baseline (lambda=0)"]["resident_gib"] == pytest.approx(2 * 8.02e9 / GIB, abs=0.01)
+    assert l2["host_gib_per_rank"] == 0
+    assert table["checkpoints"]["per_save_gib"] == pytest.approx(18 * 8.02e9 / GIB, abs=0.1)
+    trial = table["checkpoints_per_trial"]
+    assert (trial["rungs_and_end"]["saves"], trial["every_report"]["saves"]) == (3, 12)
+    assert table["load"]["gib_per_rank"]["load_bf16_private"] < table["load"]["gib_per_rank"]["load_float32_peak_private"]

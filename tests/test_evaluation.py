@@ -142,6 +142,31 @@ def test_worker_checkpoint_loads(process_group, tmp_path):
                {k.removeprefix("model."): v for k, v in loop.ema.state_dict().items()}.items())
 
 
+def test_weights_only_export_is_what_eval_reads(process_group, tmp_path):
+    """The final checkpoint's export/ (save_pretrained + tokenizer + EMA) loads without the DeepSpeed files."""
+    from raydllm.worker import WorkerLoop
+
+    cfg = load_config("gsm8k", "local", SMALL + ["train.export_ema=true"])
+    loop = WorkerLoop(cfg, rank=0, world=1, device=torch.device("cpu"))
+    loop.train_step()
+    loop.save(str(tmp_path))
+    loop.export(str(tmp_path))
+    assert (tmp_path / "export" / "config.json").is_file() and (tmp_path / "export" / "model.py").is_file()
+    import shutil
+
+    shutil.rmtree(tmp_path / "engine")  # eval must not need the engine files (weights, optimizer shards)
+    backbone, _, loaded = load_checkpoint_backbone(tmp_path, device="cpu")
+    assert loaded == cfg and next(backbone.parameters()).dtype == torch.float32  # a CPU run trains in fp32
+    trained = loop.engine.module.backbone.model.state_dict()
+    assert all(torch.equal(backbone.model.state_dict()[k], trained[k]) for k in trained)
+    ema, _, _ = load_checkpoint_backbone(tmp_path, ema=True, device="cpu")
+    target = {k.removeprefix("model."): v for k, v in loop.ema.state_dict().items()}
+    assert all(torch.equal(ema.model.state_dict()[k], v) for k, v in target.items())
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda"):
+            load_checkpoint_backbone(tmp_path, device="cuda")
+
+
 def _eval_parser():
     return build_parser()
 

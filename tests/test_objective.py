@@ -287,3 +287,14 @@ def test_uniform_rate_sampling_masks_each_row_at_its_own_rate():
     low, high = view_rates(batch, 0.2, 0.7, "uniform", torch.Generator().manual_seed(5))
     assert torch.allclose(seen["low"], low, atol=0.08) and torch.allclose(seen["high"], high, atol=0.08)
     assert torch.isfinite(losses.total)
+
+
+def test_the_l2_space_sweeps_the_anchor_strength():
+    """search_spaces/gsm8k-l2.yaml: the paper's L2 arm (anchor on, no JEPA term) with lambda_L2 searched over
+    the range where it goes from barely acting to pinning the weights (README: L2-to-base anchor)."""
+    from raydllm.search_space import load_spec, trial_config
+
+    spec = load_spec("search_spaces/gsm8k-l2.yaml")
+    assert spec.space["loss.l2_lambda"].kind == "loguniform"
+    cfg = trial_config(spec, {"loss.l2_lambda": 0.01, "train.lr": 1e-5}, spec.seeds[0])
+    assert cfg.loss.anchor == "l2" and cfg.loss.l2_lambda == 0.01 and cfg.jepa.lam == 0

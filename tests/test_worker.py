@@ -80,3 +80,28 @@ def test_ema_in_host_memory_trains_identically(process_group):
         assert default.train_step() == offloaded.train_step()
     for p, q in zip(default.ema.params, offloaded.ema.params):
         assert torch.equal(p, q)
+
+
+def test_l2_anchor_holds_the_engines_weights_on_their_device_and_dtype(process_group):
+    loop = _loop("jepa.lambda=0", "loss.anchor=l2", "loss.l2_lambda=1.0", "train.bf16=true")
+    params = [p for p in loop.engine.module.backbone.parameters() if p.requires_grad]
+    assert len(loop.anchor.bases) == len(params)
+    for p, base in zip(params, loop.anchor.bases):
+        assert base.dtype == p.dtype == torch.bfloat16 and base.device == p.device
+        assert torch.equal(base, p) and base.data_ptr() != p.data_ptr()
+    loop.anchor.measure = True
+    loop.train_step()
+    loop.train_step()
+    assert loop.anchor.anchor_sq > 0 and loop.anchor.distance()[0] > 0
+
+
+def test_checkpoints_at_rungs_and_the_end_only(process_group):
+    loop = _loop("train.eval_every=5", "train.max_steps=40", "train.checkpoint_steps=[10,30]")
+    due = []
+    for step in range(5, 45, 5):
+        loop.step = step
+        due.append(loop.checkpoint_due())
+    assert due == [False, True, False, False, False, True, False, True]  # steps 10, 30 and 40
+    every = _loop("train.eval_every=5", "train.max_steps=40")
+    every.step = 5
+    assert every.checkpoint_due()  # nothing set: every report
