@@ -8,7 +8,9 @@ the proposals with the remasking rule, and commits the k most confident masked p
 never committed while that block is open.
 
 Under greedy decoding (temperature 0) `generate` is token-for-token identical to LLaDA's reference
-``generate()`` (ML-GSAI/LLaDA ``generate.py``, cfg_scale=0, no EOS options); with ``temperature > 0`` or
+``generate()`` (ML-GSAI/LLaDA ``generate.py``, cfg_scale=0, no EOS options), ties between equal
+confidences included: like the reference it ranks each row's whole sequence (-inf outside the candidates)
+with ``torch.topk`` at that row's own k, since which tied position topk returns depends on both; with ``temperature > 0`` or
 ``remasking="random"`` it draws its random numbers in the same order and shapes as the reference, so a
 ``torch.Generator`` seeded like the reference's global RNG reproduces its samples on CPU
 (tests/test_sampler.py checks both against recorded reference outputs).
@@ -147,16 +149,26 @@ def _propose(logits: torch.Tensor, lo: int, hi: int, config: SamplerConfig,
 
 
 def _select_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, W]: per row the k[row] highest-confidence positions (k on CPU)."""
+    """Boolean [B, L]: per row the k[row] highest-confidence positions (k on CPU).
+
+    LLaDA's rule, ties included: ``torch.topk`` on each whole row with that row's own k. Which of several
+    equal confidences wins depends on the row's length and on k (a batched topk at the largest k, or one
+    over a slice of the row, picks other positions), so callers pass the whole sequence with -inf outside
+    the candidates, as the reference does.
+    """
     selected = torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
-    k_max = int(k.max())
-    if k_max == 0:
-        return selected
-    idx = torch.topk(confidence, k=k_max, dim=-1).indices
-    if int(k.min()) == k_max:  # the usual case: every row commits the same number
-        return selected.scatter_(1, idx, True)
-    keep = torch.arange(k_max).unsqueeze(0) < k.unsqueeze(1)  # rank < k_row
-    return selected.scatter_(1, idx, keep.to(confidence.device))
+    for row, k_row in enumerate(k.tolist()):
+        if k_row > 0:
+            selected[row, torch.topk(confidence[row], k=k_row).indices] = True
+    return selected
+
+
+def _whole_row(conf: torch.Tensor, candidates: torch.Tensor, lo: int, total: int) -> torch.Tensor:
+    """[B, total] confidence: ``conf`` ([B, W], for positions [lo, lo + W)) where ``candidates``, -inf
+    everywhere else (prompt, committed tokens, positions after the window), the row `_select_top_k` ranks."""
+    row = torch.full((conf.shape[0], total), float("-inf"), dtype=conf.dtype, device=conf.device)
+    row[:, lo:lo + conf.shape[1]] = torch.where(candidates, conf, row.new_tensor(float("-inf")))
+    return row
 
 
 @torch.no_grad()
@@ -208,13 +220,12 @@ def generate(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Opti
                     raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected "
                                      f"[{batch}, {total}, vocab]")
                 checked = True
-            # Candidates: masked positions up to the end of the current block. The prompt holds no
-            # masks, so the window starts at the answer; later positions would get -inf anyway.
+            # Candidates: masked positions up to the end of the current block (the prompt holds no masks);
+            # they are ranked in the whole row, everything else at -inf, as the reference ranks them.
             x0, conf = _propose(logits, prompt_len, end, config, generator)
             window = x[:, prompt_len:end]
             masked = window == mask_id
-            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-            commit = _select_top_k(conf, k) & masked
+            commit = _select_top_k(_whole_row(conf, masked, prompt_len, total), k)[:, prompt_len:end] & masked
             x[:, prompt_len:end] = torch.where(commit, x0, window)
     return x
 
