@@ -151,7 +151,8 @@ def cmd_eval(args) -> int:
     from .checkpoints import read_checkpoint_meta
     from .config import validate
     from .data import load_examples
-    from .evaluation import default_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
+    from .evaluation import (default_sampler, effective_sampler, evaluate_task, load_checkpoint_backbone,
+                             prompt_budget, sampler_settings)
     from .tasks import get_task
     from .tracking import log_to_run, resolve_target
 
@@ -171,7 +172,11 @@ def cmd_eval(args) -> int:
     if args.limit:
         examples = examples[:args.limit]
     train = load_examples(eval_cfg, "train") if args.shots else []
-    sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
+    if args.cache != "none" and args.sampler != "fast":
+        raise ConfigError(f"--cache {args.cache}: needs --sampler fast")
+    sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                              method=args.sampler, threshold=args.threshold, cache=args.cache)
+    sampler = effective_sampler(sampler, backbone)
     metrics, predictions = evaluate_task(backbone, tokenizer, task, examples, shots=args.shots,
                                          train_examples=train, sampler=sampler, batch_size=args.batch_size,
                                          progress=not args.no_progress,
@@ -184,16 +189,15 @@ def cmd_eval(args) -> int:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
     result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
               ("ema" if args.ema else "online"), "task": args.task, "split": args.split,
-              "shots": args.shots, "sampler": {"gen_length": sampler.gen_length, "block_length": sampler.block_length,
-                                               "steps": sampler.steps},
+              "shots": args.shots, "sampler": sampler_settings(sampler),
               "metrics": metrics, "logged_as": logged}
     if args.json:
         emit_json(result)
     else:
         print(("base model of " if args.base else "") + f"checkpoint: {folder} (step {step})"
               + (f", run {run_id}" if run_id else ""))
-        print(f"{args.task} {args.split} {args.shots}-shot, gen_length {sampler.gen_length}, block "
-              f"{sampler.block_length}, steps {sampler.steps}")
+        print(f"{args.task} {args.split} {args.shots}-shot, "
+              + ", ".join(f"{k} {v}" for k, v in sampler_settings(sampler).items()))
         for key, value in metrics.items():
             print(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
         if logged:
@@ -212,6 +216,12 @@ def _add_eval_command(subparsers) -> None:
     p.add_argument("--gen-length", type=int, help="answer tokens (default: data.answer_tokens rounded up to the block)")
     p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the whole answer "
                                                     "if <= 64 tokens, else 32)")
+    p.add_argument("--sampler", choices=("exact", "fast"), default="exact",
+                   help="exact: LLaDA's sampler (default); fast: Fast-dLLM's threshold parallel decoding")
+    p.add_argument("--threshold", type=float, default=0.9, help="fast sampler: commit every position of the "
+                                                                "block above this confidence (default 0.9)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                   help="fast sampler: block KV cache (default none; backbones without one fall back to none)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", help="local data file or folder (default: the checkpoint's data source)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
