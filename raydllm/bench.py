@@ -472,6 +472,121 @@ def _sampler_bench(loop, *, batch_size: int, gen_length: int, steps: int) -> dic
             "ratio": result["speedup"], "outputs_match": result["outputs_match"]}
 
 
+# -- raydllm bench sampler -------------------------------------------------------------------------------
+class _CountingBackbone:
+    """Counts a backbone's forward passes and the positions they compute, for `sampler_bench`: installed as
+    instance attributes over `logits` / `forward_with_cache`, removed by `remove`."""
+
+    def __init__(self, backbone):
+        self.backbone, self.forwards, self.positions = backbone, 0, 0
+        logits, cached = backbone.logits, backbone.forward_with_cache
+
+        def counted_logits(ids, attention_mask=None):
+            self.forwards += 1
+            self.positions += ids.numel()
+            return logits(ids, attention_mask)
+
+        def counted_cache(ids, attention_mask=None, *, cache=None, start=0, end=None):
+            self.forwards += 1
+            width = ids.shape[1] if cache is None else (end if end is not None else ids.shape[1]) - start
+            self.positions += ids.shape[0] * width
+            return cached(ids, attention_mask, cache=cache, start=start, end=end)
+
+        backbone.__dict__["logits"], backbone.__dict__["forward_with_cache"] = counted_logits, counted_cache
+
+    def remove(self) -> None:
+        self.backbone.__dict__.pop("logits", None)
+        self.backbone.__dict__.pop("forward_with_cache", None)
+
+
+def sampler_bench(*, checkpoint: str | None = None, model: str | None = None, task: str = "gsm8k",
+                  items: int = 200, lengths=(32, 128, 256), threshold: float = 0.9, cache: str = "dual",
+                  batch_size: int = 16, threads: int | None = 1, progress: bool = False) -> dict[str, Any]:
+    """The exact and the fast sampler side by side, in one process, on the same model and the same validation
+    items: per generation length, accuracy of each, forward passes per answer position, positions computed,
+    wall-clock ratio (exact / fast), tokens/s, and how many answers are identical.
+
+    The model: a raydllm checkpoint (``checkpoint``), any Hugging Face masked-diffusion folder (``model``, e.g.
+    a tiny LLaDA), else the embedded model's shipped pretrained base (`local` preset, model.init=pretrained).
+    The block length is the evaluation default (the whole answer up to 64 tokens, else 32); the exact sampler
+    takes one token per step."""
+    from .backbone import load_backbone
+    from .config import ConfigError, load_config
+    from .data import load_examples
+    from .evaluation import default_sampler, effective_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
+    from .tasks import get_task
+
+    if threads:
+        torch.set_num_threads(threads)
+    if checkpoint and model:
+        raise ConfigError("--checkpoint and --model: choose one model")
+    if checkpoint:
+        backbone, tokenizer, cfg = load_checkpoint_backbone(checkpoint)
+        source = f"checkpoint {checkpoint}"
+    else:
+        cfg = load_config(task, "local", [f"model.name={model}"] if model else ["model.init=pretrained"])
+        torch.manual_seed(cfg.train.seed)
+        backbone, tokenizer = load_backbone(cfg.model)
+        backbone.eval()
+        source = f"Hugging Face folder {model}" if model else "the embedded model's shipped pretrained base"
+    cfg = cfg.model_copy(update={"task": task, "data": cfg.data.model_copy(update={"val_limit": items})})
+    examples = load_examples(cfg, "validation")[:items]
+    task_obj = get_task(task)
+    figures: dict[str, Any] = {"model": source, "task": task, "items": len(examples), "batch_size": batch_size,
+                               "threads": torch.get_num_threads(), "threshold": threshold, "lengths": {}}
+    for length in lengths:
+        row: dict[str, Any] = {}
+        for method in ("exact", "fast"):
+            sampler = default_sampler(cfg, gen_length=length, method=method, threshold=threshold,
+                                      cache=cache if method == "fast" else "none")
+            sampler = effective_sampler(sampler, backbone)
+            counter = _CountingBackbone(backbone)
+            start = time.perf_counter()
+            try:
+                metrics, predictions = evaluate_task(
+                    backbone, tokenizer, task_obj, examples, sampler=sampler, batch_size=batch_size,
+                    progress=progress, max_prompt_tokens=prompt_budget(cfg, sampler, 0))
+            finally:
+                counter.remove()
+            seconds = time.perf_counter() - start
+            batches = -(-len(examples) // batch_size)
+            row[method] = {"accuracy": metrics[task_obj.primary_metric], "seconds": round(seconds, 2),
+                           "tokens_per_s": round(len(examples) * length / seconds, 1),
+                           "forwards": counter.forwards,
+                           "forwards_per_token": round(counter.forwards / (batches * length), 4),
+                           "positions_computed": counter.positions,
+                           "settings": {"block_length": sampler.block_length,
+                                        **({"steps": sampler.steps} if method == "exact" else
+                                           {"threshold": sampler.threshold, "cache": sampler.cache})},
+                           "generations": [p["generation"] for p in predictions]}
+        exact, fast = row["exact"], row["fast"]
+        same = sum(a == b for a, b in zip(exact.pop("generations"), fast.pop("generations")))
+        row["speedup"] = round(exact["seconds"] / fast["seconds"], 2)
+        row["forward_ratio"] = round(exact["forwards"] / max(fast["forwards"], 1), 2)
+        row["positions_ratio"] = round(exact["positions_computed"] / max(fast["positions_computed"], 1), 2)
+        row["accuracy_delta_points"] = round(100 * (fast["accuracy"] - exact["accuracy"]), 2)
+        row["identical_answers"] = same / max(len(examples), 1)
+        figures["lengths"][str(length)] = row
+    figures["llada"] = ("measured" if model else "skipped: no tiny LLaDA folder given (--model PATH runs the same "
+                        "bench on any Hugging Face masked-diffusion folder)")
+    return figures
+
+
+def format_sampler_report(r: dict[str, Any]) -> str:
+    lines = [f"sampler bench: {r['model']}, {r['task']} validation, {r['items']} items, batch {r['batch_size']}, "
+             f"{r['threads']} thread(s), threshold {r['threshold']}",
+             f"{'length':>6} {'acc exact':>9} {'acc fast':>8} {'Δ pp':>6} {'fwd/tok exact':>13} {'fwd/tok fast':>12} "
+             f"{'tok/s exact':>11} {'tok/s fast':>10} {'speed-up':>8} {'same':>5}"]
+    for length, row in r["lengths"].items():
+        e, f = row["exact"], row["fast"]
+        lines.append(f"{length:>6} {e['accuracy']:>9.3f} {f['accuracy']:>8.3f} {row['accuracy_delta_points']:>6.1f} "
+                     f"{e['forwards_per_token']:>13.3f} {f['forwards_per_token']:>12.3f} {e['tokens_per_s']:>11.1f} "
+                     f"{f['tokens_per_s']:>10.1f} {row['speedup']:>7.2f}x {row['identical_answers']:>5.2f}")
+    lines.append(f"cache: {next(iter(r['lengths'].values()))['fast']['settings']['cache'] if r['lengths'] else '-'};"
+                 f" LLaDA: {r['llada']}")
+    return "\n".join(lines)
+
+
 def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | None = 0.5,
               sampler_batch: int = 16, sampler_gen_length: int = 32, sampler_steps: int = 16,
               split: bool = True, memory_table: bool = True,
@@ -756,14 +871,45 @@ def _sweep_finished(tracking_uri: str, task: str, sweep: str) -> bool:
         return False
 
 
+def kendall_tau(x, y) -> float | None:
+    """Kendall's tau-b rank correlation of two equally long sequences (ties in either are common among
+    accuracies, tau-b corrects for them); None when it is undefined (fewer than 2 items, or a constant one)."""
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau: {len(x)} != {len(y)} values")
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = (x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])
+            if dx and dy:
+                concordant += dx == dy
+                discordant += dx != dy
+            else:
+                ties_x += not dx and bool(dy)
+                ties_y += not dy and bool(dx)
+    denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denominator if denominator else None
+
+
+def fidelity_agreement(runs, primary: str) -> dict[str, Any]:
+    """Rank agreement between the fast sampler's and the exact sampler's final validation figure over the
+    trials that logged both (`eval.sampler=fast`): does the cheap fidelity rank configs as the exact one?"""
+    exact_key, fast_key = f"final_val_{primary}", f"final_val_{primary}_fast"
+    pairs = [(float(r.data.metrics[exact_key]), float(r.data.metrics[fast_key])) for r in runs
+             if exact_key in r.data.metrics and fast_key in r.data.metrics]
+    return {"trials": len(pairs), "kendall_tau": kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]),
+            "exact": [p[0] for p in pairs], "fast": [p[1] for p in pairs]}
+
+
 def arm_figures(spec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
     """One arm of `bench sweep`, from MLflow: its best search trial on the first seed (what the search itself
-    chose), that config's values over every seed it ran (its seed noise), trial-steps and time accounting."""
+    chose), that config's values over every seed it ran (its seed noise), trial-steps, time accounting, and
+    with `eval.sampler=fast` the Kendall tau between fast and exact final validation accuracy over trials."""
     import statistics
 
     from mlflow.tracking import MlflowClient
 
     from .results import find_sweep, time_accounting, trial_runs
+    from .tasks import get_task
 
     client = MlflowClient(tracking_uri)
     parent = find_sweep(client, spec.task, sweep)
@@ -783,5 +929,6 @@ def arm_figures(spec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
             "best_metric_mean_over_seeds": statistics.fmean(values),
             "best_metric_std_over_seeds": statistics.stdev(values) if len(values) > 1 else 0.0,
             "seeds": [int(r.data.params.get("train.seed", -1)) for r in same],
+            "fast_vs_exact": fidelity_agreement(runs, get_task(spec.task).primary_metric),
             "time": time_accounting(runs)}
 

@@ -286,6 +286,8 @@ def _add_pretrain_command(subparsers) -> None:
 def cmd_bench(args) -> int:
     if args.mode == "sweep":
         return _cmd_bench_sweep(args)
+    if args.mode == "sampler":
+        return _cmd_bench_sampler(args)
     from .bench import format_report, run_bench
 
     cfg = load_config(args.task, args.preset, args.overrides)
@@ -317,6 +319,24 @@ def _cmd_bench_sweep(args) -> int:
     return 0
 
 
+def _cmd_bench_sampler(args) -> int:
+    """`raydllm bench sampler`: bench.sampler_bench (exact vs fast sampler, one process, no Ray)."""
+    from .bench import format_sampler_report, sampler_bench
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--lengths {args.lengths}: expected comma-separated integers, e.g. 32,128,256") from None
+    result = sampler_bench(checkpoint=args.checkpoint, model=args.model, task=args.task, items=args.items,
+                           lengths=lengths, threshold=args.threshold, cache=args.cache,
+                           batch_size=args.sampler_batch, threads=args.threads or 1, progress=not args.json)
+    if args.json:
+        emit_json(result, default=_json_default)
+    else:
+        print(format_sampler_report(result))
+    return 0
+
+
 def _json_default(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -326,8 +346,9 @@ def _json_default(x):
 def _add_bench_command(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
-    p.add_argument("mode", nargs="?", choices=["step", "sweep"], default="step",
-                   help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`")
+    p.add_argument("mode", nargs="?", choices=["step", "sweep", "sampler"], default="step",
+                   help="step (default): the one-process step benchmark; sweep: grid vs ASHA; sampler: the exact "
+                        "and the fast sampler side by side")
     p.add_argument("--task", default="gsm8k", help="task whose data to use (default: gsm8k)")
     p.add_argument("--preset", default="local", help="local | paper | wide-t (default: local)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per phase (default 10)")
@@ -342,6 +363,14 @@ def _add_bench_command(subparsers) -> None:
     p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: train.cpus_per_worker, "
                                                "as trials run)")
+    p.add_argument("--checkpoint", help="sampler mode: a raydllm checkpoint (default: the embedded model's "
+                                        "shipped pretrained base)")
+    p.add_argument("--model", help="sampler mode: any Hugging Face masked-diffusion folder instead (e.g. a tiny LLaDA)")
+    p.add_argument("--items", type=int, default=200, help="sampler mode: validation items (default 200)")
+    p.add_argument("--lengths", default="32,128,256", help="sampler mode: generation lengths (default 32,128,256)")
+    p.add_argument("--threshold", type=float, default=0.9, help="sampler mode: fast sampler threshold (default 0.9)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="dual",
+                   help="sampler mode: fast sampler KV cache (default dual)")
     p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml)")
     p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                           "./mlflow.db)")

@@ -2,6 +2,8 @@
 model's KV-cache path it uses (`TinyDiffusionLM.forward_kv`, `Backbone.forward_with_cache`)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -208,3 +210,53 @@ def test_backbone_kv_capability():
     assert not Backbone(NoCache(), TokenIds(mask=1, pad=0, eos=2), shift_logits=False).supports_kv_cache
     shifted = tiny_backbone(1)
     assert not Backbone(shifted.model, shifted.ids, shift_logits=True).supports_kv_cache
+
+
+# ------------------------------------------------------------------ bench: sampler mode and the rank agreement
+
+
+def test_kendall_tau():
+    from raydllm.bench import kendall_tau
+
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert kendall_tau([1], [2]) is None and kendall_tau([1, 1, 1], [1, 2, 3]) is None
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # tau-b with ties, as scipy computes it
+        x = torch.randint(0, 4, (12,), generator=g).tolist()
+        y = torch.randint(0, 4, (12,), generator=g).tolist()
+        assert kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic)
+
+
+def test_fidelity_agreement_reads_trials_with_both_figures():
+    from types import SimpleNamespace as NS
+
+    from raydllm.bench import fidelity_agreement
+
+    def run(metrics):
+        return NS(data=NS(metrics=metrics))
+
+    runs = [run({"final_val_accuracy": 0.1, "final_val_accuracy_fast": 0.12}),
+            run({"final_val_accuracy": 0.3, "final_val_accuracy_fast": 0.25}),
+            run({"final_val_accuracy": 0.2, "final_val_accuracy_fast": 0.2}),
+            run({"final_val_accuracy": 0.5})]  # exact only: not counted
+    got = fidelity_agreement(runs, "accuracy")
+    assert got["trials"] == 3 and got["kendall_tau"] == 1.0
+
+
+def test_bench_sampler_runs_both_samplers_on_the_same_items(capsys):
+    from raydllm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "sampler", "--items", "3", "--lengths", "8,16", "--sampler-batch",
+                                      "2", "--threshold", "0.5", "--json"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["items"] == 3 and set(result["lengths"]) == {"8", "16"} and "pretrained base" in result["model"]
+    row = result["lengths"]["16"]
+    assert row["exact"]["forwards_per_token"] == 1.0 and row["exact"]["forwards"] == 2 * 16  # 2 batches
+    assert row["fast"]["forwards"] <= row["exact"]["forwards"]
+    assert row["fast"]["positions_computed"] < row["exact"]["positions_computed"]  # the dual cache
+    assert row["fast"]["settings"] == {"block_length": 16, "threshold": 0.5, "cache": "dual"}
+    assert row["speedup"] > 0 and 0 <= row["identical_answers"] <= 1
