@@ -329,7 +329,7 @@ def _cmd_bench_sampler(args) -> int:
         raise ConfigError(f"--lengths {args.lengths}: expected comma-separated integers, e.g. 32,128,256") from None
     result = sampler_bench(checkpoint=args.checkpoint, model=args.model, task=args.task, items=args.items,
                            lengths=lengths, threshold=args.threshold, cache=args.cache,
-                           batch_size=args.sampler_batch, threads=args.threads or 1, progress=not args.json)
+                           batch_size=args.sampler_batch, threads=args.threads or 1, progress=True)
     if args.json:
         emit_json(result, default=_json_default)
     else:
