@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raydllm.backbone import Backbone, TokenIds, load_backbone
-from raydllm.config import ModelConfig
+from raydllm.config import ModelConfig, load_config
 from raydllm.sampler import SamplerConfig, generate, generate_fast, model_logits_fn, sample
 from test_sampler import MASK, PROMPTS, SPEC, BagModel, _left_pad, build_model
 
@@ -260,3 +260,29 @@ def test_bench_sampler_runs_both_samplers_on_the_same_items(capsys):
     assert row["fast"]["positions_computed"] < row["exact"]["positions_computed"]  # the dual cache
     assert row["fast"]["settings"] == {"block_length": 16, "threshold": 0.5, "cache": "dual"}
     assert row["speedup"] > 0 and 0 <= row["identical_answers"] <= 1
+
+
+def test_trial_reports_with_the_fast_sampler_and_finals_with_both(process_group, monkeypatch):
+    """eval.sampler=fast: the per-report val_accuracy uses the fast sampler (with its cache); the final report
+    scores the exact sampler and the fast one on the same items (the pair the sweep's Kendall tau compares)."""
+    import raydllm.trial as trial
+
+    cfg = load_config("gsm8k", "local", [
+        "model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
+        "data.val_limit=16", "data.answer_tokens=16", "train.micro_batch_size=8", "eval.gen_limit=4",
+        "eval.final_limit=4", "eval.probes=false", "eval.sampler=fast", "eval.cache=dual", "eval.threshold=0.5"])
+    loop = trial.TrialLoop(cfg, rank=0, world=1, device=torch.device("cpu"))
+    used = []
+    real = trial.evaluate_task
+
+    def spy(*args, sampler, **kwargs):
+        used.append((sampler.method, sampler.cache, sampler.threshold, len(args[3])))
+        return real(*args, sampler=sampler, **kwargs)
+
+    monkeypatch.setattr(trial, "evaluate_task", spy)
+    assert 0.0 <= loop.validation_accuracy() <= 1.0
+    assert used == [("fast", "dual", 0.5, 4)]
+    used.clear()
+    final = loop.final_evaluation()
+    assert used == [("exact", "none", 0.5, 4), ("fast", "dual", 0.5, 4)]
+    assert {"final_val_accuracy", "final_val_accuracy_fast", "final/val/0shot/n", "final/val/0shot/fast/n"} <= set(final)
