@@ -588,8 +588,9 @@ def sampler_bench(*, checkpoint: str | None = None, model: str | None = None, ta
         row["accuracy_delta_points"] = round(100 * (fast["accuracy"] - exact["accuracy"]), 2)
         row["identical_answers"] = same / max(len(examples), 1)
         figures["lengths"][str(length)] = row
-    figures["llada"] = ("measured" if model else "skipped: no tiny LLaDA folder given (--model PATH runs the same "
-                        "bench on any Hugging Face masked-diffusion folder)")
+    if not model:
+        figures["llada"] = ("skipped: no tiny LLaDA folder given (--model PATH runs the same bench on any Hugging "
+                            "Face masked-diffusion folder)")
     return figures
 
 
@@ -603,8 +604,8 @@ def format_sampler_report(r: dict[str, Any]) -> str:
         lines.append(f"{length:>6} {e['accuracy']:>9.3f} {f['accuracy']:>8.3f} {row['accuracy_delta_points']:>6.1f} "
                      f"{e['forwards_per_token']:>13.3f} {f['forwards_per_token']:>12.3f} {e['tokens_per_s']:>11.1f} "
                      f"{f['tokens_per_s']:>10.1f} {row['speedup']:>7.2f}x {row['identical_answers']:>5.2f}")
-    lines.append(f"cache: {next(iter(r['lengths'].values()))['fast']['settings']['cache'] if r['lengths'] else '-'};"
-                 f" LLaDA: {r['llada']}")
+    lines.append(f"cache: {next(iter(r['lengths'].values()))['fast']['settings']['cache'] if r['lengths'] else '-'}"
+                 + (f"; LLaDA: {r['llada']}" if "llada" in r else ""))
     return "\n".join(lines)
 
 

@@ -286,3 +286,20 @@ def test_trial_reports_with_the_fast_sampler_and_finals_with_both(process_group,
     final = loop.final_evaluation()
     assert used == [("exact", "none", 0.5, 4), ("fast", "dual", 0.5, 4)]
     assert {"final_val_accuracy", "final_val_accuracy_fast", "final/val/0shot/n", "final/val/0shot/fast/n"} <= set(final)
+
+
+def test_bench_sampler_on_a_hugging_face_folder(tmp_path):
+    """The hook for other architectures (e.g. a tiny LLaDA): any HF folder; its KV cache is used when the
+    loaded code offers `forward_kv` (here the embedded model's own code, saved with its weights)."""
+    from raydllm.backbone import build_tiny
+    from raydllm.bench import sampler_bench
+
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny(ModelConfig(d_model=32, n_layers=2, n_heads=2))
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModel")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    result = sampler_bench(model=str(tmp_path), items=2, lengths=(8,), batch_size=2, threads=1)
+    assert result["model"].startswith("Hugging Face folder") and "llada" not in result
+    assert result["lengths"]["8"]["fast"]["settings"]["cache"] == "dual"
