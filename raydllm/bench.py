@@ -1,5 +1,7 @@
-"""Benchmarks (top layer): what DLLM-JEPA costs over the diffusion-only baseline, measured in one process,
-and `bench_sweep`, the same search space as a full grid and under ASHA.
+"""Benchmarks (top layer): what DLLM-JEPA costs over the diffusion-only baseline, measured in one process;
+`bench_sweep`, the same search space as a full grid and under ASHA (with the Kendall tau of fast- vs
+exact-sampler validation accuracy over its trials); and `sampler_bench`, the exact and the fast sampler side
+by side (`raydllm bench sampler`).
 
 `raydllm bench`: 
 One WorkerLoop (the real DeepSpeed engine trials use, in a one-rank process group created here when none
