@@ -303,3 +303,15 @@ def test_bench_sampler_on_a_hugging_face_folder(tmp_path):
     result = sampler_bench(model=str(tmp_path), items=2, lengths=(8,), batch_size=2, threads=1)
     assert result["model"].startswith("Hugging Face folder") and "llada" not in result
     assert result["lengths"]["8"]["fast"]["settings"]["cache"] == "dual"
+
+
+def test_eval_sampler_fields_are_validated_at_the_door():
+    from raydllm.config import ConfigError, validate
+
+    cfg = validate({"eval": {"sampler": "fast", "threshold": 0.8, "cache": "prefix"}})
+    assert (cfg.eval.sampler, cfg.eval.threshold, cfg.eval.cache) == ("fast", 0.8, "prefix")
+    assert cfg.flat()["eval.cache"] == "prefix"  # every config field is an MLflow param of the trial
+    with pytest.raises(ConfigError, match="eval.cache=dual needs eval.sampler=fast"):
+        validate({"eval": {"cache": "dual"}})
+    with pytest.raises(ConfigError, match="threshold"):
+        validate({"eval": {"sampler": "fast", "threshold": -1}})
