@@ -133,6 +133,19 @@ class Backbone(nn.Module):
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self._run(input_ids, attention_mask)[0]
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether `forward_with_cache` works: the model has a `forward_kv` (the embedded model has; an
+        architecture gains the block KV cache by implementing it) and its logits need no shift."""
+        return callable(getattr(self.model, "forward_kv", None)) and not self.shift_logits
+
+    def forward_with_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                           cache=None, start: int = 0, end: int | None = None):
+        """(logits, cache) with a block KV cache, see `model.TinyDiffusionLM.forward_kv`: cache=None is a
+        full pass that also returns every layer's keys/values; with a cache only positions [start, end) are
+        recomputed against the cached keys/values of the others. Only when `supports_kv_cache`."""
+        return self.model.forward_kv(input_ids, attention_mask, cache=cache, start=start, end=end)
+
     def all_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, ...]:
         """Embedding output followed by every layer's output (the last after the final norm)."""

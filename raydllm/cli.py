@@ -171,7 +171,8 @@ def cmd_eval(args) -> int:
     from .checkpoints import read_checkpoint_meta
     from .config import validate
     from .data import load_examples
-    from .evaluation import default_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
+    from .evaluation import (default_sampler, effective_sampler, evaluate_task, load_checkpoint_backbone,
+                             prompt_budget, sampler_settings)
     from .tasks import get_task
     from .tracking import log_to_run, resolve_target
 
@@ -191,7 +192,11 @@ def cmd_eval(args) -> int:
     if args.limit:
         examples = examples[:args.limit]
     train = load_examples(eval_cfg, "train") if args.shots else []
-    sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
+    if args.cache != "none" and args.sampler != "fast":
+        raise ConfigError(f"--cache {args.cache}: needs --sampler fast")
+    sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                              method=args.sampler, threshold=args.threshold, cache=args.cache)
+    sampler = effective_sampler(sampler, backbone)
     metrics, predictions = evaluate_task(backbone, tokenizer, task, examples, shots=args.shots,
                                          train_examples=train, sampler=sampler, batch_size=args.batch_size,
                                          progress=not args.no_progress,
@@ -205,16 +210,15 @@ def cmd_eval(args) -> int:
     result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
               ("ema" if args.ema else "online"), "device": str(next(backbone.parameters()).device),
               "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."), "task": args.task, "split": args.split,
-              "shots": args.shots, "sampler": {"gen_length": sampler.gen_length, "block_length": sampler.block_length,
-                                               "steps": sampler.steps},
+              "shots": args.shots, "sampler": sampler_settings(sampler),
               "metrics": metrics, "logged_as": logged}
     if args.json:
         emit_json(result)
     else:
         print(("base model of " if args.base else "") + f"checkpoint: {folder} (step {step})"
               + (f", run {run_id}" if run_id else ""))
-        print(f"{args.task} {args.split} {args.shots}-shot, gen_length {sampler.gen_length}, block "
-              f"{sampler.block_length}, steps {sampler.steps}")
+        print(f"{args.task} {args.split} {args.shots}-shot, "
+              + ", ".join(f"{k} {v}" for k, v in sampler_settings(sampler).items()))
         for key, value in metrics.items():
             print(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
         if logged:
@@ -233,6 +237,12 @@ def _add_eval_command(subparsers) -> None:
     p.add_argument("--gen-length", type=int, help="answer tokens (default: data.answer_tokens rounded up to the block)")
     p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the whole answer "
                                                     "if <= 64 tokens, else 32)")
+    p.add_argument("--sampler", choices=("exact", "fast"), default="exact",
+                   help="exact: LLaDA's sampler (default); fast: Fast-dLLM's threshold parallel decoding")
+    p.add_argument("--threshold", type=float, default=0.9, help="fast sampler: commit every position of the "
+                                                                "block above this confidence (default 0.9)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                   help="fast sampler: block KV cache (default none; backbones without one fall back to none)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", help="local data file or folder (default: the checkpoint's data source)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
@@ -312,6 +322,8 @@ def cmd_bench(args) -> int:
         else:
             print(format_l2_report(result))
         return 0
+    if args.mode == "sampler":
+        return _cmd_bench_sampler(args)
     from .bench import format_report, run_bench
 
     cfg = load_config(args.task, args.preset, args.overrides)
@@ -366,6 +378,24 @@ def _cmd_bench_gpu(args) -> int:
     return 0 if result["all_ran"] else 1
 
 
+def _cmd_bench_sampler(args) -> int:
+    """`raydllm bench sampler`: bench.sampler_bench (exact vs fast sampler, one process, no Ray)."""
+    from .bench import format_sampler_report, sampler_bench
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--lengths {args.lengths}: expected comma-separated integers, e.g. 32,128,256") from None
+    result = sampler_bench(checkpoint=args.checkpoint, model=args.model, task=args.task, items=args.items,
+                           lengths=lengths, threshold=args.threshold, cache=args.cache,
+                           batch_size=args.sampler_batch, threads=args.threads or 1, progress=True)
+    if args.json:
+        emit_json(result, default=_json_default)
+    else:
+        print(format_sampler_report(result))
+    return 0
+
+
 def _json_default(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -375,8 +405,9 @@ def _json_default(x):
 def _add_bench_command(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
-    p.add_argument("mode", nargs="?", choices=["step", "sweep", "l2", "gpu"], default="step",
+    p.add_argument("mode", nargs="?", choices=["step", "sweep", "sampler", "l2", "gpu"], default="step",
                    help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`; "
+                        "sampler: the exact and the fast sampler side by side; "
                         "l2: what strength of the L2-to-base anchor changes the update (--steps per lambda); "
                         "gpu: the tiny LLaDA/Dream folders through every part an 8B trial runs, on the first GPU")
     p.add_argument("--llada", help="gpu mode: a tiny LLaDA-architecture folder")
@@ -398,6 +429,14 @@ def _add_bench_command(subparsers) -> None:
     p.add_argument("--no-split", action="store_true", help="skip the instrumented per-part steps")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default on CPU: train.cpus_per_worker, "
                                                "as trials run)")
+    p.add_argument("--checkpoint", help="sampler mode: a raydllm checkpoint (default: the embedded model's "
+                                        "shipped pretrained base)")
+    p.add_argument("--model", help="sampler mode: any Hugging Face masked-diffusion folder instead (e.g. a tiny LLaDA)")
+    p.add_argument("--items", type=int, default=200, help="sampler mode: validation items (default 200)")
+    p.add_argument("--lengths", default="32,128,256", help="sampler mode: generation lengths (default 32,128,256)")
+    p.add_argument("--threshold", type=float, default=0.9, help="sampler mode: fast sampler threshold (default 0.9)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="dual",
+                   help="sampler mode: fast sampler KV cache (default dual)")
     p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml)")
     p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                           "./mlflow.db)")

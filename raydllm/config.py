@@ -193,12 +193,20 @@ class EvalConfig(_Section):
     gen_length: int | None = Field(None, gt=0)
     block_length: int | None = Field(None, gt=0)
     sampler_steps: int | None = Field(None, gt=0)
+    # Sampler of the in-trial val_accuracy: "exact" (LLaDA's) or "fast" (Fast-dLLM: commit every position of
+    # the block above `threshold`, at least one a step; block KV cache `cache` where the backbone has one).
+    # Final reports always use the exact sampler; with "fast" they also score the fast one on the same items.
+    sampler: Literal["exact", "fast"] = "exact"
+    threshold: float = Field(0.9, ge=0)
+    cache: Literal["none", "prefix", "dual"] = "none"
 
     @model_validator(mode="after")
     def _rates_in_range(self):
         for r in self.val_mask_rates:
             if not 0 < r < 1:
                 raise ValueError(f"eval.val_mask_rates entries must be in (0, 1), got {r}")
+        if self.cache != "none" and self.sampler != "fast":
+            raise ValueError(f"eval.cache={self.cache} needs eval.sampler=fast (the exact sampler has no cache)")
         return self
 
 

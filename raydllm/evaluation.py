@@ -1,6 +1,6 @@
 """Evaluation layer: a model answers a task's questions with the diffusion sampler, and the task scores them.
 
-`evaluate_task` is the core (prompts -> left-padded batches -> `sampler.generate` -> decode up to EOS ->
+`evaluate_task` is the core (prompts -> left-padded batches -> `sampler.sample` -> decode up to EOS ->
 `task.extract` -> `task.score`). `load_checkpoint_backbone` rebuilds a backbone from a raydllm checkpoint
 folder (layout: `checkpoints.py`). `raydllm eval` ties them to the command line and MLflow (`cli.py`).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import torch
 
 from .checkpoints import BACKBONE_PREFIX, read_checkpoint_meta, read_checkpoint_state, resolve_checkpoint_dir, torch_load
 from .config import Config, ConfigError, validate
-from .sampler import SamplerConfig, decode_generations, generate
+from .sampler import SamplerConfig, decode_generations, sample
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,24 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
             attention[i, length - len(r):] = 1
     return ids, attention
+
+
+def effective_sampler(sampler: SamplerConfig, backbone) -> SamplerConfig:
+    """The sampler as it will run on this backbone: a KV cache the backbone cannot serve (no `forward_kv`,
+    or shifted logits) falls back to parallel decoding alone, with a warning."""
+    if sampler.cache == "none" or getattr(backbone, "supports_kv_cache", False):
+        return sampler
+    log.warning("sampler cache=%s: %s has no KV-cache path; the fast sampler runs with parallel decoding alone "
+                "(cache=none)", sampler.cache, type(getattr(backbone, "model", backbone)).__name__)
+    return replace(sampler, cache="none")
+
+
+def sampler_settings(sampler: SamplerConfig) -> dict[str, Any]:
+    """What to log beside every generation result."""
+    settings = {"sampler": sampler.method, "gen_length": sampler.gen_length, "block_length": sampler.block_length}
+    if sampler.method == "fast":
+        return settings | {"threshold": sampler.threshold, "cache": sampler.cache}
+    return settings | {"steps": sampler.steps}
 
 
 @torch.no_grad()
@@ -72,6 +91,8 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
     if max_prompt_tokens:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     device = next(backbone.parameters()).device
+    sampler = effective_sampler(sampler, backbone)
+    cached_forward = backbone.forward_with_cache if sampler.cache != "none" else None
     stops = stop_ids(backbone, tokenizer)
     was_training = backbone.training
     backbone.eval()
@@ -83,8 +104,8 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, attention = left_pad([encoded[i] for i in idx], backbone.ids.pad)
-        out = generate(backbone.logits, ids.to(device), attention.to(device), mask_id=backbone.ids.mask,
-                       config=sampler, generator=generator)
+        out = sample(backbone.logits, ids.to(device), attention.to(device), mask_id=backbone.ids.mask,
+                     config=sampler, cached_forward=cached_forward, generator=generator)
         texts = decode_generations(tokenizer, out.cpu(), ids.shape[1], eos_id=stops)
         generations.update(zip(idx, texts))
         bar.update(len(idx))
@@ -109,10 +130,12 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
 
 
 def default_sampler(cfg: Config, *, gen_length: int | None = None, block_length: int | None = None,
-                    steps: int | None = None, temperature: float = 0.0) -> SamplerConfig:
+                    steps: int | None = None, temperature: float = 0.0, method: str = "exact",
+                    threshold: float = 0.9, cache: str = "none") -> SamplerConfig:
     """Sampler settings for a checkpoint: answer length = data.answer_tokens rounded up to a multiple of the
     block length; block length = the whole answer when it is at most 64 tokens (the embedded default),
-    else 32 (LLaDA's semi-autoregressive GSM8K setting); steps = gen_length (one token per step)."""
+    else 32 (LLaDA's semi-autoregressive GSM8K setting); steps = gen_length (one token per step).
+    method/threshold/cache: the fast sampler's (`sampler.generate_fast`)."""
     answer = cfg.data.answer_tokens
     if block_length is None:
         block_length = gen_length if gen_length is not None and gen_length <= 64 else (answer if answer <= 64 else 32)
@@ -120,7 +143,7 @@ def default_sampler(cfg: Config, *, gen_length: int | None = None, block_length:
         gen_length = math.ceil(answer / block_length) * block_length
     try:
         return SamplerConfig(steps=steps or gen_length, gen_length=gen_length, block_length=block_length,
-                             temperature=temperature)
+                             temperature=temperature, method=method, threshold=threshold, cache=cache)
     except ValueError as exc:
         raise ConfigError(str(exc).replace("SamplerConfig.", "--").replace("_", "-")) from None
 

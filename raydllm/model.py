@@ -59,15 +59,35 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, length, width = h.shape
+    def _qkv(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+        batch, length, _ = h.shape
         q, k, v = self.qkv(self.ln_attn(h)).view(batch, length, 3, self.n_heads, -1).transpose(1, 3).unbind(2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        h = h + self.proj(attn.transpose(1, 2).reshape(batch, length, width))
+        return q, k, v
+
+    def _finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = h + self.proj(attn.transpose(1, 2).reshape(h.shape))
         return h + self.mlp(self.ln_mlp(h))
+
+    def forward(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(h, rotary)
+        return self._finish(h, F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask))
+
+    def forward_kv(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                   key_mask: torch.Tensor | None, cached: tuple[torch.Tensor, torch.Tensor] | None, start: int
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`forward` for the positions [start, start + W) that ``h`` holds, returning their keys/values
+        ([B, H, W, head]) too. ``cached``: keys/values of the whole sequence (from an earlier full pass);
+        the window's queries then attend to its own fresh keys/values and the cached ones elsewhere."""
+        q, k, v = self._qkv(h, rotary)
+        keys, values = k, v
+        if cached is not None:
+            end = start + h.shape[1]
+            keys = torch.cat([cached[0][:, :, :start], k, cached[0][:, :, end:]], dim=2)
+            values = torch.cat([cached[1][:, :, :start], v, cached[1][:, :, end:]], dim=2)
+        return self._finish(h, F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask)), (k, v)
 
 
 class TinyDiffusionLM(PreTrainedModel):
@@ -113,6 +133,37 @@ class TinyDiffusionLM(PreTrainedModel):
         hidden_states[-1] = h  # as in Hugging Face decoders: the last entry is after the final norm
         logits = self.lm_head(h)
         return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+    def forward_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None, start: int = 0,
+                   end: int | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Inference with a block KV cache (Fast-dLLM's approximate cache for bidirectional models).
+
+        ``cache=None``: a full pass; returns (logits [B, L, V], cache), the cache being every layer's keys
+        (after rotary) and values for all L positions, ``[B, H, L, head]``. With a cache: only positions
+        [start, end) of ``input_ids`` (the whole sequence, [B, L]) are recomputed; their queries attend to
+        their own fresh keys/values and to the cached ones of every other position, so the result is exact
+        when those positions' states have not changed since the cache was filled, and an approximation
+        otherwise. Returns (logits [B, end - start, V], the cache unchanged). ``attention_mask`` covers
+        all L positions in both cases.
+        """
+        length = input_ids.shape[1]
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={self.config.max_seq_len}")
+        if cache is None:
+            start, end = 0, length
+        end = length if end is None else end
+        cos, sin = rotary_tables(length, self.config.d_model // self.config.n_heads, self.config.rope_theta,
+                                 device=input_ids.device)
+        rotary = cos[start:end], sin[start:end]
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        h = self.tok_emb(input_ids[:, start:end])
+        fresh = []
+        for layer, block in enumerate(self.blocks):
+            h, kv = block.forward_kv(h, rotary, key_mask, None if cache is None else cache[layer], start)
+            fresh.append(kv)
+        logits = self.lm_head(self.ln_f(h))
+        return logits, fresh if cache is None else cache
 
 
 def build_tiny(cfg) -> tuple[TinyDiffusionLM, object]:

@@ -8,7 +8,9 @@ the proposals with the remasking rule, and commits the k most confident masked p
 never committed while that block is open.
 
 Under greedy decoding (temperature 0) `generate` is token-for-token identical to LLaDA's reference
-``generate()`` (ML-GSAI/LLaDA ``generate.py``, cfg_scale=0, no EOS options); with ``temperature > 0`` or
+``generate()`` (ML-GSAI/LLaDA ``generate.py``, cfg_scale=0, no EOS options), ties between equal
+confidences included: like the reference it ranks each row's whole sequence (-inf outside the candidates)
+with ``torch.topk`` at that row's own k, since which tied position topk returns depends on both; with ``temperature > 0`` or
 ``remasking="random"`` it draws its random numbers in the same order and shapes as the reference, so a
 ``torch.Generator`` seeded like the reference's global RNG reproduces its samples on CPU
 (tests/test_sampler.py checks both against recorded reference outputs).
@@ -32,11 +34,16 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "CACHE_MODES",
+    "CachedForward",
     "LogitsFn",
+    "SAMPLER_METHODS",
     "REMASKING_RULES",
     "SamplerConfig",
     "decode_generations",
     "generate",
+    "generate_fast",
+    "sample",
     "model_logits_fn",
     "sampler_throughput",
     "transfer_schedule",
@@ -46,6 +53,13 @@ __all__ = [
 LogitsFn = Callable[[torch.LongTensor, Optional[torch.Tensor]], torch.Tensor]
 
 REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
+SAMPLER_METHODS = ("exact", "fast")
+CACHE_MODES = ("none", "prefix", "dual")
+
+# (input_ids [B, L], attention_mask [B, L] or None, *, cache, start, end) -> (logits, cache): with cache=None a
+# full pass (logits [B, L, V] and a fresh cache), else positions [start, end) only, against the cache
+# (`backbone.Backbone.forward_with_cache`).
+CachedForward = Callable[..., tuple[torch.Tensor, Any]]
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -60,6 +74,12 @@ class SamplerConfig:
     block_length: int = 128  # semi-autoregressive block; == gen_length: one block
     temperature: float = 0.0  # 0: greedy argmax; > 0: Gumbel-max sampling (float64)
     remasking: str = "low_confidence"  # which proposals to commit first: see REMASKING_RULES
+    # "exact": LLaDA's schedule (above); "fast": Fast-dLLM's confidence-threshold parallel decoding (each step
+    # commits every masked position of the block whose confidence exceeds `threshold`, at least one), with
+    # the block KV cache `cache` ("prefix": the positions before the block; "dual": before and after it).
+    method: str = "exact"
+    threshold: float = 0.9
+    cache: str = "none"
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps)
@@ -78,6 +98,19 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.temperature must be a finite number >= 0, got {t!r}")
         if self.remasking not in REMASKING_RULES:
             raise ValueError(f"SamplerConfig.remasking must be one of {REMASKING_RULES}, got {self.remasking!r}")
+        if self.method not in SAMPLER_METHODS:
+            raise ValueError(f"SamplerConfig.method must be one of {SAMPLER_METHODS}, got {self.method!r}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"SamplerConfig.cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        th = self.threshold
+        if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0.0 <= th < float("inf"):
+            raise ValueError(f"SamplerConfig.threshold must be a finite number >= 0, got {th!r}")
+        if self.method == "exact" and self.cache != "none":
+            raise ValueError(f"SamplerConfig.cache={self.cache!r} needs method='fast' (the exact sampler "
+                             "recomputes every position at every step)")
+        if self.method == "fast" and self.remasking != "low_confidence":
+            raise ValueError("SamplerConfig.remasking: the fast sampler thresholds low_confidence "
+                             f"probabilities, got {self.remasking!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -116,17 +149,22 @@ def model_logits_fn(model: Any) -> LogitsFn:
 
 
 def _propose(logits: torch.Tensor, lo: int, hi: int, config: SamplerConfig,
-             generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proposed tokens and their confidence for positions [lo, hi) -> ([B, W], [B, W])."""
+             generator: Optional[torch.Generator], forbid: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposed tokens and their confidence for positions [lo, hi) -> ([B, W], [B, W]). ``forbid``: a token
+    id never proposed (its confidence is still read from the unmodified distribution)."""
     window = logits[:, lo:hi]
+    proposal_logits = window
+    if forbid is not None:
+        proposal_logits = window.clone()
+        proposal_logits[..., forbid] = float("-inf")
     if config.temperature > 0:
         # Gumbel-max in float64 as in the reference: exp(l) / (-log U) ** T, argmax. The noise is drawn
         # for the whole logits tensor so the RNG stream matches the reference step for step.
         u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
         u = u[:, lo:hi]
-        x0 = torch.argmax(window.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature, dim=-1)
+        x0 = torch.argmax(proposal_logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature, dim=-1)
     else:
-        x0 = torch.argmax(window, dim=-1)
+        x0 = torch.argmax(proposal_logits, dim=-1)
 
     rule = config.remasking
     if rule == "low_confidence":  # probability of the chosen token under the noise-free model
@@ -147,16 +185,47 @@ def _propose(logits: torch.Tensor, lo: int, hi: int, config: SamplerConfig,
 
 
 def _select_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, W]: per row the k[row] highest-confidence positions (k on CPU)."""
+    """Boolean [B, L]: per row the k[row] highest-confidence positions (k on CPU).
+
+    LLaDA's rule, ties included: ``torch.topk`` on each whole row with that row's own k. Which of several
+    equal confidences wins depends on the row's length and on k (a batched topk at the largest k, or one
+    over a slice of the row, picks other positions), so callers pass the whole sequence with -inf outside
+    the candidates, as the reference does.
+    """
     selected = torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
-    k_max = int(k.max())
-    if k_max == 0:
-        return selected
-    idx = torch.topk(confidence, k=k_max, dim=-1).indices
-    if int(k.min()) == k_max:  # the usual case: every row commits the same number
-        return selected.scatter_(1, idx, True)
-    keep = torch.arange(k_max).unsqueeze(0) < k.unsqueeze(1)  # rank < k_row
-    return selected.scatter_(1, idx, keep.to(confidence.device))
+    for row, k_row in enumerate(k.tolist()):
+        if k_row > 0:
+            selected[row, torch.topk(confidence[row], k=k_row).indices] = True
+    return selected
+
+
+def _start(prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], mask_id: int, config: SamplerConfig
+           ) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """(x = prompt + gen_length masks [B, L], attention mask extended with ones over the answer, prompt
+    length), after checking the inputs."""
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {tuple(prompt_ids.shape)}")
+    if (prompt_ids == mask_id).any():
+        raise ValueError(
+            f"prompt_ids contain mask_id={mask_id}: the prompt (and its left padding: pad id must differ "
+            "from the mask id) may not contain the mask token")
+    batch, prompt_len = prompt_ids.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, prompt_len):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape "
+                         f"{(batch, prompt_len)}")
+    x = torch.full((batch, prompt_len + config.gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+    x[:, :prompt_len] = prompt_ids
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, config.gen_length))], dim=-1)
+    return x, attention_mask, prompt_len
+
+
+def _whole_row(conf: torch.Tensor, candidates: torch.Tensor, lo: int, total: int) -> torch.Tensor:
+    """[B, total] confidence: ``conf`` ([B, W], for positions [lo, lo + W)) where ``candidates``, -inf
+    everywhere else (prompt, committed tokens, positions after the window), the row `_select_top_k` ranks."""
+    row = torch.full((conf.shape[0], total), float("-inf"), dtype=conf.dtype, device=conf.device)
+    row[:, lo:lo + conf.shape[1]] = torch.where(candidates, conf, row.new_tensor(float("-inf")))
+    return row
 
 
 @torch.no_grad()
@@ -172,23 +241,8 @@ def generate(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Opti
     """
     if not isinstance(config, SamplerConfig):
         raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
-    if prompt_ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {tuple(prompt_ids.shape)}")
-    if (prompt_ids == mask_id).any():
-        raise ValueError(
-            f"prompt_ids contain mask_id={mask_id}: the prompt (and its left padding: pad id must differ "
-            "from the mask id) may not contain the mask token")
-    batch, prompt_len = prompt_ids.shape
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, prompt_len):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape "
-                         f"{(batch, prompt_len)}")
-
-    device = prompt_ids.device
-    total = prompt_len + config.gen_length
-    x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_len] = prompt_ids
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, config.gen_length))], dim=-1)
+    x, attention_mask, prompt_len = _start(prompt_ids, attention_mask, mask_id, config)
+    batch, total = x.shape
 
     steps = config.steps_per_block
     uses_rng = config.temperature > 0 or config.remasking == "random"
@@ -208,15 +262,76 @@ def generate(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Opti
                     raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected "
                                      f"[{batch}, {total}, vocab]")
                 checked = True
-            # Candidates: masked positions up to the end of the current block. The prompt holds no
-            # masks, so the window starts at the answer; later positions would get -inf anyway.
+            # Candidates: masked positions up to the end of the current block (the prompt holds no masks);
+            # they are ranked in the whole row, everything else at -inf, as the reference ranks them.
             x0, conf = _propose(logits, prompt_len, end, config, generator)
             window = x[:, prompt_len:end]
             masked = window == mask_id
-            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-            commit = _select_top_k(conf, k) & masked
+            commit = _select_top_k(_whole_row(conf, masked, prompt_len, total), k)[:, prompt_len:end] & masked
             x[:, prompt_len:end] = torch.where(commit, x0, window)
     return x
+
+
+@torch.no_grad()
+def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                  mask_id: int, config: SamplerConfig, cached_forward: Optional[CachedForward] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+    """Fast-dLLM's sampler (arXiv 2505.22618), same blocks and output shape as `generate`.
+
+    Parallel decoding: a block is decoded until it holds no [MASK]; each step commits, per row, every masked
+    position of the block whose confidence (probability of the proposed token) exceeds ``config.threshold``,
+    and at least the most confident one, ranked as `generate` ranks (whole row, ties as the reference).
+    [MASK] is never proposed, so every step fills at least one position and a block takes at most
+    ``block_length`` steps; ``config.steps`` is not used. Rows whose block is done wait for the others.
+
+    Block KV cache (``config.cache``, needs ``cached_forward``): the block's first step is a full pass that
+    also fills the cache; its other steps recompute only the block and the positions after it ("prefix":
+    the keys/values of the prompt and finished blocks are reused) or only the block ("dual": those after it
+    too). The cache is refreshed at every block, so it is stale only by what the block's own steps change.
+
+    Equal to `generate` when ``threshold >= 1`` (no confidence exceeds it: one token a step), no cache,
+    ``steps == gen_length`` (the exact sampler's one token a step) and the model never proposes [MASK].
+    """
+    if not isinstance(config, SamplerConfig):
+        raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
+    if config.remasking != "low_confidence":
+        raise ValueError(f"generate_fast: remasking must be low_confidence, got {config.remasking!r}")
+    if config.cache != "none" and cached_forward is None:
+        raise ValueError(f"generate_fast: cache={config.cache!r} needs a cached_forward (a model with a KV cache)")
+    x, attention_mask, prompt_len = _start(prompt_ids, attention_mask, mask_id, config)
+    total = x.shape[1]
+    for block in range(config.num_blocks):
+        start = prompt_len + block * config.block_length
+        end = start + config.block_length
+        cache = None
+        for _ in range(config.block_length):
+            masked = x[:, start:end] == mask_id
+            if not masked.any():
+                break
+            if config.cache == "none":
+                logits = logits_fn(x, attention_mask)[:, start:end]
+            elif cache is None:  # the block's first step: a full pass that fills the cache
+                full, cache = cached_forward(x, attention_mask, cache=None, start=0, end=total)
+                logits = full[:, start:end]
+            else:
+                stop = total if config.cache == "prefix" else end
+                logits = cached_forward(x, attention_mask, cache=cache, start=start, end=stop)[0][:, :end - start]
+            x0, conf = _propose(logits, 0, end - start, config, generator, forbid=mask_id)
+            above = ((conf > config.threshold) & masked).sum(dim=1)
+            k = torch.where(masked.any(dim=1), above.clamp(min=1), torch.zeros_like(above)).cpu()
+            commit = _select_top_k(_whole_row(conf, masked, start, total), k)[:, start:end] & masked
+            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+    return x
+
+
+def sample(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+           mask_id: int, config: SamplerConfig, cached_forward: Optional[CachedForward] = None,
+           generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+    """`generate` or `generate_fast`, as ``config.method`` says."""
+    if config.method == "fast":
+        return generate_fast(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config,
+                             cached_forward=cached_forward, generator=generator)
+    return generate(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config, generator=generator)
 
 
 def decode_generations(tokenizer: Any, output_ids: torch.Tensor, prompt_len: int,

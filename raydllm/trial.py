@@ -17,10 +17,12 @@ from .worker import WorkerLoop
 class TrialLoop(WorkerLoop):
     """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
 
-    def _generate_metrics(self, limit: int, shots: int) -> tuple[dict[str, float], list[dict]]:
+    def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
+                          ) -> tuple[dict[str, float], list[dict]]:
         cfg = self.cfg
         sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
-                                  steps=cfg.eval.sampler_steps)
+                                  steps=cfg.eval.sampler_steps, method=method, threshold=cfg.eval.threshold,
+                                  cache=cfg.eval.cache if method == "fast" else "none")
         backbone = self.engine.module.backbone
         backbone.eval()
         try:
@@ -32,17 +34,24 @@ class TrialLoop(WorkerLoop):
             backbone.train()
 
     def validation_accuracy(self) -> float:
-        return self._generate_metrics(self.cfg.eval.gen_limit, 0)[0][get_task(self.cfg.task).primary_metric]
+        """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
+        metrics, _ = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        return metrics[get_task(self.cfg.task).primary_metric]
 
     def final_evaluation(self) -> dict[str, float]:
-        """Generation accuracy per shot count and the probes against the base model; rank 0 only."""
+        """Generation accuracy per shot count with the exact sampler, and with `eval.sampler=fast` the fast
+        sampler's on the same items too (`final_val_<metric>_fast`, for the rank agreement of the two over a
+        sweep's trials); the probes against the base model; rank 0 only."""
         cfg = self.cfg
         out: dict[str, float] = {}
         primary = get_task(cfg.task).primary_metric
+        methods = ("exact", "fast") if cfg.eval.sampler == "fast" else ("exact",)
         for shots in cfg.eval.final_shots:
-            metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots)
-            out |= {f"final/val/{shots}shot/{k}": float(v) for k, v in metrics.items()}
-            out.setdefault("final_val_" + primary, float(metrics[primary]))
+            for method in methods:
+                suffix = "" if method == "exact" else "/fast"
+                metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
+                out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
+                out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))
         if cfg.eval.probes:
             finetuned = self.engine.module.backbone.eval()
             if self.lora:  # the frozen base is right there: the same weights with the adapters off

@@ -10,7 +10,7 @@ from raydllm.config import ConfigError, load_config
 from raydllm.data import load_examples
 from raydllm.checkpoints import read_checkpoint_state
 from raydllm.cli import build_parser
-from raydllm.evaluation import default_sampler, evaluate_task, left_pad, load_checkpoint_backbone
+from raydllm.evaluation import default_sampler, effective_sampler, evaluate_task, left_pad, load_checkpoint_backbone
 from raydllm.sampler import SamplerConfig
 from raydllm.tasks import get_task
 from raydllm.tokenizer import byte_tokenizer
@@ -70,6 +70,19 @@ def test_evaluate_task_plumbing_with_an_oracle():
     assert predictions[1]["generation"].strip() == examples[1].answer  # cut at EOS, no specials
     assert predictions[0]["extracted"] == "999" and predictions[0]["scores"] == {"accuracy": 0.0}
     assert set(predictions[0]) >= {"prompt", "gold", "generation", "extracted", "scores"}
+
+
+def test_a_cache_the_backbone_cannot_serve_falls_back_with_a_warning(caplog):
+    tokenizer = byte_tokenizer()
+    task = get_task("gsm8k")
+    cfg = load_config("gsm8k", "local", SMALL)
+    examples = load_examples(cfg, "test")[:3]
+    ids = TokenIds(mask=tokenizer.mask_token_id, pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id)
+    oracle = Oracle(tokenizer, {task.format_prompt(ex): " " + ex.answer for ex in examples}, ids)
+    sampler = SamplerConfig(steps=32, gen_length=32, block_length=32, method="fast", cache="dual")
+    assert effective_sampler(sampler, oracle).cache == "none" and "parallel decoding alone" in caplog.text
+    metrics, _ = evaluate_task(oracle, tokenizer, task, examples, sampler=sampler, progress=False)
+    assert metrics["accuracy"] == 1.0
 
 
 def test_untrained_tiny_model_batching_does_not_change_answers():
@@ -189,7 +202,7 @@ def test_cli_eval_by_run_id_logs_to_mlflow(tmp_path, capsys):
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["run_id"] == run_id and result["metrics"]["n"] == 3 and result["step"] == 7
-    assert result["sampler"] == {"gen_length": 8, "block_length": 8, "steps": 8}
+    assert result["sampler"] == {"sampler": "exact", "gen_length": 8, "block_length": 8, "steps": 8}
     logged = client.get_run(run_id).data.metrics
     assert logged["eval/test/0shot/n"] == 3 and "eval/test/0shot/accuracy" in logged
     artifacts = [a.path for a in client.list_artifacts(run_id, "eval")]
@@ -202,6 +215,17 @@ def test_cli_eval_by_run_id_logs_to_mlflow(tmp_path, capsys):
                                       "--split", "validation", "--tracking-uri", uri, "--no-progress"])
     assert args.func(args) == 0
     assert "accuracy" in capsys.readouterr().out
+    # the fast sampler, its settings in the result
+    args = _eval_parser().parse_args(["eval", str(checkpoint), "gsm8k", "--limit", "2", "--gen-length", "8",
+                                      "--sampler", "fast", "--threshold", "0.5", "--cache", "dual",
+                                      "--tracking-uri", uri, "--no-progress", "--json"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["sampler"] == {"sampler": "fast", "gen_length": 8, "block_length": 8, "threshold": 0.5,
+                                 "cache": "dual"} and result["metrics"]["n"] == 2
+    args = _eval_parser().parse_args(["eval", str(checkpoint), "gsm8k", "--cache", "dual", "--tracking-uri", uri])
+    with pytest.raises(ConfigError, match="--sampler fast"):
+        args.func(args)
     args = _eval_parser().parse_args(["eval", "0123456789abcdef0123456789abcdef", "gsm8k", "--tracking-uri", uri])
     with pytest.raises(ConfigError, match="neither a checkpoint"):
         args.func(args)

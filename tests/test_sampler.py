@@ -182,6 +182,72 @@ def test_reference_cases_cover_the_intended_situations(reference):
     assert any(reference["mask_id"] in sum(c["reference_output"], []) for c in cases)
 
 
+class BagModel:
+    """A position-free mask predictor: every position gets the same logits, a function of the bag of attended
+    tokens, so every masked position ties at every step and only the tie-breaking rule decides where
+    tokens land."""
+
+    def __init__(self, vocab: int = 50, seed: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(vocab, 16, generator=g, dtype=torch.float64)
+        self.head = torch.randn(16, vocab, generator=g, dtype=torch.float64) * 2.0
+
+    def __call__(self, input_ids, attention_mask=None):
+        keep = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        bag = (self.emb[input_ids] * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        logits = torch.tanh(bag) @ self.head
+        logits[:, MASK] = -1e4  # never proposes [MASK]
+        return SimpleNamespace(logits=logits[:, None, :].expand(-1, input_ids.shape[1], -1).clone())
+
+
+def llada_reference_rule(model, prompt, attention_mask, *, steps, gen_length, block_length, mask_id,
+                         rank_answer_only=False):
+    """LLaDA generate()'s greedy low-confidence loop, written from its description (ML-GSAI/LLaDA
+    generate.py): per block the schedule of n // steps (+1 for the first n % steps steps) from the block's
+    masks at its start; each step the confidence of the argmax over the WHOLE sequence, -inf after the
+    block and at non-masked positions, and per row torch.topk over that whole row with the row's own k."""
+    b, p = prompt.shape
+    x = torch.full((b, p + gen_length), mask_id, dtype=torch.long)
+    x[:, :p] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones(b, gen_length, dtype=attention_mask.dtype)], 1)
+    per_block = steps // (gen_length // block_length)
+    for blk in range(gen_length // block_length):
+        n = (x[:, p + blk * block_length: p + (blk + 1) * block_length] == mask_id).sum(1)
+        ks = [[int(n[j]) // per_block + (i < int(n[j]) % per_block) for i in range(per_block)] for j in range(b)]
+        for i in range(per_block):
+            masked = x == mask_id
+            logits = model(x, attention_mask=attention_mask).logits
+            x0 = logits.argmax(-1)
+            conf = torch.gather(F.softmax(logits, -1), -1, x0[..., None])[..., 0]
+            conf[:, p + (blk + 1) * block_length:] = float("-inf")
+            conf = torch.where(masked, conf, torch.tensor(float("-inf"), dtype=conf.dtype))
+            for j in range(b):
+                if rank_answer_only:  # the sampler's former rule: rank within the answer, not the whole row
+                    idx = p + torch.topk(conf[j, p:], k=ks[j][i]).indices
+                else:
+                    idx = torch.topk(conf[j], k=ks[j][i]).indices
+                x[j, idx] = torch.where(masked[j, idx], x0[j, idx], x[j, idx])
+    return x
+
+
+@pytest.mark.parametrize("steps, gen_length, block_length", [
+    (24, 24, 24), (7, 24, 24), (12, 24, 8), (9, 24, 8), (30, 30, 10), (4, 32, 32)])
+def test_ties_broken_as_the_reference_breaks_them(steps, gen_length, block_length):
+    """Every masked position ties: the committed positions are those LLaDA's whole-row topk picks."""
+    bag = BagModel()
+    ids, am = _left_pad(PROMPTS)
+    cfg = SamplerConfig(steps=steps, gen_length=gen_length, block_length=block_length)
+    out = generate(model_logits_fn(bag), ids, am, mask_id=MASK, config=cfg)
+    expected = llada_reference_rule(bag, ids, am, steps=steps, gen_length=gen_length, block_length=block_length,
+                                    mask_id=MASK)
+    assert torch.equal(out, expected), (out != expected).nonzero().tolist()[:10]
+    # ties do decide: a rule that ranks the answer only (LLaDA's topk on a shorter row) fills other positions
+    answer_only = llada_reference_rule(bag, ids, am, steps=steps, gen_length=gen_length,
+                                       block_length=block_length, mask_id=MASK, rank_answer_only=True)
+    assert not torch.equal(answer_only, expected)
+
+
 # ---------------------------------------------------------------- schedule and invariants
 
 
