@@ -89,14 +89,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .search_space import load_spec
-    from .tune import check_sweep, default_space_file, run_spec, sweep_name
+    from .search_space import default_space_file, load_spec
+    from .train import check_sweep
 
     space = Path(args.space) if args.space else default_space_file("local" if args.preset == "local" else args.task)
     extra = {"data.source": "local", "data.path": str(Path(args.data).resolve())} if args.data else None
     spec = load_spec(space, extra)  # validated before Ray starts
     if spec.task != args.task:
         raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
+    check_sweep(spec, space_name=str(space), tracking_uri=args.tracking_uri, storage=args.storage)  # before Ray
+    from .tune import run_spec, sweep_name  # MLflow and torch: seconds to import, so after the checks
+
     if args.resume:
         from ray import tune
 
@@ -106,7 +109,6 @@ def cmd_tune(args) -> int:
         path = f"{(args.storage or default_storage_path()).rstrip('/')}/{name}"
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"--resume: no sweep to resume at {path}")
-    check_sweep(spec, space_name=str(space), tracking_uri=args.tracking_uri, storage=args.storage)  # before Ray
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     name = args.name or sweep_name(spec, space)
     args.resume_hint = "trials stopped, their checkpoints kept; run the same command again to resume"
@@ -340,7 +342,7 @@ def cmd_bench(args) -> int:
 def _cmd_bench_sweep(args) -> int:
     """`raydllm bench sweep`: bench.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
     from .bench import bench_sweep
-    from .tune import default_space_file
+    from .search_space import default_space_file
 
     space = args.space or default_space_file("bench-sweep")
     result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)

@@ -283,3 +283,14 @@ def config_key(spec: SweepSpec, sampled: dict[str, Any]) -> str:
     """A stable id for a config apart from its seed: trials with the same key are seed repeats."""
     values = {k: v for k, v in sorted(sampled.items()) if "." in k and k != "train.seed"}
     return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def default_space_file(task: str) -> Path:
+    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package."""
+    local = Path("search_spaces") / f"{task}.yaml"
+    if local.exists():
+        return local
+    packaged = Path(__file__).resolve().parent.parent / "search_spaces" / f"{task}.yaml"
+    if packaged.exists():
+        return packaged
+    raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")

@@ -183,26 +183,43 @@ class TrainOutcome:
     resumed: bool
 
 
-def prepare_training(cfg: Config, *, tracking_uri: str | None) -> Config:
-    """Everything about a run that can be checked before Ray starts, cheapest first, each failure one line
-    (ConfigError / DataError / TrackingError): the task and its data (read through the task's own reader on
-    this machine, a relative data.path resolved here), the resources, storage and tracking store.
-    Returns cfg with its run name fixed and its data path absolute."""
-    from .data import check_data, with_absolute_data_path
+def check_before_ray(cfg: Config, *, kind: str, field: str, tracking_uri: str | None, storage: str | None) -> None:
+    """Everything about a run (kind "run") or every trial of a sweep (kind "sweep", cfg its base config) that can
+    be checked before Ray starts, cheapest first, each failure one line (ConfigError / DataError / TrackingError):
+    what it needs against this machine when it will start a local cluster (a cluster's own resources are checked
+    once Ray is up), the task and its data (read through the task's own reader here), storage, tracking store."""
+    from .data import check_data
 
-    cfg = with_absolute_data_path(cfg)
     train = cfg.train
     if starts_local_cluster():
         shortfall = local_shortfall(train.workers, train.cpus_per_worker, train.use_gpu is True,
                                     train.extra_resources)
         if shortfall:
-            raise ConfigError(f"train.workers: a run {shortfall}; "
-                              + local_resources_hint("run", cfg.model.name, train.workers, train.use_gpu is True))
+            raise ConfigError(f"{field}: a {'trial' if kind == 'sweep' else kind} {shortfall}; "
+                              + local_resources_hint(kind, cfg.model.name, train.workers, train.use_gpu is True))
     check_data(cfg)
-    check_storage(cfg.run.storage_path or default_storage_path())
+    check_storage(storage or default_storage_path())
     from . import tracking  # MLflow: seconds to import, so after the checks that do not need it
 
     tracking.check_tracking(tracking.resolve_tracking_uri(tracking_uri))
+
+
+def check_sweep(spec, *, space_name: str, tracking_uri: str | None, storage: str | None = None) -> None:
+    """check_before_ray for a sweep (a search_space.SweepSpec): its trials' base config and resources."""
+    from .config import validate
+    from .search_space import base_raw
+
+    check_before_ray(validate(base_raw(spec)), kind="sweep", field=f"{space_name}: resources",
+                     tracking_uri=tracking_uri, storage=storage)
+
+
+def prepare_training(cfg: Config, *, tracking_uri: str | None) -> Config:
+    """check_before_ray for one run, its relative data.path resolved here (a Ray worker would resolve it in its
+    own working directory). Returns cfg with its run name fixed and its data path absolute."""
+    from .data import with_absolute_data_path
+
+    cfg = with_absolute_data_path(cfg)
+    check_before_ray(cfg, kind="run", field="train.workers", tracking_uri=tracking_uri, storage=cfg.run.storage_path)
     name = cfg.run.name or f"train-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
 

@@ -39,17 +39,6 @@ log = logging.getLogger(__name__)
 SLOT = "trial_slot"
 
 
-def default_space_file(task: str) -> Path:
-    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package."""
-    local = Path("search_spaces") / f"{task}.yaml"
-    if local.exists():
-        return local
-    packaged = Path(__file__).resolve().parent.parent / "search_spaces" / f"{task}.yaml"
-    if packaged.exists():
-        return packaged
-    raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")
-
-
 # -- inside a trial (a Tune actor) -----------------------------------------------------------------------
 
 def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experiment: str, parent_run_id: str,
@@ -362,33 +351,12 @@ def run_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None 
                     progress=progress, checked=checked)
 
 
-def check_sweep(spec: SweepSpec, *, space_name: str, tracking_uri: str | None, storage: str | None = None) -> None:
-    """What can be checked before Ray starts, cheapest first, each failure one line: the trials' data (read
-    through the task's own reader here), what a trial needs against this machine when the sweep will start a
-    local cluster, storage, and the tracking store. (A cluster's own resources are checked once Ray is up.)"""
-    from .config import validate
-    from .data import check_data
-    from .search_space import base_raw
-    from .train import check_storage, default_storage_path, local_resources_hint, local_shortfall, starts_local_cluster
-
-    base = validate(base_raw(spec))
-    res = spec.resources
-    if starts_local_cluster():
-        shortfall = local_shortfall(res.workers, res.cpus_per_worker, res.use_gpu, res.custom)
-        if shortfall:
-            raise ConfigError(f"{space_name}: resources: a trial {shortfall}; "
-                              + local_resources_hint("sweep", base.model.name, res.workers, res.use_gpu))
-    check_data(base)
-    check_storage(storage or default_storage_path())
-    tracking.check_tracking(tracking.resolve_tracking_uri(tracking_uri))
-
-
 def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tracking_uri: str,
              storage: str | None = None, progress: bool | Any = True, checked: bool = False) -> SweepOutcome:
     """Run (or resume) a validated sweep. Everything is checked and Ray is up before the MLflow parent run opens;
     once it is open, a sweep that stops early leaves it FAILED (KILLED on Ctrl-C), never RUNNING.
-    `checked`: check_sweep already ran (the CLI checks before it quiets the terminal)."""
-    from .train import default_storage_path, warm_deepspeed_ops
+    `checked`: train.check_sweep already ran (the CLI checks before it quiets the terminal)."""
+    from .train import check_sweep, default_storage_path, warm_deepspeed_ops
 
     # Tune's own console output is replaced by SweepProgress (a line per change) and the final table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
