@@ -45,18 +45,15 @@ class LogStream:
                 self.echo.flush()
         return len(text)
 
-    def flush(self) -> None:
-        self.log.flush()
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
     def isatty(self) -> bool:
         return False
 
-    def fileno(self) -> int:
-        return self.log.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return "utf-8"
+    def __getattr__(self, name):  # flush, fileno, encoding, buffer, ...: the log file's
+        return getattr(self.log, name)
 
 
 def _user_line(text: str) -> str:
