@@ -441,20 +441,21 @@ def _sigint_stops_tune():
     interrupted = threading.Event()
 
     def on_sigint(signum, frame):
-        tune_hook = signal.getsignal(signal.SIGUSR1)
-        if interrupted.is_set() or not callable(tune_hook):
+        tune_hook = signal.getsignal(signal.SIGUSR1)  # set by tune.run (ray/tune/tune.py) for this fit
+        if interrupted.is_set() or getattr(tune_hook, "__name__", "") != "signal_interrupt_tune_run":
             raise KeyboardInterrupt
         interrupted.set()
         tune_hook(signal.SIGUSR1, frame)
 
     previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_usr1 = signal.getsignal(signal.SIGUSR1)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune's hook belongs to the fit that just ended
+        signal.signal(signal.SIGUSR1, previous_usr1)  # Tune's hook belongs to the fit that just ended
         if previous_env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
