@@ -122,6 +122,16 @@ def test_progress_view_plain_lines_on_state_changes_only():
     assert "best jepa val_loss_diff 0.8000 (lambda=1 lr=0.001)" in last and "best baseline val_loss_diff 0.9500" in last
     assert "left" in last  # 1.5 of 4 trials' work done: an estimate of the rest
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    view = SweepProgress("val_loss_diff", "min", ["train.lr"], 4, 10, stream=screen)
+    view.update(trials)
+    view.close()
+    assert screen.getvalue().startswith("\r[search") and screen.getvalue().count("\n") == 1  # redrawn in place
+
 
 TINY = {
     "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
