@@ -183,3 +183,46 @@ def test_ctrl_c_stops_the_sweep_killed_exit_130_and_the_same_command_resumes(tmp
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 2 and {r.data.tags["raydllm.status"] for r in children} == {"completed"}
     assert any("raydllm.resumed_from_step" in r.data.tags for r in children)  # one picked up from its checkpoint
+
+
+def _tiny_space(tmp_path: Path) -> Path:
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(TINY))
+    return space
+
+
+def test_a_sweep_stopped_by_an_error_ends_failed_never_running(tmp_path, monkeypatch):
+    """Once the parent run is open, whatever stops the sweep closes it (here an error in a phase: FAILED)."""
+    from mlflow.tracking import MlflowClient
+
+    from raydllm import tune
+    from raydllm.search_space import load_spec
+
+    monkeypatch.setattr(tune, "ensure_ray_for_sweep", lambda spec: None)  # no Ray: the phases fail first
+    monkeypatch.setattr("raydllm.train.warm_deepspeed_ops", lambda: None)
+
+    def broken_phases(*args, **kwargs):
+        raise RuntimeError("the search phase broke")
+
+    monkeypatch.setattr(tune, "_run_phases", broken_phases)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = _tiny_space(tmp_path)
+    with pytest.raises(RuntimeError):
+        tune.run_spec(load_spec(space), space_text=space.read_text(), space_name=space.name, name="broken",
+                      tracking_uri=uri, storage=str(tmp_path / "runs"), progress=False)
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("raydllm-gsm8k").experiment_id])
+    assert parent.info.status == "FAILED" and "the search phase broke" in parent.data.tags["raydllm.error"]
+
+
+def test_tune_exits_1_when_trials_failed_and_still_prints_the_summary(tmp_path, monkeypatch, capsys):
+    from raydllm import tune
+    from raydllm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune, "run_spec", lambda spec, **kw: tune.SweepOutcome(
+        name=kw["name"], parent_run_id="p", restored=False, trials=3, failed=1, summary="THE SUMMARY TABLE"))
+    assert main(["tune", "gsm8k", "--space", str(_tiny_space(tmp_path)), "-v"]) == 1
+    captured = capsys.readouterr()
+    assert "THE SUMMARY TABLE" in captured.out
+    assert "1 of 3 trials failed" in captured.err
