@@ -105,8 +105,8 @@ def tokenize_sft(examples: list[Example], tokenizer, task, *, max_prompt_tokens:
                                  answer + [eos_id] * (answer_tokens - len(answer))))
     if cut:  # a cut answer teaches the model to stop early (e.g. before GSM8K's final `#### n`)
         # "[raydllm]": a line the driver's quiet terminal shows when a Ray worker prints it (raydllm.console).
-        log.warning("[raydllm] warning: data.answer_tokens=%d cuts %d of %d answers (longest: %d tokens + EOS)", answer_tokens, cut,
-                    len(records), longest)
+        log.warning("[raydllm] warning: data.answer_tokens=%d cuts %d of %d answers (longest: %d tokens + EOS)",
+                    answer_tokens, cut, len(records), longest)
     return records
 
 
