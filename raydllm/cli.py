@@ -1,6 +1,8 @@
 """Command line (top layer): `raydllm train | tune | best | eval | pretrain | bench`. Nothing imports this module.
 
-Bad input exits with code 2 and one line naming the field or file at fault."""
+Bad input exits with code 2 and one line naming the field or file at fault, checked before Ray starts. `train` and
+`tune` are quiet: the libraries' output goes to a log file in the run's folder (`-v` shows it instead). Exit codes:
+0 done, 1 failed (for `tune`: any trial failed), 2 bad input, 130 interrupted (re-run the command to resume)."""
 from __future__ import annotations
 
 import argparse
@@ -10,14 +12,28 @@ import logging
 import math
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .console import Console
 from .tasks.base import DataError
-from .tracking import TrackingError, resolve_tracking_uri
 
-USER_ERRORS = (ConfigError, DataError, TrackingError)
+CONSOLE = Console()
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Bad input: exit 2 with one line. (tracking is imported only when a command needs it: MLflow takes
+    seconds to import, and bad input is answered before that.)"""
+    tracking = sys.modules.get(f"{__package__}.tracking")
+    return (ConfigError, DataError) + ((tracking.TrackingError,) if tracking else ())
+
+
+def resolve_tracking_uri(cli_value: str | None) -> str:
+    from .tracking import resolve_tracking_uri as resolve
+
+    return resolve(cli_value)
 
 
 def _common_run_flags(p: argparse.ArgumentParser) -> None:
@@ -44,11 +60,23 @@ def _config_from_args(args):
     return load_config(args.task, args.preset, overrides)
 
 
-def cmd_train(args) -> int:
-    from .train import run_training
+def _log_file(storage: str | None, name: str) -> Path:
+    """The command's log file: in its run's folder (a local one when checkpoints go to s3:// or similar)."""
+    from .train import default_storage_path
 
-    cfg = _config_from_args(args)
-    outcome = run_training(cfg, tracking_uri=resolve_tracking_uri(args.tracking_uri))
+    folder = storage if storage and "://" not in storage else default_storage_path()
+    return Path(folder) / name / "raydllm.log"
+
+
+def cmd_train(args) -> int:
+    from .train import prepare_training, run_training
+
+    cfg = prepare_training(_config_from_args(args), tracking_uri=args.tracking_uri)  # bad input: exit 2, before Ray
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    args.resume_hint = f"re-run with --name {cfg.run.name} to resume from its last checkpoint"
+    if not args.verbose:
+        CONSOLE.quiet(_log_file(cfg.run.storage_path, cfg.run.name))
+    outcome = run_training(cfg, tracking_uri=tracking_uri, prepared=True)
     _quiet_ray()
     result = {"run_id": outcome.run_id, "name": outcome.name, "checkpoint": outcome.checkpoint,
               "resumed": outcome.resumed, **outcome.metrics}
@@ -56,13 +84,13 @@ def cmd_train(args) -> int:
         emit_json(result, default=str)
     else:
         for key, value in result.items():
-            print(f"{key:>16}: {value}")
+            print(f"{key:>16}: {value}", file=CONSOLE.terminal_out)
     return 0
 
 
 def cmd_tune(args) -> int:
-    from .search_space import load_spec
-    from .tune import default_space_file, run_sweep, sweep_name
+    from .search_space import default_space_file, load_spec
+    from .train import check_sweep
 
     if args.preset not in (None, "local"):
         raise ConfigError(f"--preset {args.preset}: tune runs a space file, whose `preset:` is the trials' base "
@@ -76,6 +104,9 @@ def cmd_tune(args) -> int:
     spec = load_spec(space, extra or None)  # validated before Ray starts, --set values at every corner
     if spec.task != args.task:
         raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
+    check_sweep(spec, space_name=str(space), tracking_uri=args.tracking_uri, storage=args.storage)  # before Ray
+    from .tune import run_spec, sweep_name  # MLflow and torch: seconds to import, so after the checks
+
     if args.resume:
         from ray import tune
 
@@ -85,12 +116,25 @@ def cmd_tune(args) -> int:
         path = f"{(args.storage or default_storage_path()).rstrip('/')}/{name}"
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"--resume: no sweep to resume at {path}")
-    outcome = run_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage,
-                        name=args.name, extra_fixed=extra or None)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    name = args.name or sweep_name(spec, space)
+    args.resume_hint = "trials stopped, their checkpoints kept; run the same command again to resume"
+    if not args.verbose:
+        CONSOLE.quiet(_log_file(args.storage, name))
+    outcome = run_spec(spec, space_text=space.read_text(), space_name=space.name, name=name,
+                       tracking_uri=tracking_uri, storage=args.storage, checked=True,
+                       progress=True if args.verbose else CONSOLE.terminal_err)
     _quiet_ray()
     if args.json:
         emit_json({"sweep": outcome.name, "parent_run_id": outcome.parent_run_id,
-                   "restored": outcome.restored, "trials": outcome.trials})
+                   "restored": outcome.restored, "trials": outcome.trials, "failed": outcome.failed})
+    else:
+        print(outcome.summary, file=CONSOLE.terminal_out)
+    if outcome.failed:
+        where = f"; the log: {CONSOLE.log_path}" if CONSOLE.log_path else ""
+        CONSOLE.note(f"{outcome.failed} of {outcome.trials} trials failed (the tag raydllm.error of their MLflow "
+                     f"runs says why{where})")
+        return 1
     return 0
 
 
@@ -160,8 +204,8 @@ def emit_json(result, **dumps_kwargs) -> None:
     """One JSON line on the real stdout (the result of a --json command)."""
     line = json.dumps(result, **dumps_kwargs) + "\n"
     if _RESULT_FD is None:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        CONSOLE.terminal_out.write(line)
+        CONSOLE.terminal_out.flush()
     else:
         os.write(_RESULT_FD, line.encode())
 
@@ -259,7 +303,10 @@ def _add_eval_command(subparsers) -> None:
 
 # -- raydllm pretrain -------------------------------------------------------------------------------------
 def cmd_pretrain(args) -> int:
-    from .pretrain import base_key, base_path, build_base, pretrain_tiny, save_weights
+    from .pretrain import DEFAULT_SEED, DEFAULT_STEPS, base_key, base_path, build_base, pretrain_tiny, save_weights
+
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.seed = DEFAULT_SEED if args.seed is None else args.seed
 
     cfg = load_config("gsm8k", args.preset, [f"model.{kv}" if not kv.startswith("model.") else kv
                                              for kv in args.overrides])
@@ -290,12 +337,12 @@ def cmd_pretrain(args) -> int:
 
 
 def _add_pretrain_command(subparsers) -> None:
-    from .pretrain import DEFAULT_SEED, DEFAULT_STEPS
-
+    # The defaults are pretrain's, filled in by cmd_pretrain: importing it (torch, transformers) takes seconds,
+    # which every command would pay while its parser is built.
     p = subparsers.add_parser("pretrain", help="pretrain the embedded tiny model offline (the model.init=pretrained "
                                                "base; cached in ~/.cache/raydllm)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: those of the shipped base)")
+    p.add_argument("--seed", type=int, help="seed (default: that of the shipped base)")
     p.add_argument("--out", help="write the weights here instead of the cache (use with --set model.init=PATH)")
     p.add_argument("--preset", default="local", help="preset whose model shape to pretrain (default: local)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -343,7 +390,7 @@ def cmd_bench(args) -> int:
 def _cmd_bench_sweep(args) -> int:
     """`raydllm bench sweep`: bench.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
     from .bench import bench_sweep
-    from .tune import default_space_file
+    from .search_space import default_space_file
 
     space = args.space or default_space_file("bench-sweep")
     result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
@@ -482,21 +529,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(sub)
     _add_pretrain_command(sub)
     _add_bench_command(sub)
+    for command in sub.choices.values():  # `raydllm tune gsm8k -v` as well as `raydllm -v tune gsm8k`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show Ray's, DeepSpeed's and MLflow's output instead of writing it to the log file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS", "x").strip():  # an empty RAY_ADDRESS means no cluster, as if unset
+        del os.environ["RAY_ADDRESS"]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warnings.simplefilter("default" if args.verbose else "ignore", DeprecationWarning)
+    CONSOLE.show_warnings()
     try:
-        with json_stdout(getattr(args, "json", False)):
+        # Quiet commands (train, tune) print results through CONSOLE; json_stdout serves the others and -v.
+        with json_stdout(getattr(args, "json", False) and (args.verbose or args.command not in ("train", "tune"))):
             return args.func(args)
-    except USER_ERRORS as exc:
-        print(f"raydllm: error: {exc}", file=sys.stderr)
+    except user_errors() as exc:
+        CONSOLE.terminal_err.write(f"raydllm: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        CONSOLE.terminal_err.write(f"\nraydllm: interrupted; {getattr(args, 'resume_hint', 'nothing was saved')}\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - quiet: one line here, the traceback in the log file
+        if CONSOLE.log_path is None:
+            raise
+        traceback.print_exc()
+        last = [line for line in str(exc).splitlines() if line.strip()]
+        CONSOLE.terminal_err.write(f"raydllm: error: {type(exc).__name__}: {last[-1][:300] if last else ''} "
+                                   f"(the traceback is in {CONSOLE.log_path})\n")
+        return 1
+    finally:
+        if CONSOLE.log_path is not None:
+            _quiet_ray()  # before the terminal is back: Ray's last words go to the log
+        CONSOLE.restore()
 
 
 if __name__ == "__main__":

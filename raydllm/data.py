@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from .config import Config
 from .tasks import Example, get_task
@@ -65,6 +64,31 @@ def load_examples(cfg: Config, split: str) -> list[Example]:
     return examples[:limit] if limit else examples
 
 
+def with_absolute_data_path(cfg: Config) -> Config:
+    """cfg with a relative local data.path made absolute here, on the driver: a Ray worker resolves paths in its
+    own working directory, where a relative path names nothing."""
+    path = cfg.data.path
+    if cfg.data.source != "local" or not path or "://" in path or Path(path).is_absolute():
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(path).resolve())})})
+
+
+def check_data(cfg: Config) -> int | None:
+    """Read the training rows on the driver through the task's own reader, before Ray starts: an unknown task,
+    a missing file, a broken line or a row without its answer is one DataError naming the file and line, in
+    seconds instead of a worker traceback minutes later. Hub data is left to the workers (only the task name is
+    checked here): a driver may have no network, and a data set's download is the workers' to make.
+    Returns the number of training examples (None for hub data)."""
+    if cfg.data.source == "hub":
+        get_task(cfg.task)
+        return None
+    examples = load_examples(cfg, "train")
+    if not examples:
+        from .tasks.base import DataError
+        raise DataError(f"data: no training examples for task {cfg.task!r} in {cfg.data.path or cfg.data.source}")
+    return len(examples)
+
+
 def tokenize_sft(examples: list[Example], tokenizer, task, *, max_prompt_tokens: int, answer_tokens: int,
                  eos_id: int) -> list[SftRecord]:
     """Tokenize (prompt, answer) pairs; prompts keep their last max_prompt_tokens (the cue to answer)."""
@@ -80,12 +104,15 @@ def tokenize_sft(examples: list[Example], tokenizer, task, *, max_prompt_tokens:
         records.append(SftRecord(prompt[-max_prompt_tokens:] if max_prompt_tokens else [],
                                  answer + [eos_id] * (answer_tokens - len(answer))))
     if cut:  # a cut answer teaches the model to stop early (e.g. before GSM8K's final `#### n`)
-        log.warning("data.answer_tokens=%d cuts %d of %d answers (longest: %d tokens + EOS)", answer_tokens, cut,
-                    len(records), longest)
+        # "[raydllm]": a line the driver's quiet terminal shows when a Ray worker prints it (raydllm.console).
+        log.warning("[raydllm] warning: data.answer_tokens=%d cuts %d of %d answers (longest: %d tokens + EOS)",
+                    answer_tokens, cut, len(records), longest)
     return records
 
 
 def collate(records: list[SftRecord], pad_id: int) -> Batch:
+    import torch  # here, not at the top: the driver's data check (check_data) runs before torch is needed
+
     prompt_len = max(len(r.prompt_ids) for r in records)
     answer_len = max(len(r.answer_ids) for r in records)
     length = prompt_len + answer_len
@@ -102,6 +129,8 @@ def collate(records: list[SftRecord], pad_id: int) -> Batch:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    import torch
+
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator)
 

@@ -160,7 +160,12 @@ def load_spec(path: str | Path, extra_fixed: dict[str, Any] | None = None) -> Sw
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if context is not None and mark is not None and context.line != mark.line:
+            problem += f", {exc.context} that starts on line {context.line + 1}"
+        raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if extra_fixed:
@@ -232,8 +237,11 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
         raise ConfigError(f"{path}: scheduler.max_t: required when fixed train.max_steps is not set")
     for key, dist in spec.space.items():
         for value in dist.support:
+            # A searched t_low is judged against the file's t_high range (its top), not the preset's t_high,
+            # and the other way round; the ranges themselves are compared below.
+            point = {key: value} | _widest_partner(spec, key)
             try:
-                validate(deep_merge(base_raw(spec), _nest({key: value})))
+                validate(deep_merge(base_raw(spec), _nest(point)))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: space.{key}: {exc}") from None
     low = _support(spec, base, "jepa.t_low", lambda c: c.jepa.t_low)
@@ -247,6 +255,17 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
         warnings.warn(f"{path}: scheduler.grace_period={spec.scheduler.grace_period} ends inside the learning-rate "
                       f"warm-up ({warmup} steps): ASHA would judge trials before they reach their learning rate",
                       stacklevel=2)
+
+
+def _widest_partner(spec: SweepSpec, key: str) -> dict[str, Any]:
+    """For a searched jepa.t_low (t_high): the searched t_high (t_low) value that leaves it the most room."""
+    partner = {"jepa.t_low": "jepa.t_high", "jepa.t_high": "jepa.t_low"}.get(key)
+    if partner not in spec.space:
+        return {}
+    values = [v for v in spec.space[partner].support if isinstance(v, (int, float))]
+    if not values:
+        return {}
+    return {partner: max(values) if partner == "jepa.t_high" else min(values)}
 
 
 def _support(spec: SweepSpec, base: Config, key: str, read) -> list[float]:
@@ -298,3 +317,15 @@ def config_key(spec: SweepSpec, sampled: dict[str, Any]) -> str:
     """A stable id for a config apart from its seed: trials with the same key are seed repeats."""
     values = {k: v for k, v in sorted(sampled.items()) if "." in k and k != "train.seed"}
     return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def default_space_file(task: str) -> Path:
+    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package (package
+    data: raydllm/search_spaces links to the checkout's search_spaces/ and is copied into the wheel)."""
+    local = Path("search_spaces") / f"{task}.yaml"
+    if local.exists():
+        return local
+    packaged = Path(__file__).resolve().parent / "search_spaces" / f"{task}.yaml"
+    if packaged.exists():
+        return packaged
+    raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")

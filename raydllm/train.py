@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
-from .pretrain import prepare_base
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,47 @@ def check_storage(storage: str) -> None:
     free = shutil.disk_usage(path).free
     if free < 1 << 30:
         raise ConfigError(f"--storage {storage}: only {free / 2**20:.0f} MiB free; checkpoints need more")
+
+
+def starts_local_cluster() -> bool:
+    """True when this command will start a Ray cluster on this machine: no RAY_ADDRESS to join (the CLI treats
+    an empty one as unset) and no autoscaler to add nodes."""
+    return not os.environ.get("RAY_ADDRESS") and os.environ.get("RAYDLLM_AUTOSCALING") != "1"
+
+
+def local_gpus() -> int:
+    """GPUs on this machine, without importing torch (seconds) when there is no GPU device at all."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and not Path("/dev/kfd").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def local_shortfall(workers: int, cpus_per_worker: float, use_gpu: bool, custom: dict[str, float]) -> str | None:
+    """What a run needs that this machine can never give a local Ray cluster (None if it fits), checked before
+    Ray starts: Ray would otherwise wait for the resources (Train retries the worker group start for minutes)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    need_cpus = workers * cpus_per_worker
+    gpus = local_gpus() if use_gpu else 0
+    short = []
+    if use_gpu and workers > gpus:
+        short.append(f"{workers} GPUs")
+    if need_cpus > cpus:
+        short.append(f"{need_cpus:g} CPUs ({workers} workers x {cpus_per_worker:g})")
+    if custom:
+        short.append(f"the custom resources {', '.join(sorted(custom))} (a cluster's node types define them)")
+    if not short:
+        return None
+    return f"needs {' and '.join(short)}, but this machine has {gpus} GPUs and {cpus} CPUs"
+
+
+def local_resources_hint(kind: str, model: str, workers: int, use_gpu: bool) -> str:
+    """What to do instead, for the error message of a run (`kind`: run / sweep) this machine cannot hold."""
+    if use_gpu:
+        return (f"this is the {workers}-GPU {model.split('/')[-1]} {kind}: run it on a Ray cluster (set RAY_ADDRESS; "
+                f"README 'On a Ray cluster'), or use --preset local on this machine")
+    return f"lower the workers or CPUs per worker, or run the {kind} on a Ray cluster (set RAY_ADDRESS)"
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -155,27 +195,71 @@ class TrainOutcome:
     resumed: bool
 
 
-def run_training(cfg: Config, *, tracking_uri: str) -> TrainOutcome:
-    """One training run logged as one MLflow run; re-running with the same run.name resumes both."""
-    from . import tracking
+def check_before_ray(cfg: Config, *, kind: str, field: str, tracking_uri: str | None, storage: str | None) -> None:
+    """Everything about a run (kind "run") or every trial of a sweep (kind "sweep", cfg its base config) that can
+    be checked before Ray starts, cheapest first, each failure one line (ConfigError / DataError / TrackingError):
+    what it needs against this machine when it will start a local cluster (a cluster's own resources are checked
+    once Ray is up), the task and its data (read through the task's own reader here), storage, tracking store."""
+    from .data import check_data
 
-    tracking.check_tracking(tracking_uri)
+    train = cfg.train
+    if starts_local_cluster():
+        shortfall = local_shortfall(train.workers, train.cpus_per_worker, train.use_gpu is True,
+                                    train.extra_resources)
+        if shortfall:
+            raise ConfigError(f"{field}: a {'trial' if kind == 'sweep' else kind} {shortfall}; "
+                              + local_resources_hint(kind, cfg.model.name, train.workers, train.use_gpu is True))
+    check_data(cfg)
+    check_storage(storage or default_storage_path())
+    from . import tracking  # MLflow: seconds to import, so after the checks that do not need it
+
+    tracking.check_tracking(tracking.resolve_tracking_uri(tracking_uri))
+
+
+def check_sweep(spec, *, space_name: str, tracking_uri: str | None, storage: str | None = None) -> None:
+    """check_before_ray for a sweep (a search_space.SweepSpec): its trials' base config and resources."""
+    from .config import validate
+    from .search_space import base_raw
+
+    check_before_ray(validate(base_raw(spec)), kind="sweep", field=f"{space_name}: resources",
+                     tracking_uri=tracking_uri, storage=storage)
+
+
+def prepare_training(cfg: Config, *, tracking_uri: str | None) -> Config:
+    """check_before_ray for one run, its relative data.path resolved here (a Ray worker would resolve it in its
+    own working directory). Returns cfg with its run name fixed and its data path absolute."""
+    from .data import with_absolute_data_path
+
+    cfg = with_absolute_data_path(cfg)
+    check_before_ray(cfg, kind="run", field="train.workers", tracking_uri=tracking_uri, storage=cfg.run.storage_path)
     name = cfg.run.name or f"train-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+
+
+def run_training(cfg: Config, *, tracking_uri: str, prepared: bool = False) -> TrainOutcome:
+    """One training run logged as one MLflow run; re-running with the same run.name resumes both.
+    `prepared`: cfg came from `prepare_training` (the CLI checks before it quiets the terminal)."""
+    from . import tracking
+    from .pretrain import prepare_base
+
+    if not prepared:
+        cfg = prepare_training(cfg, tracking_uri=tracking_uri)
+    name = cfg.run.name
     storage = cfg.run.storage_path or default_storage_path()
-    check_storage(storage)
     run_id, resumed = tracking.open_run(tracking_uri, tracking.experiment_name(cfg.task), key="raydllm.run_name",
                                         name=name, params=cfg.flat(),
                                         tags={"raydllm.kind": "train", **tracking.environment_tags()})
-    prepare_base(cfg.model)
-    ensure_ray()
-    warm_deepspeed_ops()
-    trainer = build_trainer(cfg, name=name, storage_path=storage,
-                            tracking={"tracking_uri": tracking_uri, "run_id": run_id},
-                            callbacks=[progress_callback(cfg.train.max_steps)])
-    try:
+    try:  # from here on, a run that stops for any reason is closed FAILED (KILLED on Ctrl-C), never left RUNNING
+        prepare_base(cfg.model)
+        ensure_ray()
+        warm_deepspeed_ops()
+        trainer = build_trainer(cfg, name=name, storage_path=storage,
+                                tracking={"tracking_uri": tracking_uri, "run_id": run_id},
+                                callbacks=[progress_callback(cfg.train.max_steps)])
         result = trainer.fit()
     except BaseException as exc:
-        tracking.finish_run(tracking_uri, run_id, "FAILED", {"raydllm.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracking.finish_run(tracking_uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                            {"raydllm.error": f"{type(exc).__name__}: {exc}"[:5000]})
         raise
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     # `raydllm eval <run id>` finds the weights through this tag.

@@ -14,11 +14,15 @@ Pattern (Ray Train V2): each Tune trial is a function trainable that builds the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +38,6 @@ from .search_space import (GRID_POINT, SweepSpec, baseline_point, config_key, fl
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
-
-
-def default_space_file(task: str) -> Path:
-    """search_spaces/<task>.yaml in the working directory, else the copy installed with the package (package
-    data: raydllm/search_spaces links to the checkout's search_spaces/ and is copied into the wheel)."""
-    local = Path("search_spaces") / f"{task}.yaml"
-    if local.exists():
-        return local
-    packaged = Path(__file__).resolve().parent / "search_spaces" / f"{task}.yaml"
-    if packaged.exists():
-        return packaged
-    raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")
 
 
 # -- inside a trial (a Tune actor) -----------------------------------------------------------------------
@@ -196,39 +188,106 @@ def _trial_error(trial) -> str:
 
 
 class SweepProgress:
-    """One status line instead of Ray's scrolling table: trial counts and the best config so far."""
+    """The live view of one phase of a sweep, in place of Ray's scrolling table: trials by state, the best
+    result so far of each arm (DLLM-JEPA, and the lambda = 0 baseline), elapsed time and an estimate of what is
+    left. On a terminal one line redrawn in place; otherwise (a file, a pipe) a plain line whenever a trial
+    ends, and at most once a minute when only the rest has moved."""
 
-    def __init__(self, metric: str, mode: str, keys: list[str], total: int, max_t: int):
+    QUIET_S = 60.0  # a non-terminal stream gets a line per ended trial, else at most one per this many seconds
+
+    def __init__(self, metric: str, mode: str, keys: list[str], total: int, max_t: int, *, phase: str = "search",
+                 stream=None):
         self.metric, self.mode, self.keys, self.total, self.max_t = metric, mode, keys, total, max_t
-        self.best: tuple[float, str, dict] | None = None
+        self.phase = phase
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.best: dict[str, tuple[float, dict]] = {}  # arm -> (value, searched params)
         self.started = time.time()
-        self.last_line = ""
+        self.last_states: tuple | None = None
+        self.last_written = 0.0
+        self.drawn = False
+
+    def __getstate__(self):  # Tune pickles the hooks with the sweep; a stream does not pickle
+        return {**self.__dict__, "stream": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.stream = sys.stderr
+
+    def _better(self, value: float, arm: str) -> bool:
+        if arm not in self.best:
+            return True
+        return value < self.best[arm][0] if self.mode == "min" else value > self.best[arm][0]
 
     def update(self, trials, trial=None, result=None) -> None:
         if result is not None and self.metric in result:
-            value = float(result[self.metric])
-            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
-            if better:
-                config = flatten_trial_config(trial.config)
-                self.best = (value, trial.trial_id, {k: config.get(k) for k in self.keys})
-        counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
-        stopped = 0
+            config = flatten_trial_config(trial.config)
+            arm = "baseline" if float(config.get("jepa.lambda", 1.0)) == 0 else "jepa"
+            if self._better(float(result[self.metric]), arm):
+                self.best[arm] = (float(result[self.metric]), {k: config.get(k) for k in self.keys})
+        states, fraction = self._states(trials)
+        now = time.time()
+        # A terminal is redrawn on any change (at most once a second for the clock); a file gets a line when a
+        # trial ends, so a sweep's log is about one line per trial.
+        key = states if self.tty else states[2:5]
+        changed = key != self.last_states
+        if not changed and now - self.last_written < (1.0 if self.tty else self.QUIET_S):
+            return
+        self.last_states, self.last_written = key, now
+        line = self.line(states, fraction, now - self.started)
+        if self.tty:
+            width = shutil.get_terminal_size((120, 20)).columns
+            self.stream.write("\r" + line[:width - 1] + "\x1b[K")
+            self.drawn = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _states(self, trials) -> tuple[tuple, float]:
+        """(running, pending, done, stopped early, failed), and the share of the phase's work done: a finished
+        trial counts whole, a running one by its step."""
+        running = pending = done = stopped = failed = 0
+        work = 0.0
         for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + 1
-            if t.status == "TERMINATED" and (t.last_result or {}).get("step", 0) < self.max_t:
-                stopped += 1
+            step = int((t.last_result or {}).get("step", 0))
+            if t.status == "RUNNING":
+                running += 1
+                work += min(step / self.max_t, 1.0)
+            elif t.status == "TERMINATED":
+                done, stopped = (done + 1, stopped) if step >= self.max_t else (done, stopped + 1)
+                work += 1
+            elif t.status == "ERROR":
+                failed += 1
+                work += 1
+            else:
+                pending += 1
+        total = max(self.total, len(trials), 1)
+        return (running, pending, done, stopped, failed, len(trials)), work / total
+
+    def line(self, states: tuple, fraction: float, elapsed: float) -> str:
+        running, pending, done, stopped, failed, seen = states
         of = f"/{self.total}" if self.total else ""
-        line = (f"[{time.time() - self.started:6.0f}s] trials {len(trials)}{of}: "
-                f"{counts['RUNNING']} running, {counts['PENDING']} pending, {counts['TERMINATED'] - stopped} done, "
-                f"{stopped} stopped early, {counts['ERROR']} failed")
-        if self.best:
-            params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in self.best[2].items())
-            line += f" | best {self.metric}={self.best[0]:.4f} ({params})"
-        if line != self.last_line:
-            end = "\r" if sys.stdout.isatty() else "\n"
-            sys.stdout.write(line + end)
-            sys.stdout.flush()
-            self.last_line = line
+        line = (f"[{self.phase} {_duration(elapsed)}] trials {seen}{of}: {running} running, {pending} pending, "
+                f"{done} done, {stopped} stopped early, {failed} failed")
+        for arm in ("jepa", "baseline"):
+            if arm in self.best:
+                value, params = self.best[arm]
+                shown = "" if arm == "baseline" else " (" + " ".join(
+                    f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items()) + ")"
+                line += f" | best {arm} {self.metric} {value:.4f}{shown}"
+        if 0.02 < fraction < 1:
+            line += f" | ~{_duration(elapsed * (1 - fraction) / fraction)} left"
+        return line
+
+    def close(self) -> None:
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _short(value) -> str:
@@ -239,21 +298,33 @@ def _callbacks(status: TrialStatusCallback, progress: SweepProgress | None):
     from ray.tune import Callback
 
     class SweepHooks(Callback):
-        """Tune's driver-side hooks -> MLflow trial status and the progress line."""
+        """Tune's driver-side hooks -> MLflow trial status and the progress view. Tune pickles them with the
+        sweep; a restored sweep swaps in the progress view of the process that restores it."""
+
+        def __init__(self):
+            self.status, self.progress = status, progress
+
+        def on_step_end(self, iteration, trials, **info):  # keeps the elapsed time and estimate moving
+            if self.progress:
+                self.progress.update(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.progress:
+                self.progress.update(trials)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if progress:
-                progress.update(trials, trial, result)
+            if self.progress:
+                self.progress.update(trials, trial, result)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            status.complete(trial)
-            if progress:
-                progress.update(trials)
+            self.status.complete(trial)
+            if self.progress:
+                self.progress.update(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            status.error(trial)
-            if progress:
-                progress.update(trials)
+            self.status.error(trial)
+            if self.progress:
+                self.progress.update(trials)
 
     return [SweepHooks()]
 
@@ -306,6 +377,8 @@ class SweepOutcome:
     parent_run_id: str
     restored: bool
     trials: int
+    failed: int = 0  # trials whose MLflow status is failed (the CLI exits non-zero when there are any)
+    summary: str = ""  # the final table (the CLI prints it)
 
 
 def sweep_name(spec: SweepSpec, space_file: Path) -> str:
@@ -313,33 +386,29 @@ def sweep_name(spec: SweepSpec, space_file: Path) -> str:
 
 
 def run_sweep(space_file: str | Path, *, tracking_uri: str, storage: str | None = None, name: str | None = None,
-              progress: bool = True, extra_fixed: dict[str, Any] | None = None) -> SweepOutcome:
-    """Run (or resume) the sweep in `space_file`. Re-running the same command resumes the same sweep."""
+              progress: bool | Any = True, extra_fixed: dict[str, Any] | None = None,
+              checked: bool = False) -> SweepOutcome:
+    """Run (or resume) the sweep in `space_file`. Re-running the same command resumes the same sweep.
+    `progress`: show the live view (True: on stderr; or the stream to draw it on)."""
     space_file = Path(space_file)
     spec = load_spec(space_file, extra_fixed)
     return run_spec(spec, space_text=space_file.read_text(), space_name=space_file.name,
                     name=name or sweep_name(spec, space_file), tracking_uri=tracking_uri, storage=storage,
-                    progress=progress)
+                    progress=progress, checked=checked)
 
 
 def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tracking_uri: str,
-             storage: str | None = None, progress: bool = True) -> SweepOutcome:
-    """Run (or resume) a validated sweep."""
-    from .train import check_storage, default_storage_path, warm_deepspeed_ops
+             storage: str | None = None, progress: bool | Any = True, checked: bool = False) -> SweepOutcome:
+    """Run (or resume) a validated sweep. Everything is checked and Ray is up before the MLflow parent run opens;
+    once it is open, a sweep that stops early leaves it FAILED (KILLED on Ctrl-C), never RUNNING.
+    `checked`: train.check_sweep already ran (the CLI checks before it quiets the terminal)."""
+    from .train import check_sweep, default_storage_path, warm_deepspeed_ops
 
     # Tune's own console output is replaced by SweepProgress (a line per change) and the final table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage = storage or default_storage_path()
-    tracking.check_tracking(tracking_uri)
-    check_storage(storage)
-    experiment = tracking.experiment_name(spec.task)
-    parent_run_id, _ = tracking.open_run(
-        tracking_uri, experiment, key="raydllm.sweep", name=name,
-        params={"space_file": space_name, "num_samples": spec.num_samples,
-                "max_concurrent_trials": spec.max_concurrent_trials},
-        tags={"raydllm.kind": "sweep", "raydllm.metric": spec.metric, "raydllm.mode": spec.mode,
-              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **tracking.environment_tags()})
-    MlflowClient(tracking_uri).log_text(parent_run_id, space_text, f"space/{space_name}")
+    if not checked:
+        check_sweep(spec, space_name=space_name, tracking_uri=tracking_uri, storage=storage)
 
     from .search_space import base_raw
     from .config import validate
@@ -347,33 +416,100 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
 
     prepare_base(validate(base_raw(spec)).model)
     ensure_ray_for_sweep(spec)
-    warm_deepspeed_ops()
-    common = dict(spec=spec, storage=storage, tracking_uri=tracking_uri, experiment=experiment,
-                  parent_run_id=parent_run_id, progress=progress)
-    restored = _fit_phase(name=name, phase="search", param_space=param_space(spec),
+    experiment = tracking.experiment_name(spec.task)
+    parent_run_id, _ = tracking.open_run(
+        tracking_uri, experiment, key="raydllm.sweep", name=name,
+        params={"space_file": space_name, "num_samples": spec.num_samples,
+                "max_concurrent_trials": spec.max_concurrent_trials},
+        tags={"raydllm.kind": "sweep", "raydllm.metric": spec.metric, "raydllm.mode": spec.mode,
+              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **tracking.environment_tags()})
+    try:
+        MlflowClient(tracking_uri).log_text(parent_run_id, space_text, f"space/{space_name}")
+        warm_deepspeed_ops()
+        restored = _run_phases(spec, name=name, storage=storage, tracking_uri=tracking_uri, experiment=experiment,
+                               parent_run_id=parent_run_id, progress=progress)
+    except BaseException as exc:
+        _close_stopped_sweep(tracking_uri, parent_run_id, exc)
+        raise
+    client = MlflowClient(tracking_uri)
+    trials = trial_runs(client, client.get_run(parent_run_id))
+    failed = sum(run.data.tags.get("raydllm.status") == "failed" for run in trials)
+    tracking.finish_run(tracking_uri, parent_run_id, "FINISHED", {"raydllm.failed_trials": str(failed)})
+    summary = _log_summary(spec, tracking_uri, parent_run_id, name)
+    return SweepOutcome(name=name, parent_run_id=parent_run_id, restored=restored, trials=len(trials),
+                        failed=failed, summary=summary)
+
+
+def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
+    """The search phase, then the pinned baseline (under Optuna) and the seed repeats: True if restored."""
+    restored = _fit_phase(spec=spec, name=name, phase="search", param_space=param_space(spec),
                           asha=spec.scheduler.type == "asha", search=True, **common)
     if spec.baseline and spec.search.algorithm == "optuna":
         # Optuna cannot warm-start from a point outside its space (lambda = 0 is not among the searched
         # lambdas): the pinned baseline runs as its own one-trial phase, to max_t.
-        _fit_phase(name=f"{name}-baseline", phase="baseline", asha=False, search=False, **common,
+        _fit_phase(spec=spec, name=f"{name}-baseline", phase="baseline", asha=False, search=False, **common,
                    param_space={**baseline_point(spec), "train.seed": spec.seeds[0]})
     if spec.repeat.top and len(spec.seeds) > 1:
-        report = best_configs(spec.task, tracking_uri=tracking_uri, top=spec.repeat.top, sweep=name)
+        report = best_configs(spec.task, tracking_uri=common["tracking_uri"], top=spec.repeat.top, sweep=name)
         points = [r["params"] for r in report["best"]] + ([report["baseline"]["params"]]
                                                            if report["baseline"] else [])
         from ray import tune
 
-        _fit_phase(name=f"{name}-repeat", phase="repeat", asha=False, search=False, **common,
+        _fit_phase(spec=spec, name=f"{name}-repeat", phase="repeat", asha=False, search=False, **common,
                    param_space={GRID_POINT: tune.grid_search(points), "train.seed": tune.grid_search(spec.seeds[1:])})
-    tracking.finish_run(tracking_uri, parent_run_id, "FINISHED")
-    _log_summary(spec, tracking_uri, parent_run_id, name)
-    return SweepOutcome(name=name, parent_run_id=parent_run_id, restored=restored,
-                        trials=len(trial_runs(MlflowClient(tracking_uri), MlflowClient(tracking_uri).get_run(
-                            parent_run_id))))
+    return restored
+
+
+def _close_stopped_sweep(tracking_uri: str, parent_run_id: str, exc: BaseException) -> None:
+    """A sweep that stopped early: its parent run, and trial runs left running, end KILLED (Ctrl-C: re-running
+    the command resumes them) or FAILED; none stays RUNNING."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    reason = "interrupted" if status == "KILLED" else f"{type(exc).__name__}: {exc}"[:5000]
+    try:
+        client = MlflowClient(tracking_uri)
+        for run in trial_runs(client, client.get_run(parent_run_id)):
+            if run.info.status == "RUNNING":
+                tracking.finish_run(tracking_uri, run.info.run_id, "KILLED")
+        tracking.finish_run(tracking_uri, parent_run_id, status, {"raydllm.error": reason})
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        log.exception("could not close MLflow run %s", parent_run_id)
+
+
+@contextlib.contextmanager
+def _sigint_stops_tune():
+    """Ctrl-C during `tuner.fit()`: Tune stops the trials and saves its state (their checkpoints stay), and the
+    sweep then ends as interrupted (KeyboardInterrupt) instead of moving on to its next phase, as Tune's own
+    handler would let it. The first Ctrl-C goes to Tune's SIGUSR1 hook, which does what its SIGINT hook does;
+    a second one (or one before Tune has set up) stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield threading.Event()
+        return
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        tune_hook = signal.getsignal(signal.SIGUSR1)  # set by tune.run (ray/tune/tune.py) for this fit
+        if interrupted.is_set() or getattr(tune_hook, "__name__", "") != "signal_interrupt_tune_run":
+            raise KeyboardInterrupt
+        interrupted.set()
+        tune_hook(signal.SIGUSR1, frame)
+
+    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_usr1 = signal.getsignal(signal.SIGUSR1)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)  # Tune's hook belongs to the fit that just ended
+        if previous_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
 def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, search: bool, storage: str,
-               tracking_uri: str, experiment: str, parent_run_id: str, progress: bool) -> bool:
+               tracking_uri: str, experiment: str, parent_run_id: str, progress: bool | Any) -> bool:
     """Run one Tuner (or restore it if its folder exists): True if it was restored."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -385,17 +521,22 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                              parent_run_id=parent_run_id, train_storage=train_storage, phase=phase),
         _trial_resources())
     path = f"{storage.rstrip('/')}/{name}"
+    # The pinned baseline is one of the num_samples; Tune runs num_samples x every grid combination.
+    total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
+        if search else None
+    reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps, phase=phase,
+                             stream=None if progress is True else progress) if progress else None
     if tune.Tuner.can_restore(path):
+        # A restored Tuner keeps the callbacks it was created with; the progress view of this process joins them.
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
+        for hooks in tuner._local_tuner.get_run_config().callbacks or []:
+            if hasattr(hooks, "progress"):
+                hooks.progress = reporter
         restored = True
     else:
         status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
                                      spec.scheduler.reduction_factor, train_storage=train_storage)
-        # The pinned baseline is one of the num_samples; Tune runs num_samples x every grid combination.
-        total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
-            if search else None
-        reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps) if progress else None
         scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
                                    reduction_factor=spec.scheduler.reduction_factor) if asha else FIFOScheduler())
         tuner = tune.Tuner(
@@ -410,23 +551,28 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                 name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
         restored = False
-    tuner.fit()
+    try:
+        with _sigint_stops_tune() as interrupted:
+            tuner.fit()
+    finally:
+        if reporter:
+            reporter.close()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     if not restored:
         for trial_id in status.stopped:  # a stopped trial's worker may have saved once more after the decision
             status.delete_stopped(trial_id)
-    if progress:
-        sys.stdout.write("\n")
     return restored
 
 
-def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: str) -> None:
-    """The final table on stdout and, as artifacts of the parent run, the table, JSON and a plot."""
+def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: str) -> str:
+    """The final table (returned; the CLI prints it) and, as artifacts of the parent run, the table, JSON and a
+    plot."""
     import tempfile
 
     client = MlflowClient(tracking_uri)
     report = best_configs(spec.task, tracking_uri=tracking_uri, top=10, sweep=name)
     table = format_table(report)
-    print(table)
     client.log_text(parent_run_id, table, "summary/best.txt")
     client.log_dict(parent_run_id, report, "summary/best.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -434,6 +580,7 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
                           Path(tmp) / "metric_vs_params.png")
         if plot:
             client.log_artifact(parent_run_id, str(plot), "summary")
+    return table
 
 
 def _search_alg(spec: SweepSpec):

@@ -129,7 +129,7 @@ def test_tune_flags_refused_before_ray_starts(argv, message, capsys, monkeypatch
 
 
 def test_default_space_file_is_found_in_the_package(tmp_path, monkeypatch):
-    from raydllm.tune import default_space_file
+    from raydllm.search_space import default_space_file
 
     monkeypatch.chdir(tmp_path)  # no search_spaces/ here: the copy that travels with the package
     path = default_space_file("gsm8k")

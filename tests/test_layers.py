@@ -29,7 +29,7 @@ LAYER_OF = {
     "tracking": "runs and sweeps", "train": "runs and sweeps", "search_space": "runs and sweeps",
     "tune": "runs and sweeps", "results": "runs and sweeps", "cluster": "runs and sweeps",
     # command line and benchmarks
-    "cli": "top", "bench": "top",
+    "cli": "top", "bench": "top", "console": "top",
 }
 # Libraries the core never imports: it must run (and be tested) without any of them.
 CORE_FORBIDDEN = ("ray", "deepspeed", "mlflow")

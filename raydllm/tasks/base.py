@@ -74,6 +74,31 @@ def first_answer_line(generation: str, cue: str) -> str:
     return ""
 
 
+def read_json_lines(path, fields: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file. A line that is not a JSON object, or a row without one of `fields`
+    (null counts as missing), is a DataError naming the file and line: `datasets` buries the line number
+    of a broken line in pyarrow's message."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            missing = [f for f in fields if row.get(f) is None]
+            if missing:
+                raise DataError(f"{path}: line {number}: no {', '.join(map(repr, missing))} field "
+                                f"(the row has {', '.join(map(repr, row)) or 'no fields'})")
+            rows.append(row)
+    return rows
+
+
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")

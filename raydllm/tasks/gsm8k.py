@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .base import DataError, Example, carve_validation, check_split
+from .base import DataError, Example, carve_validation, check_split, read_json_lines
 
 HUB_ID = "openai/gsm8k"
 _CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
@@ -46,10 +46,12 @@ def extract_answer(generation: str) -> str:
     return ""
 
 
-def _read_rows(path: Path, split: str) -> list[dict]:
-    """Rows of a local GSM8K copy: a folder with <split>.jsonl / <split>.parquet, or one file."""
-    from datasets import load_dataset
+FIELDS = ("question", "answer")
 
+
+def _read_rows(path: Path, split: str) -> list[dict]:
+    """Rows of a local GSM8K copy: a folder with <split>.jsonl / <split>.parquet, or one file. Every row is
+    checked: a row without its question or answer is a DataError naming the file and its line (or row)."""
     if path.is_dir():
         candidates = [path / f"{split}.jsonl", path / f"{split}.json", path / f"{split}.parquet"]
         found = next((c for c in candidates if c.exists()), None)
@@ -58,12 +60,23 @@ def _read_rows(path: Path, split: str) -> list[dict]:
         path = found
     elif not path.exists():
         raise DataError(f"--data {path}: no such file or folder")
-    builder = "parquet" if path.suffix == ".parquet" else "json"
-    rows = load_dataset(builder, data_files=str(path), split="train")
-    for field in ("question", "answer"):
-        if field not in rows.column_names:
-            raise DataError(f"{path}: missing field {field!r} (has {', '.join(rows.column_names)})")
-    return list(rows)
+    if path.suffix == ".jsonl":
+        rows = read_json_lines(path, FIELDS)
+        where = "line"
+    else:
+        from datasets import load_dataset
+
+        table = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+        for field in FIELDS:
+            if field not in table.column_names:
+                raise DataError(f"{path}: missing field {field!r} (has {', '.join(table.column_names)})")
+        rows, where = list(table), "row"
+    for number, row in enumerate(rows, 1):
+        for field in FIELDS:
+            if not isinstance(row[field], str):
+                raise DataError(f"{path}: {where} {number}: field {field!r} should be text, got "
+                                f"{type(row[field]).__name__}")
+    return rows
 
 
 def to_example(row: dict) -> Example:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from raydllm.tasks.base import DataError, Example, carve_validation, check_split
+from raydllm.tasks.base import DataError, Example, carve_validation, check_split, read_json_lines
 
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_UNITS = ("line", "paragraph")
@@ -83,13 +83,16 @@ class TextTask:
         return [Example(prompt="", answer=piece.strip()) for piece in pieces if piece.strip()]
 
     def _read_table(self, file: Path, builder: str) -> list[Example]:
+        wanted = [f for f in (self.prompt_field, self.answer_field) if f is not None]
+        if file.suffix.lower() == ".jsonl":  # read here: a broken line or a missing field is named by its line
+            return [Example(prompt=str(row[self.prompt_field]) if self.prompt_field is not None else "",
+                            answer=str(row[self.answer_field])) for row in read_json_lines(file, wanted)]
         import datasets  # heavy import, only needed for table files
 
         try:
             table = datasets.load_dataset(builder, data_files=str(file), split="train")
         except Exception as error:  # datasets raises many types for unreadable files
             raise DataError(f"text: cannot read {file} as {builder}: {error}") from error
-        wanted = [f for f in (self.prompt_field, self.answer_field) if f is not None]
         missing = [f for f in wanted if f not in table.column_names]
         if missing:
             raise DataError(f"text: {file} has no field(s) {', '.join(map(repr, missing))}; "
