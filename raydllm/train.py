@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,10 @@ def check_storage(storage: str) -> None:
 
 def starts_local_cluster() -> bool:
     """True when this command will start a Ray cluster on this machine: no RAY_ADDRESS to join (the CLI treats
-    an empty one as unset) and no autoscaler to add nodes."""
-    return not os.environ.get("RAY_ADDRESS") and os.environ.get("RAYDLLM_AUTOSCALING") != "1"
+    an empty one as unset) and no Ray this process is already connected to (a cluster whose node types the
+    sweep's own resource check reads)."""
+    ray = sys.modules.get("ray")
+    return not os.environ.get("RAY_ADDRESS") and not (ray is not None and ray.is_initialized())
 
 
 def local_gpus() -> int:
