@@ -309,6 +309,14 @@ def mmlu_subset(backbone, tokenizer, rows: Sequence[dict], *, max_prompt_tokens:
     return {"accuracy": correct / len(rows), "n": float(len(rows))}
 
 
+def mmlu_probe(base_backbone, ft_backbone, tokenizer, rows: Sequence[dict]) -> dict[str, float]:
+    """`probe/mmlu_*`: the fine-tuned model's accuracy on `rows`, the base's, their difference, and n."""
+    ft = mmlu_subset(ft_backbone, tokenizer, rows)
+    base = mmlu_subset(base_backbone, tokenizer, rows)
+    return {"probe/mmlu_accuracy": ft["accuracy"], "probe/mmlu_accuracy_base": base["accuracy"],
+            "probe/mmlu_delta": ft["accuracy"] - base["accuracy"], "probe/mmlu_n": ft["n"]}
+
+
 # -- everything, flat ------------------------------------------------------------------------------------
 def run_probes(base_backbone, ft_backbone, tokenizer, *, t_low: float, t_high: float,
                wikitext_path: str | Path | None = None, split: str = "validation", seq_len: int = 256,
@@ -335,8 +343,5 @@ def run_probes(base_backbone, ft_backbone, tokenizer, *, t_low: float, t_high: f
         stats = view_collapse_stats(view_embeddings(backbone, chunks, **view_kw), seed=seed)
         out |= {f"probe/{prefix}_{k}": v for k, v in stats.items()}
     if mmlu_rows is not None:
-        ft = mmlu_subset(ft_backbone, tokenizer, mmlu_rows)
-        base = mmlu_subset(base_backbone, tokenizer, mmlu_rows)
-        out |= {"probe/mmlu_accuracy": ft["accuracy"], "probe/mmlu_accuracy_base": base["accuracy"],
-                "probe/mmlu_delta": ft["accuracy"] - base["accuracy"], "probe/mmlu_n": ft["n"]}
+        out |= mmlu_probe(base_backbone, ft_backbone, tokenizer, mmlu_rows)
     return {k: float(v) for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}

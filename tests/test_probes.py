@@ -205,3 +205,33 @@ def test_mmlu_csv_layout(tiny, tmp_path):
     assert {r["subject"] for r in rows} == {"astronomy"} and len(rows) == 2
     result = mmlu_subset(backbone, tokenizer, rows)
     assert result["n"] == 2.0 and result["accuracy"] in (0.0, 0.5, 1.0)
+
+
+def test_final_evaluation_runs_probes_mmlu_and_logs_sampler_params(process_group, tmp_path, shared_data):
+    from mlflow.tracking import MlflowClient
+
+    from raydllm.config import load_config
+    from raydllm.trial import TrialLoop
+
+    mmlu = tmp_path / "mmlu"
+    mmlu.mkdir()
+    for subject in ("anatomy", "virology", "astronomy"):
+        (mmlu / f"{subject}_test.csv").write_text("".join(f'"{subject} {i}?",a,b,c,d,A\n' for i in range(5)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    cfg = load_config("gsm8k", "local", ["model.init=random", "model.d_model=32", "model.n_layers=2",
+                                         "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=8",
+                                         "train.micro_batch_size=4", "train.max_steps=1", "eval.final_limit=2",
+                                         "eval.final_shots=[0,1]", "eval.probe_chunks=6", "eval.probe_seq_len=32",
+                                         "eval.gen_length=8", "eval.sampler_steps=4", f"eval.mmlu={mmlu}",
+                                         "eval.mmlu_items=7"])
+    loop = TrialLoop(cfg, rank=0, world=1, device=torch.device("cpu"), tracking={"tracking_uri": uri, "run_id": run_id})
+    assert len(loop.mmlu_rows) == 7
+    out = loop.final_evaluation()
+    assert out["probe/mmlu_n"] == 7 and "probe/mmlu_delta" in out
+    assert out["probe/wikitext_tokens"] == 6 * 32 and "probe/z_tH_eff_rank" in out
+    assert "final/val/0shot/accuracy" in out and "final/val/1shot/accuracy" in out
+    params = client.get_run(run_id).data.params
+    assert params["sampler.steps"] == "4" and params["sampler.gen_length"] == "8"
+    assert params["sampler.block_length"] == "8" and params["sampler.remasking"] == "low_confidence"
