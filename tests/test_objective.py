@@ -331,3 +331,43 @@ def test_uniform_rate_sampling_masks_each_row_at_its_own_rate():
     low, high = view_rates(batch, 0.2, 0.7, "uniform", torch.Generator().manual_seed(5))
     assert torch.allclose(seen["low"], low, atol=0.08) and torch.allclose(seen["high"], high, atol=0.08)
     assert torch.isfinite(losses.total)
+
+
+def _ema_motion_kept_in_bf16(step_size: float, updates: int = 1000) -> tuple[float, float]:
+    """(share of the float32 EMA's motion a bf16 EMA keeps, share of bf16 weights that never moved)."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
+    with torch.no_grad():
+        online[0].weight.normal_(0, 0.02)  # the embedded model's init scale
+    e32 = EmaTarget(online, 0.996, dtype=torch.float32)
+    e16 = EmaTarget(online, 0.996, dtype=torch.bfloat16)
+    start32 = torch.cat([p.detach().flatten() for p in e32.params])
+    start16 = torch.cat([p.detach().float().flatten() for p in e16.params])
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).sign() for p in online.parameters()]
+    for _ in range(updates):
+        with torch.no_grad():
+            for p, d in zip(online.parameters(), direction):
+                p.add_(step_size * d)
+        e32.update(online.parameters())
+        e16.update(online.parameters())
+    m32 = torch.cat([p.flatten() for p in e32.params]) - start32
+    m16 = torch.cat([p.float().flatten() for p in e16.params]) - start16
+    return float(m16.dot(m32) / m32.dot(m32)), float((m16 == 0).float().mean())
+
+
+def test_bf16_ema_loses_most_of_its_motion_and_config_warns_with_the_figure():
+    from raydllm.config import load_config
+
+    kept, frozen = _ema_motion_kept_in_bf16(1e-5)
+    assert kept < 0.6 and frozen > 0.2  # the embedded model: 32% kept, 43% never move (config.BF16_EMA_WARNING)
+    kept_large, _ = _ema_motion_kept_in_bf16(1e-3)
+    assert kept_large > kept  # large steps survive bf16 rounding better
+    with pytest.warns(UserWarning, match=r"keeps 32% of the float32 EMA's motion"):
+        load_config("gsm8k", "local", ["jepa.ema_dtype=bfloat16"])
+
+
+def test_zero3_is_refused_in_one_line():
+    from raydllm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^train: train.zero_stage=3 is not supported yet: the EMA update, the L2 anchor and rank-0 generation"):
+        load_config("gsm8k", "local", ["train.zero_stage=3"])
