@@ -244,16 +244,33 @@ def cmd_pretrain(args) -> int:
         cached = existed
     result = {"weights": str(path), "final_loss": meta.get("final_loss"), "seconds": meta.get("seconds"),
               "steps": args.steps, "seed": args.seed, "corpus": meta.get("corpus"), "cached": cached,
-              "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads}
+              "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads,
+              "embeddings": _base_embeddings(cfg, path)}
     if args.json:
         emit_json(result)
     else:
-        loss = result["final_loss"]
+        loss, z = result["final_loss"], result["embeddings"]
         print(f"weights: {path}" + (" (already cached)" if cached else ""))
         print(f"final loss: {loss:.4f}" if loss is not None else "final loss: unknown")
+        print(f"pooled z (both views of {int(z['samples'])} WikiText {cfg.eval.probe_split} windows): effective rank "
+              f"{z['eff_rank']:.2f} of {model_cfg.d_model}, cosine diversity {z['cos_diversity']:.3f}")
         if not args.out:
             print("use it with: --set model.init=pretrained")
     return 0
+
+
+def _base_embeddings(cfg, weights: Path) -> dict[str, float]:
+    """The base's collapse statistics by the paper's formulas (probes.embedding_report) at the preset's views."""
+    import torch
+
+    from .backbone import load_backbone
+    from .probes import embedding_report
+
+    backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"init": str(weights)}))
+    with torch.no_grad():
+        return embedding_report(backbone, tokenizer, t_low=cfg.jepa.t_low, t_high=cfg.jepa.t_high,
+                                split=cfg.eval.probe_split, seq_len=min(cfg.eval.probe_seq_len, cfg.model.max_seq_len),
+                                max_chunks=cfg.eval.probe_chunks, seed=cfg.eval.probe_seed)
 
 
 def _add_pretrain_command(subparsers) -> None:

@@ -211,6 +211,15 @@ def view_embeddings(backbone, chunks: torch.Tensor, *, t_low: float, t_high: flo
     return {name: torch.cat(z) for name, z in out.items()}
 
 
+@torch.no_grad()
+def embedding_report(backbone, tokenizer, *, t_low: float, t_high: float, split: str = "test", seq_len: int = 256,
+                     max_chunks: int = 100, seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+    """One model's collapse statistics on both views of WikiText `split` (what `raydllm pretrain` reports)."""
+    chunks = wikitext_chunks(tokenizer, split=split, seq_len=seq_len, max_chunks=max_chunks)
+    views = view_embeddings(backbone.eval(), chunks, t_low=t_low, t_high=t_high, seed=seed, batch_size=batch_size)
+    return view_collapse_stats(views, seed=seed) | {"samples": float(chunks.shape[0]), "seq_len": float(seq_len)}
+
+
 def view_collapse_stats(views: dict[str, torch.Tensor], *, seed: int = 0) -> dict[str, float]:
     """collapse_stats per view as `tL_<stat>`, `tH_<stat>`, and `<stat>` = their mean."""
     per_view = {name: collapse_stats(z, seed=seed) for name, z in views.items()}
