@@ -6,7 +6,12 @@ once per shape on first use (a few minutes on one CPU core, with a progress bar)
 
 Recipe (all plain torch, in-process, no DeepSpeed or Ray):
 * objective: the project's own forward process and loss (`masking.mask_tokens` + `objective.diffusion_loss`,
-  mean CE over masked tokens), one mask rate t ~ U(0.05, 1) per row, every non-pad token maskable;
+  eq. 2's per-sequence mean), one mask rate t ~ U(0.05, 1) per row, every non-pad token maskable; each row is
+  seen in two such views, and CONTRAST_WEIGHT x InfoNCE (temperature 0.1) between the two views' pooled z
+  (`objective.pool`) is added. Without it the base's pooled embeddings collapse: the mean of a byte model's
+  last hidden states over a window is close to the same vector for every window (the 300-step base of recipe 1
+  had effective rank 1.09 of 128 and cosine diversity 0.0003 by the paper's formulas), so the JEPA loss of a
+  fine-tune has nothing to predict (`loss_jepa` ~0.0015 by step 50) and lambda, k, t_H cannot matter;
 * text: 3 rows in 4 are random `seq_len`-byte windows of WikiText-2 **valid** (`../shared/data/wikitext/
   valid.txt`; never the test split, which the preservation probe scores); 1 row in 4 is a generated
   GSM8K-format problem laid out as in fine-tuning (`Question: ...\\nAnswer: <work>\\n#### n` then EOS fill),
@@ -195,6 +200,7 @@ def base_key(model_cfg: ModelConfig, *, seed: int | None = None, steps: int | No
     return {"recipe": RECIPE, "vocab": 260, "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers,
             "n_heads": model_cfg.n_heads, "seed": seed, "steps": steps, "seq_len": DEFAULT_SEQ_LEN,
             "batch_size": DEFAULT_BATCH_SIZE, "lr": DEFAULT_LR, "problems": PROBLEM_FRACTION,
+            "contrast": CONTRAST_WEIGHT, "contrast_temperature": CONTRAST_TEMPERATURE,
             "corpus": corpus_tag(text_path)}
 
 
