@@ -226,7 +226,8 @@ def _add_eval_command(subparsers) -> None:
 
 # -- raydllm pretrain -------------------------------------------------------------------------------------
 def cmd_pretrain(args) -> int:
-    from .pretrain import base_key, base_path, build_base, pretrain_tiny, save_weights
+    from .pretrain import (DEFAULT_SEED, DEFAULT_STEPS, base_key, base_path, build_base, pretrain_tiny, read_weights,
+                           save_weights, shipped_base)
 
     cfg = load_config("gsm8k", args.preset, [f"model.{kv}" if not kv.startswith("model.") else kv
                                              for kv in args.overrides])
@@ -238,6 +239,9 @@ def cmd_pretrain(args) -> int:
         path = Path(args.out).expanduser()
         save_weights(state, path, {"key": base_key(model_cfg, seed=args.seed, steps=args.steps), **stats})
         meta, cached = stats, False
+    elif (args.seed, args.steps) == (DEFAULT_SEED, DEFAULT_STEPS) and shipped_base(model_cfg) is not None:
+        path = shipped_base(model_cfg)  # what model.init=pretrained loads: the base shipped in raydllm/assets
+        meta, cached = read_weights(path)[1], True
     else:
         existed = base_path(model_cfg, seed=args.seed, steps=args.steps).exists()
         path, meta = build_base(model_cfg, seed=args.seed, steps=args.steps, progress=not args.no_progress)
