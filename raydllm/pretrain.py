@@ -50,8 +50,8 @@ from .objective import diffusion_loss, pool
 
 log = logging.getLogger(__name__)
 
-RECIPE = "raydllm-base/1"  # bump when the recipe changes: old cache files are then never picked up
-DEFAULT_STEPS = 300
+RECIPE = "raydllm-base/2"  # bump when the recipe changes: old cache files are then never picked up
+DEFAULT_STEPS = 1200
 DEFAULT_SEED = 0
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
@@ -59,7 +59,7 @@ DEFAULT_LR = 1.5e-3
 PROBLEM_FRACTION = 0.25
 PROBLEM_SEED = 7_000_003
 T_MIN = 0.05
-CONTRAST_WEIGHT = 0.0
+CONTRAST_WEIGHT = 0.2
 CONTRAST_TEMPERATURE = 0.1
 
 
