@@ -1,8 +1,8 @@
 """Engine layer: the embedded tiny model's base, offline: its masked-diffusion pretraining and the weights cache.
 
 `model.init: pretrained` starts the tiny model from this base instead of random weights. The base is built
-once per shape on first use (a few minutes on one CPU core, with a progress bar) and cached in
-`~/.cache/raydllm/base-<hash>.pt` (`$RAYDLLM_CACHE` or `$XDG_CACHE_HOME/raydllm` override the folder).
+once per shape on first use (about 7 minutes of one CPU core at the default 1200 steps, with a progress bar)
+and cached in `~/.cache/raydllm/base-<hash>.pt` (`$RAYDLLM_CACHE` or `$XDG_CACHE_HOME/raydllm` override the folder).
 
 Recipe (all plain torch, in-process, no DeepSpeed or Ray):
 * objective: the project's own forward process and loss (`masking.mask_tokens` + `objective.diffusion_loss`,

@@ -369,5 +369,6 @@ def test_bf16_ema_loses_most_of_its_motion_and_config_warns_with_the_figure():
 def test_zero3_is_refused_in_one_line():
     from raydllm.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"^train: train.zero_stage=3 is not supported yet: the EMA update, the L2 anchor and rank-0 generation"):
+    with pytest.raises(ConfigError, match=r"^train: train.zero_stage=3 is not supported yet: the EMA update, the L2 "
+                                          r"anchor and rank-0 generation"):
         load_config("gsm8k", "local", ["train.zero_stage=3"])

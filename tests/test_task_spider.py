@@ -113,9 +113,11 @@ def test_timeout_aborts_long_query(spider):
 
 def test_semicolon_truncation_and_normalized_string_match(spider):
     gold = "SELECT name FROM singer WHERE country = 'France'"
-    scores = SpiderTask().score("select  name from singer where country = 'France' ; DELETE FROM singer", example(spider, gold))
+    scores = SpiderTask().score("select  name from singer where country = 'France' ; DELETE FROM singer",
+                                example(spider, gold))
     assert scores == {"normalized_string_match": 0.0, "execution_match": 1.0}
-    assert SpiderTask().score("select name  FROM singer where country = 'france';", example(spider, gold))["normalized_string_match"] == 1.0
+    same = SpiderTask().score("select name  FROM singer where country = 'france';", example(spider, gold))
+    assert same["normalized_string_match"] == 1.0
     assert first_statement("SELECT 'a;b' FROM t; SELECT 2") == "SELECT 'a;b' FROM t"
     assert first_statement("SELECT 1") == "SELECT 1"
     rows = run_query(example(spider, gold).meta["db_path"], "SELECT name FROM singer WHERE name = 'x;y'; junk", 1000)
