@@ -303,7 +303,8 @@ def _add_eval_command(subparsers) -> None:
 
 # -- raydllm pretrain -------------------------------------------------------------------------------------
 def cmd_pretrain(args) -> int:
-    from .pretrain import DEFAULT_SEED, DEFAULT_STEPS, base_key, base_path, build_base, pretrain_tiny, save_weights
+    from .pretrain import (DEFAULT_SEED, DEFAULT_STEPS, base_key, base_path, build_base, pretrain_tiny, read_weights,
+                           save_weights, shipped_base)
 
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
@@ -318,22 +319,42 @@ def cmd_pretrain(args) -> int:
         path = Path(args.out).expanduser()
         save_weights(state, path, {"key": base_key(model_cfg, seed=args.seed, steps=args.steps), **stats})
         meta, cached = stats, False
+    elif (args.seed, args.steps) == (DEFAULT_SEED, DEFAULT_STEPS) and shipped_base(model_cfg) is not None:
+        path = shipped_base(model_cfg)  # what model.init=pretrained loads: the base shipped in raydllm/assets
+        meta, cached = read_weights(path)[1], True
     else:
         existed = base_path(model_cfg, seed=args.seed, steps=args.steps).exists()
         path, meta = build_base(model_cfg, seed=args.seed, steps=args.steps, progress=not args.no_progress)
         cached = existed
     result = {"weights": str(path), "final_loss": meta.get("final_loss"), "seconds": meta.get("seconds"),
               "steps": args.steps, "seed": args.seed, "corpus": meta.get("corpus"), "cached": cached,
-              "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads}
+              "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads,
+              "embeddings": _base_embeddings(cfg, path)}
     if args.json:
         emit_json(result)
     else:
-        loss = result["final_loss"]
+        loss, z = result["final_loss"], result["embeddings"]
         print(f"weights: {path}" + (" (already cached)" if cached else ""))
         print(f"final loss: {loss:.4f}" if loss is not None else "final loss: unknown")
+        print(f"pooled z (both views of {int(z['samples'])} WikiText {cfg.eval.probe_split} windows): effective rank "
+              f"{z['eff_rank']:.2f} of {model_cfg.d_model}, cosine diversity {z['cos_diversity']:.3f}")
         if not args.out:
             print("use it with: --set model.init=pretrained")
     return 0
+
+
+def _base_embeddings(cfg, weights: Path) -> dict[str, float]:
+    """The base's collapse statistics by the paper's formulas (probes.embedding_report) at the preset's views."""
+    import torch
+
+    from .backbone import load_backbone
+    from .probes import embedding_report
+
+    backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"init": str(weights)}))
+    with torch.no_grad():
+        return embedding_report(backbone, tokenizer, t_low=cfg.jepa.t_low, t_high=cfg.jepa.t_high,
+                                split=cfg.eval.probe_split, seq_len=min(cfg.eval.probe_seq_len, cfg.model.max_seq_len),
+                                max_chunks=cfg.eval.probe_chunks, seed=cfg.eval.probe_seed)
 
 
 def _add_pretrain_command(subparsers) -> None:

@@ -89,6 +89,13 @@ class DataConfig(_Section):
         return self
 
 
+# Measured on the embedded model (README, "EMA precision"; tests/test_objective.py pins it): 1000 EMA updates at
+# decay 0.996 while every weight moves 1e-5 a step (Adam at the paper's lr 1e-5).
+BF16_EMA_WARNING = ("jepa.ema_dtype=bfloat16: a bf16 EMA at decay {decay} loses most of its updates (measured: "
+                    "with weights moving 1e-5 a step, it keeps 32% of the float32 EMA's motion over 1000 updates and "
+                    "43% of its weights never move); use float32, with jepa.ema_device=cpu if memory is short")
+
+
 class JepaConfig(_Section):
     lam: float = Field(1.0, alias="lambda", ge=0)  # 0 = diffusion-only baseline: no EMA copy, no target pass
     k: int = Field(1, ge=0)  # predictor depth; 0 = identity predictor (no-predictor ablation)
@@ -107,6 +114,10 @@ class JepaConfig(_Section):
     # memory (pinned when training on CUDA) and is streamed to the device one module at a time for the
     # target forward: for models whose EMA does not fit next to the ZeRO state (LLaDA-8B on 40 GB cards).
     ema_device: Literal["auto", "cpu"] = "auto"
+    # Leave each answer's EOS fill (every EOS after the first) out of z in both views. The fill is the same in
+    # every example and visible in both views, so it pulls z_L and z_H together whatever the answer says;
+    # the diffusion loss still learns it. Off = the paper's pooling (README, "Pooling and the EOS fill").
+    pool_exclude_eos_padding: bool = False
 
     @model_validator(mode="after")
     def _ordered_rates(self):
@@ -114,6 +125,8 @@ class JepaConfig(_Section):
             raise ValueError(f"jepa.t_low={self.t_low} must be <= jepa.t_high={self.t_high}")
         if self.t_low == self.t_high and self.lam > 0:
             warnings.warn(f"jepa.t_low == jepa.t_high == {self.t_low}: symmetric-view ablation", stacklevel=2)
+        if self.ema_dtype == "bfloat16" and self.lam > 0:
+            warnings.warn(BF16_EMA_WARNING.format(decay=self.ema_decay), stacklevel=2)
         return self
 
 
@@ -165,6 +178,13 @@ class TrainConfig(_Section):
 
 
     @model_validator(mode="after")
+    def _zero3_unsupported(self):
+        if self.zero_stage == 3:
+            raise ValueError("train.zero_stage=3 is not supported yet: the EMA update, the L2 anchor and rank-0 "
+                             "generation assume unpartitioned parameters; use 2")
+        return self
+
+    @model_validator(mode="after")
     def _checkpoints_on_reports(self):
         if self.checkpoint_every is not None and self.checkpoint_every % self.eval_every:
             raise ValueError(f"train.checkpoint_every={self.checkpoint_every} must be a multiple of "
@@ -187,8 +207,21 @@ class EvalConfig(_Section):
     final_limit: int = Field(64, gt=0)
     final_shots: list[int] = [0]
     probes: bool = True
-    wikitext_path: str | None = None  # None: ../shared/data/wikitext/test.txt if present, else the hub
-    probe_chunks: int = Field(32, gt=0)
+    # WikiText split the probes read: "validation" (the paper, WikiText-103 validation) or "test". The local
+    # preset uses test because its embedded base was pretrained on WikiText valid.
+    probe_split: Literal["validation", "test"] = "validation"
+    wikitext_path: str | None = None  # None: ../shared/data/wikitext/<valid|test>.txt if present, else the hub
+    # probe_chunks windows of probe_seq_len tokens: the WikiText loss, the drift, and the collapse statistics
+    # (both views of each window; the paper uses 100 samples).
+    probe_chunks: int = Field(100, ge=2)
+    probe_seq_len: int = Field(256, gt=1)
+    probe_seed: int = 0  # masks of the WikiText loss and of the two views, and the 5,000 cosine pairs
+    # MMLU in the final evaluation, when given: a hub id (e.g. cais/mmlu) or local files in MMLU's format
+    # (<subject>_test.csv files, or jsonl rows {subject, question, choices, answer}); a stratified subset of
+    # mmlu_items questions (same items for every model: seed mmlu_seed).
+    mmlu: str | None = None
+    mmlu_items: int = Field(500, gt=0)
+    mmlu_seed: int = 0
     # Sampler (None = from data.answer_tokens: one token per step, LLaDA's low-confidence remasking).
     gen_length: int | None = Field(None, gt=0)
     block_length: int | None = Field(None, gt=0)

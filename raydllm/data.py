@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .tasks import Example, get_task
 from .tasks.base import carve_validation
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

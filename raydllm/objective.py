@@ -22,13 +22,22 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor,
                    norm: str = "masked", answer_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy on masked positions.
 
-    norm="masked": mean over masked tokens of the batch (paper eq. 2).
+    norm="masked" (paper eq. 2): with one rate `t` for the batch, the mean over its masked tokens; with
+    per-row rates (`t` a [B] tensor, `jepa.rate_sampling=uniform`), eq. 2's per-sequence mean: the mean
+    over each row's masked tokens, then the mean over the rows with any (a token mean would weight a row
+    masked at t = 0.9 up to 900x more than one at t = 0.001).
     norm="answer_length": LLaDA's SFT form, sum over masked tokens of CE / t divided by the row's answer
     length, averaged over rows (`answer_lengths` [B] required). `t`: one rate, or a [B] tensor of per-row rates.
     """
     ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")
     if norm == "masked":
-        # A batch with nothing masked (tiny t, short answers) contributes 0 rather than NaN.
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            row = masked.nonzero()[:, 0]
+            per_row = torch.zeros(x0.shape[0], device=ce.device).index_add_(0, row, ce)
+            counts = masked.sum(dim=1)
+            has = counts > 0
+            # Rows with nothing masked are left out; a batch with none contributes 0 rather than NaN.
+            return (per_row[has] / counts[has]).sum() / has.sum().clamp(min=1)
         return ce.sum() / masked.sum().clamp(min=1)
     if norm == "answer_length":
         if answer_lengths is None:
@@ -40,12 +49,26 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor,
     raise ValueError(f"loss.diffusion_norm: unknown {norm!r}")
 
 
-def pool(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """LayerNorm(mean of `hidden` [B, L, D] over positions where `keep` [B, L] is True) -> [B, D] (float32)."""
+def mean_pool(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden` [B, L, D] over positions where `keep` [B, L] is True -> [B, D] (float32), no norm."""
     weights = keep.to(torch.float32).unsqueeze(-1)
     summed = (hidden.float() * weights).sum(dim=1)
-    mean = summed / weights.sum(dim=1).clamp(min=1.0)
+    return summed / weights.sum(dim=1).clamp(min=1.0)
+
+
+def pool(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """z: LayerNorm(mean of `hidden` [B, L, D] over positions where `keep` [B, L] is True) -> [B, D] (float32)."""
+    mean = mean_pool(hidden, keep)
     return F.layer_norm(mean, mean.shape[-1:])
+
+
+def eos_padding(x0: torch.Tensor, maskable: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, L] bool: the EOS fill of each answer: answer positions holding EOS right after another EOS.
+    The first EOS (the learned stop) is not padding."""
+    is_eos = (x0 == eos_id) & maskable
+    after_eos = torch.zeros_like(is_eos)
+    after_eos[:, 1:] = is_eos[:, :-1]
+    return is_eos & after_eos
 
 
 def jepa_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -324,10 +347,14 @@ def dllm_jepa_losses(online: Encoder, target: Encoder | None, predictor: nn.Modu
                      attention_mask: torch.Tensor, maskable: torch.Tensor, *, mask_token_id: int, t_low: float,
                      t_high: float, lam: float, generator: torch.Generator | None = None,
                      diffusion_norm: str = "masked", run_target: bool = True,
-                     rate_sampling: str = "fixed") -> Losses:
+                     rate_sampling: str = "fixed", pool_exclude_id: int | None = None) -> Losses:
     """One step's losses. The online encoder runs once (with grad) on the context view; the target
-    encoder runs once under no_grad on the target view, and only when lam > 0 and `run_target`."""
-    pad = ~attention_mask.bool()
+    encoder runs once under no_grad on the target view, and only when lam > 0 and `run_target`.
+    `pool_exclude_id`: an EOS id whose answer padding (`eos_padding`) both views leave out of z
+    (`jepa.pool_exclude_eos_padding`); the diffusion loss still learns it."""
+    unpooled = ~attention_mask.bool()  # positions no view pools: pad, and the EOS fill when asked
+    if pool_exclude_id is not None:
+        unpooled = unpooled | eos_padding(x0, maskable, pool_exclude_id)
     t_low, t_high = view_rates(x0.shape[0], t_low, t_high, rate_sampling, generator)
     x_low, masked_low = mask_tokens(x0, t_low, maskable, mask_token_id=mask_token_id, generator=generator)
     use_target = lam != 0 and target is not None and run_target
@@ -338,12 +365,12 @@ def dllm_jepa_losses(online: Encoder, target: Encoder | None, predictor: nn.Modu
         # of stacking on top of the online activations (measured: target forward 22% slower otherwise).
         with torch.no_grad():
             _, hidden_high = target(x_high, attention_mask)
-            z_high = pool(hidden_high, ~masked_high & ~pad)
+            z_high = pool(hidden_high, ~masked_high & ~unpooled)
             del hidden_high
     logits, hidden = online(x_low, attention_mask)
     answer_lengths = maskable.sum(dim=1) if diffusion_norm == "answer_length" else None
     l_diff = diffusion_loss(logits, x0, masked_low, t=t_low, norm=diffusion_norm, answer_lengths=answer_lengths)
-    z_low = pool(hidden, ~masked_low & ~pad)
+    z_low = pool(hidden, ~masked_low & ~unpooled)
     if not use_target:
         return Losses(l_diff, l_diff.detach(), None, z_low.detach(), None, int(masked_low.sum()))
     l_jepa = jepa_loss(predictor(z_low), z_high)

@@ -1,12 +1,17 @@
 """Engine layer: the embedded tiny model's base, offline: its masked-diffusion pretraining and the weights cache.
 
 `model.init: pretrained` starts the tiny model from this base instead of random weights. The base is built
-once per shape on first use (a few minutes on one CPU core, with a progress bar) and cached in
-`~/.cache/raydllm/base-<hash>.pt` (`$RAYDLLM_CACHE` or `$XDG_CACHE_HOME/raydllm` override the folder).
+once per shape on first use (about 7 minutes of one CPU core at the default 1200 steps, with a progress bar)
+and cached in `~/.cache/raydllm/base-<hash>.pt` (`$RAYDLLM_CACHE` or `$XDG_CACHE_HOME/raydllm` override the folder).
 
 Recipe (all plain torch, in-process, no DeepSpeed or Ray):
 * objective: the project's own forward process and loss (`masking.mask_tokens` + `objective.diffusion_loss`,
-  mean CE over masked tokens), one mask rate t ~ U(0.05, 1) per row, every non-pad token maskable;
+  eq. 2's per-sequence mean), one mask rate t ~ U(0.05, 1) per row, every non-pad token maskable; each row is
+  seen in two such views, and CONTRAST_WEIGHT x InfoNCE (temperature 0.1) between the two views' pooled z
+  (`objective.pool`) is added. Without it the base's pooled embeddings collapse: the mean of a byte model's
+  last hidden states over a window is close to the same vector for every window (the 300-step base of recipe 1
+  had effective rank 1.09 of 128 and cosine diversity 0.0003 by the paper's formulas), so the JEPA loss of a
+  fine-tune has nothing to predict (`loss_jepa` ~0.0015 by step 50) and lambda, k, t_H cannot matter;
 * text: 3 rows in 4 are random `seq_len`-byte windows of WikiText-2 **valid** (`../shared/data/wikitext/
   valid.txt`; never the test split, which the preservation probe scores); 1 row in 4 is a generated
   GSM8K-format problem laid out as in fine-tuning (`Question: ...\\nAnswer: <work>\\n#### n` then EOS fill),
@@ -34,18 +39,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoints import backbone_weights, read_checkpoint_state, torch_load
 from .config import ConfigError, ModelConfig
 from .corpora import corpus_tag, corpus_text, encode_text
 from .masking import mask_tokens
 from .model import build_tiny
-from .objective import diffusion_loss
+from .objective import diffusion_loss, pool
 
 log = logging.getLogger(__name__)
 
-RECIPE = "raydllm-base/1"  # bump when the recipe changes: old cache files are then never picked up
-DEFAULT_STEPS = 300
+RECIPE = "raydllm-base/2"  # bump when the recipe changes: old cache files are then never picked up
+DEFAULT_STEPS = 1200
 DEFAULT_SEED = 0
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
@@ -53,6 +59,8 @@ DEFAULT_LR = 1.5e-3
 PROBLEM_FRACTION = 0.25
 PROBLEM_SEED = 7_000_003
 T_MIN = 0.05
+CONTRAST_WEIGHT = 0.2
+CONTRAST_TEMPERATURE = 0.1
 
 
 # -- batches ----------------------------------------------------------------------------------------------
@@ -96,10 +104,34 @@ def _lr_factor(step: int, total: int) -> float:
 
 
 # -- pretraining -----------------------------------------------------------------------------------------
+def _step_loss(model, x0: torch.Tensor, *, mask_id: int, generator: torch.Generator, contrast: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, diffusion part). Eq. 2's per-sequence diffusion loss, each row masked at its own rate
+    t ~ U(T_MIN, 1). With `contrast` > 0 each row is seen in two such views and `contrast` x InfoNCE between
+    the rows' pooled z (`objective.pool` over visible tokens, temperature CONTRAST_TEMPERATURE) is added:
+    each view must pick its row's other view out of the batch, so z carries what the row says instead of
+    the byte statistics every window shares (README, "The embedded base")."""
+    rows = x0.shape[0]
+    views = 2 if contrast > 0 else 1
+    x0 = x0.repeat(views, 1)
+    t = T_MIN + (1.0 - T_MIN) * torch.rand(views * rows, generator=generator)
+    maskable = torch.ones_like(x0, dtype=torch.bool)  # no pad rows here: every token is maskable
+    x_t, masked = mask_tokens(x0, t, maskable, mask_token_id=mask_id, generator=generator)
+    out = model(input_ids=x_t, attention_mask=torch.ones_like(x0), output_hidden_states=contrast > 0)
+    diff = diffusion_loss(out.logits, x0, masked, t=t)
+    if contrast == 0:
+        return diff, diff.detach()
+    z = F.normalize(pool(out.hidden_states[-1], ~masked), dim=-1)
+    sim = z[:rows] @ z[rows:].T / CONTRAST_TEMPERATURE
+    labels = torch.arange(rows)
+    nce = 0.5 * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels))
+    return diff + contrast * nce, diff.detach()
+
+
 def pretrain_tiny(model_cfg: ModelConfig, *, text_path: Path | None = None, steps: int = DEFAULT_STEPS,
                   seed: int = DEFAULT_SEED, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
-                  lr: float = DEFAULT_LR, progress: bool = True, stats: dict | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  lr: float = DEFAULT_LR, contrast: float = CONTRAST_WEIGHT, progress: bool = True,
+                  stats: dict | None = None, callback=None) -> dict[str, torch.Tensor]:
     """Pretrain the embedded tiny model as a masked diffusion LM; returns its state dict.
 
     `text_path` None = WikiText-2 valid from the shared data, or the built-in text when that is missing.
@@ -128,21 +160,19 @@ def pretrain_tiny(model_cfg: ModelConfig, *, text_path: Path | None = None, step
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"pretrain tiny d{model_cfg.d_model}x{model_cfg.n_layers}", unit="step",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         x0 = data.batch(batch_size)
-        t = T_MIN + (1.0 - T_MIN) * torch.rand(batch_size, generator=mask_rng)
-        maskable = torch.ones_like(x0, dtype=torch.bool)  # no pad rows here: every token is maskable
-        x_t, masked = mask_tokens(x0, t, maskable, mask_token_id=tokenizer.mask_token_id, generator=mask_rng)
-        logits = model(input_ids=x_t, attention_mask=torch.ones_like(x0)).logits
-        loss = diffusion_loss(logits, x0, masked, t=float(t.mean()))
+        loss, diff = _step_loss(model, x0, mask_id=tokenizer.mask_token_id, generator=mask_rng, contrast=contrast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        recent = (recent + [loss.item()])[-20:]
+        recent = (recent + [diff.item()])[-20:]
         first = recent[-1] if first is None else first
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
+        if callback is not None:
+            callback(step + 1, model)
     bar.close()
     seconds = time.perf_counter() - start
     final = sum(recent) / max(1, len(recent))
@@ -170,6 +200,7 @@ def base_key(model_cfg: ModelConfig, *, seed: int | None = None, steps: int | No
     return {"recipe": RECIPE, "vocab": 260, "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers,
             "n_heads": model_cfg.n_heads, "seed": seed, "steps": steps, "seq_len": DEFAULT_SEQ_LEN,
             "batch_size": DEFAULT_BATCH_SIZE, "lr": DEFAULT_LR, "problems": PROBLEM_FRACTION,
+            "contrast": CONTRAST_WEIGHT, "contrast_temperature": CONTRAST_TEMPERATURE,
             "corpus": corpus_tag(text_path)}
 
 

@@ -2,6 +2,7 @@
 with the task's generation evaluation and the probes plugged in (in-trial `val_accuracy`, end-of-run figures)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from .backbone import BaseView, load_backbone
 from .config import validate
 from .evaluation import default_sampler, evaluate_task, prompt_budget
-from .probes import run_probes
+from .probes import load_mmlu, mmlu_probe, run_probes, stratified_sample
+from .sampler import SamplerConfig
 from .tasks import get_task
 from .worker import WorkerLoop
 
@@ -17,12 +19,27 @@ from .worker import WorkerLoop
 class TrialLoop(WorkerLoop):
     """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
 
-    def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
-                          ) -> tuple[dict[str, float], list[dict]]:
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
+        self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
+                          if cfg.eval.mmlu and cfg.eval.final and self.rank == 0 else None)
+
+    def sampler(self, method: str = "exact") -> SamplerConfig:
+        """The resolved sampler settings of `method` (exact | fast), logged as the run's `sampler.*` params
+        (`sampler.fast.*` for the fast one): every evaluation of the run uses them."""
         cfg = self.cfg
         sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
                                   steps=cfg.eval.sampler_steps, method=method, threshold=cfg.eval.threshold,
                                   cache=cfg.eval.cache if method == "fast" else "none")
+        prefix = "sampler." if method == "exact" else "sampler.fast."
+        self.sink.params({prefix + k: v for k, v in dataclasses.asdict(sampler).items()})
+        return sampler
+
+    def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
+                          ) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        sampler = self.sampler(method)
         backbone = self.engine.module.backbone
         backbone.eval()
         try:
@@ -41,7 +58,7 @@ class TrialLoop(WorkerLoop):
     def final_evaluation(self) -> dict[str, float]:
         """Generation accuracy per shot count with the exact sampler, and with `eval.sampler=fast` the fast
         sampler's on the same items too (`final_val_<metric>_fast`, for the rank agreement of the two over a
-        sweep's trials); the probes against the base model; rank 0 only."""
+        sweep's trials); the probes against the base model and MMLU (when eval.mmlu names the data); rank 0."""
         cfg = self.cfg
         out: dict[str, float] = {}
         primary = get_task(cfg.task).primary_metric
@@ -52,7 +69,7 @@ class TrialLoop(WorkerLoop):
                 metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
                 out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
                 out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))
-        if cfg.eval.probes:
+        if cfg.eval.probes or self.mmlu_rows is not None:
             finetuned = self.engine.module.backbone.eval()
             if self.lora:  # the frozen base is right there: the same weights with the adapters off
                 base = BaseView(finetuned)
@@ -63,10 +80,21 @@ class TrialLoop(WorkerLoop):
                                         dtype=torch.bfloat16 if self.bf16 else torch.float32)
                 base.to(self.device).eval()
             with torch.no_grad():
-                out |= run_probes(base, finetuned, self.tokenizer, wikitext_path=cfg.eval.wikitext_path,
-                                  max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size)
+                if cfg.eval.probes:
+                    out |= run_probes(base, finetuned, self.tokenizer, t_low=cfg.jepa.t_low, t_high=cfg.jepa.t_high,
+                                      wikitext_path=cfg.eval.wikitext_path, split=cfg.eval.probe_split,
+                                      seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)),
+                                      max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size,
+                                      seed=cfg.eval.probe_seed)
+                if self.mmlu_rows is not None:
+                    out |= mmlu_probe(base, finetuned, self.tokenizer, self.mmlu_rows)
             finetuned.train()
         return out
+
+
+def _max_len(cfg) -> int:
+    """The embedded model's length limit (a hub model's is not checked here)."""
+    return cfg.model.max_seq_len if cfg.model.name == "tiny" else 1 << 30
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -48,7 +48,8 @@ class OnlineModel(nn.Module):
                                 mask_token_id=self.backbone.ids.mask, t_low=cfg.jepa.t_low,
                                 t_high=cfg.jepa.t_high, lam=cfg.jepa.lam, generator=generator,
                                 diffusion_norm=cfg.loss.diffusion_norm, run_target=run_target,
-                                rate_sampling=cfg.jepa.rate_sampling)
+                                rate_sampling=cfg.jepa.rate_sampling,
+                                pool_exclude_id=self.backbone.ids.eos if cfg.jepa.pool_exclude_eos_padding else None)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):
@@ -134,6 +135,13 @@ class MetricsSink:
     def tag(self, key: str, value: str) -> None:
         if self.client is not None:
             self.client.set_tag(self.run_id, key, value)
+
+    def params(self, values: dict[str, object]) -> None:
+        """Run parameters (e.g. the resolved sampler settings); logging the same value again is a no-op."""
+        if self.client is not None:
+            from mlflow.entities import Param
+
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
 
     def flush(self) -> None:
         if self.client is None or not self.points:

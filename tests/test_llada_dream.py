@@ -129,16 +129,22 @@ def test_training_batches_are_padding_invariant(backbone):
 
 def test_probes_are_padding_invariant_and_run(backbone, tmp_path):
     from raydllm.evaluation import left_pad
-    from raydllm.probes import pooled_embeddings, run_probes
+    from raydllm.objective import pool
+    from raydllm.probes import run_probes
 
     model, tokenizer = backbone
+
+    def pooled(rows):  # what the probes and the JEPA views pool: the last hidden states over the real tokens
+        ids, attention = left_pad(rows, model.ids.pad)
+        return pool(model(ids, attention)[1], attention.bool())
+
     rows = [list(range(30, 36)), list(range(50, 70))]
-    together = pooled_embeddings(model, [left_pad(rows, model.ids.pad)])
-    apart = torch.cat([pooled_embeddings(model, [left_pad([r], model.ids.pad)]) for r in rows])
-    assert torch.allclose(together, apart, atol=1e-4)
+    apart = torch.cat([pooled([r]) for r in rows])
+    assert torch.allclose(pooled(rows), apart, atol=1e-4)
     text = tmp_path / "wiki.txt"
     text.write_text(" The quick brown fox jumps over the lazy dog near the river bank. " * 40)
-    out = run_probes(model, model, tokenizer, wikitext_path=text, seq_len=32, max_chunks=4, batch_size=2)
+    out = run_probes(model, model, tokenizer, t_low=0.2, t_high=0.7, wikitext_path=text, seq_len=32,
+                     max_chunks=4, batch_size=2)
     assert out["probe/wikitext_delta"] == 0.0 and out["probe/drift_layer_2"] == pytest.approx(0.0, abs=1e-6)
     assert out["probe/wikitext_loss"] > 0 and out["probe/z_eff_rank"] >= 1.0
 

@@ -121,6 +121,50 @@ def test_diffusion_loss_norms():
     assert diffusion_loss(logits, x0, nothing, t=0.5).item() == 0.0
 
 
+def test_per_row_rates_give_eq2_per_sequence_mean():
+    logits = torch.randn(2, 6, 11)
+    x0 = torch.randint(0, 11, (2, 6))
+    # row 0 masked at a high rate (5 tokens), row 1 at a low one (1 token)
+    masked = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    ce = torch.nn.functional.cross_entropy(logits[masked], x0[masked], reduction="none")
+    rates = torch.tensor([0.9, 0.1])
+    per_sequence = (ce[:5].mean() + ce[5]) / 2  # eq. 2: each row's mean, then the mean over rows
+    assert diffusion_loss(logits, x0, masked, t=rates).item() == pytest.approx(per_sequence.item(), rel=1e-6)
+    assert diffusion_loss(logits, x0, masked, t=0.5).item() == pytest.approx(ce.mean().item(), rel=1e-6)
+    # a row with nothing masked is left out of the mean, not counted as 0
+    only_first = masked.clone()
+    only_first[1] = False
+    got = diffusion_loss(logits, x0, only_first, t=rates).item()
+    assert got == pytest.approx(ce[:5].mean().item(), rel=1e-6)
+    assert diffusion_loss(logits, x0, torch.zeros_like(masked), t=rates).item() == 0.0
+
+
+def test_eos_padding_is_the_fill_after_the_first_eos_and_leaves_pooling():
+    from raydllm.objective import eos_padding, dllm_jepa_losses
+
+    eos = 9
+    x0 = torch.tensor([[5, 5, 1, 2, eos, eos, eos], [5, 1, 2, 3, 4, eos, eos]])
+    maskable = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    fill = eos_padding(x0, maskable, eos)
+    assert fill.tolist() == [[False] * 5 + [True, True], [False] * 6 + [True]]
+    pooled = {}
+
+    def encoder(ids, attention_mask):
+        hidden = torch.zeros(*ids.shape, 2)
+        hidden[..., 0] = 1.0
+        hidden[x0 == eos] = torch.tensor([0.0, 1.0])  # EOS positions point elsewhere
+        return torch.zeros(*ids.shape, 12, requires_grad=True), hidden
+
+    attention = torch.ones_like(x0)
+    for exclude in (None, eos):
+        losses = dllm_jepa_losses(encoder, encoder, torch.nn.Identity(), x0, attention, maskable, mask_token_id=11,
+                                  t_low=0.001, t_high=0.002, lam=1.0, generator=torch.Generator().manual_seed(0),
+                                  pool_exclude_id=exclude)
+        pooled[exclude] = losses.z_low
+    # with the fill left out, only the first EOS (the learned stop) keeps the second coordinate up
+    assert (pooled[eos][:, 1] < pooled[None][:, 1]).all()
+
+
 def test_l2_anchor_adds_gradient_of_squared_distance():
     layer = nn.Linear(3, 3)
     handles = attach_l2_anchor(list(layer.parameters()), strength=0.5, scale=0.5)
@@ -298,3 +342,42 @@ def test_the_l2_space_sweeps_the_anchor_strength():
     assert spec.space["loss.l2_lambda"].kind == "loguniform"
     cfg = trial_config(spec, {"loss.l2_lambda": 0.01, "train.lr": 1e-5}, spec.seeds[0])
     assert cfg.loss.anchor == "l2" and cfg.loss.l2_lambda == 0.01 and cfg.jepa.lam == 0
+def _ema_motion_kept_in_bf16(step_size: float, updates: int = 1000) -> tuple[float, float]:
+    """(share of the float32 EMA's motion a bf16 EMA keeps, share of bf16 weights that never moved)."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
+    with torch.no_grad():
+        online[0].weight.normal_(0, 0.02)  # the embedded model's init scale
+    e32 = EmaTarget(online, 0.996, dtype=torch.float32)
+    e16 = EmaTarget(online, 0.996, dtype=torch.bfloat16)
+    start32 = torch.cat([p.detach().flatten() for p in e32.params])
+    start16 = torch.cat([p.detach().float().flatten() for p in e16.params])
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).sign() for p in online.parameters()]
+    for _ in range(updates):
+        with torch.no_grad():
+            for p, d in zip(online.parameters(), direction):
+                p.add_(step_size * d)
+        e32.update(online.parameters())
+        e16.update(online.parameters())
+    m32 = torch.cat([p.flatten() for p in e32.params]) - start32
+    m16 = torch.cat([p.float().flatten() for p in e16.params]) - start16
+    return float(m16.dot(m32) / m32.dot(m32)), float((m16 == 0).float().mean())
+
+
+def test_bf16_ema_loses_most_of_its_motion_and_config_warns_with_the_figure():
+    from raydllm.config import load_config
+
+    kept, frozen = _ema_motion_kept_in_bf16(1e-5)
+    assert kept < 0.6 and frozen > 0.2  # the embedded model: 32% kept, 43% never move (config.BF16_EMA_WARNING)
+    kept_large, _ = _ema_motion_kept_in_bf16(1e-3)
+    assert kept_large > kept  # large steps survive bf16 rounding better
+    with pytest.warns(UserWarning, match=r"keeps 32% of the float32 EMA's motion"):
+        load_config("gsm8k", "local", ["jepa.ema_dtype=bfloat16"])
+
+
+def test_zero3_is_refused_in_one_line():
+    from raydllm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^train: train.zero_stage=3 is not supported yet: the EMA update, the L2 "
+                                          r"anchor and rank-0 generation"):
+        load_config("gsm8k", "local", ["train.zero_stage=3"])

@@ -117,8 +117,29 @@ def test_cli_pretrain(fast_defaults, tmp_path, capsys):
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["weights"] == str(out) and out.is_file() and result["final_loss"] > 0
+    z = result["embeddings"]  # the paper's formulas on both views of 100 WikiText test windows
+    assert z["samples"] == 100 and 1.0 <= z["eff_rank"] <= 32 and 0.0 <= z["cos_diversity"] <= 1.0
+    assert z["eff_rank"] == pytest.approx((z["tL_eff_rank"] + z["tH_eff_rank"]) / 2)
     args = parser.parse_args(["pretrain", "--steps", "3", "--no-progress",
                               "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert str(fast_defaults) in printed and "final loss" in printed
+    assert str(fast_defaults) in printed and "final loss" in printed and "effective rank" in printed
+
+
+def test_contrastive_term_is_infonce_between_two_views(monkeypatch):
+    from raydllm.model import build_tiny
+
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny(ModelConfig(**SMALL))
+    x0 = torch.randint(0, 250, (4, 24))
+    plain, diff_plain = pretrain._step_loss(model, x0, mask_id=tokenizer.mask_token_id,
+                                            generator=torch.Generator().manual_seed(0), contrast=0.0)
+    assert torch.equal(plain.detach(), diff_plain)
+    total, diff = pretrain._step_loss(model, x0, mask_id=tokenizer.mask_token_id,
+                                      generator=torch.Generator().manual_seed(0), contrast=0.5)
+    nce = (total.detach() - diff) / 0.5
+    # 4 rows: an untrained model's InfoNCE is near log(4); it can never be negative
+    assert 0.5 < float(nce) < 3.0
+    total.backward()
+    assert model.tok_emb.weight.grad is not None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from raydllm.tasks import regex_dfa
+from raydllm.tasks import nlrx, regex_dfa
 from raydllm.tasks.base import DataError, Example
 from raydllm.tasks.nlrx import NlRxTask
 
@@ -133,7 +133,8 @@ def test_neighbouring_gold_rows_checked_against_python_re(test_gold):
                                  "((((", ""])
 def test_invalid_prediction_scores_zero(bad, test_gold):
     example = Example("lines with a vowel", test_gold[0])
-    assert NlRxTask().score(bad, example) == {"exact_match": 0.0, "functional_equivalence": 0.0}
+    assert NlRxTask().score(bad, example) == {"exact_match": 0.0, "functional_equivalence": 0.0, "string_match": 0.0,
+                                              "string_agreement": 0.0}
     assert regex_dfa.equivalent(bad, test_gold[0]) is False
 
 
@@ -157,6 +158,38 @@ def test_exact_match_prompt_and_extract(data):
     assert task.extract(f" {example.answer}\nWrite a regular expression for: x") == example.answer
     assert task.extract("\nRegex:  ( <M0> )  +  ") == "( <M0> ) +"
     spaced = "  ".join(example.answer.split())
-    assert task.score(spaced, example) == {"exact_match": 1.0, "functional_equivalence": 1.0}
+    assert task.score(spaced, example) == {"exact_match": 1.0, "functional_equivalence": 1.0, "string_match": 1.0,
+                                           "string_agreement": 1.0}
     loosely = f"( {example.answer} ) | ( {example.answer} )"
-    assert task.score(loosely, example) == {"exact_match": 0.0, "functional_equivalence": 1.0}
+    assert task.score(loosely, example) == {"exact_match": 0.0, "functional_equivalence": 1.0, "string_match": 1.0,
+                                            "string_agreement": 1.0}
+
+
+def test_200_test_strings_are_seeded_and_hold_members_and_non_members(test_gold):
+    gold = "( [ <VOW> ] ) . * ( <M0> ) . *"
+    strings = nlrx.test_strings(gold)
+    assert len(strings) == 200 and strings == nlrx.test_strings(gold) != nlrx.test_strings(gold, seed=1)
+    inside = nlrx.accepts(gold, strings)
+    assert 40 < sum(inside) < 160  # both sides of the language
+    # the matcher agrees with Python's re on the strings of real gold regexes (where re applies)
+    both_sides = 0
+    for regex in test_gold[:60]:
+        strings = nlrx.test_strings(regex)
+        inside = nlrx.accepts(regex, strings)
+        both_sides += 0 < sum(inside) < len(strings)
+        if "~" not in regex and "&" not in regex:
+            assert inside == [bool(python_regex(regex).fullmatch(t)) for t in strings], regex
+    assert both_sides > 40  # the rest denote the empty language or every string (e.g. `<M0> & [ <LOW> ]`)
+
+
+def test_string_agreement_is_the_share_of_the_200_strings():
+    task, gold = NlRxTask(), "( [ <VOW> ] ) . * ( <M0> ) . *"
+    strings = nlrx.test_strings(gold)
+    wrong = "( [ <LOW> ] ) . * ( <M0> ) . *"  # lower-case vowels only, and any lower-case letter
+    expected = sum(a == b for a, b in zip(nlrx.accepts(wrong, strings), nlrx.accepts(gold, strings))) / 200
+    scores = task.score(wrong, Example("", gold))
+    assert 0 < expected < 1 and scores["string_agreement"] == expected and scores["string_match"] == 0.0
+    # not the same as DFA equality: a difference that no drawn string reaches still matches on strings
+    far = f"{gold} | ( <M3> ) {{ 9 }}"
+    scores = task.score(far, Example("", gold))
+    assert scores["functional_equivalence"] == 0.0 and scores["string_match"] == 1.0

@@ -99,7 +99,7 @@ def test_different_results_do_not_match(spider):
 def test_broken_or_writing_query_scores_zero(spider, broken, monkeypatch):
     monkeypatch.chdir(spider)  # where ATTACH would create x.db
     gold = "SELECT name FROM singer"
-    assert SpiderTask().score(broken, example(spider, gold)) == {"exact_match": 0.0, "execution_match": 0.0}
+    assert SpiderTask().score(broken, example(spider, gold)) == {"normalized_string_match": 0.0, "execution_match": 0.0}
     assert execution(spider, gold, gold) == 1.0  # and the table is still there
     assert not (spider / "x.db").exists()
 
@@ -111,12 +111,21 @@ def test_timeout_aborts_long_query(spider):
     assert time.monotonic() - start < 3
 
 
-def test_semicolon_truncation_and_exact_match(spider):
+def test_semicolon_truncation_and_normalized_string_match(spider):
     gold = "SELECT name FROM singer WHERE country = 'France'"
-    scores = SpiderTask().score("select  name from singer where country = 'France' ; DELETE FROM singer", example(spider, gold))
-    assert scores == {"exact_match": 0.0, "execution_match": 1.0}
-    assert SpiderTask().score("select name  FROM singer where country = 'france';", example(spider, gold))["exact_match"] == 1.0
+    scores = SpiderTask().score("select  name from singer where country = 'France' ; DELETE FROM singer",
+                                example(spider, gold))
+    assert scores == {"normalized_string_match": 0.0, "execution_match": 1.0}
+    same = SpiderTask().score("select name  FROM singer where country = 'france';", example(spider, gold))
+    assert same["normalized_string_match"] == 1.0
     assert first_statement("SELECT 'a;b' FROM t; SELECT 2") == "SELECT 'a;b' FROM t"
     assert first_statement("SELECT 1") == "SELECT 1"
     rows = run_query(example(spider, gold).meta["db_path"], "SELECT name FROM singer WHERE name = 'x;y'; junk", 1000)
     assert rows == []
+
+
+def test_string_match_is_not_exact_set_match(spider):
+    """Reordered conjuncts are the same query to Spider's exact-set match and to execution, not to a string match."""
+    gold = "SELECT name FROM singer WHERE country = 'France' AND age > 20"
+    scores = SpiderTask().score("SELECT name FROM singer WHERE age > 20 AND country = 'France'", example(spider, gold))
+    assert scores == {"normalized_string_match": 0.0, "execution_match": 1.0}

@@ -9,14 +9,75 @@ Metrics:
   equivalence under the reference evaluator's conventions (see `raydllm.tasks.regex_dfa`: `<M0>`..`<M3>` are
   the fixed strings "dog", "truck", "ring", "lake"; `\\ b` is the letter b, as dk.brics reads it). An invalid
   regex scores 0.
+* string_match (the paper's Table 2 metric): the two regexes accept or reject alike each of 200 random
+  strings drawn from the gold regex (`test_strings`, seeded); `string_agreement` is the share of the 200 on
+  which they agree. An invalid or empty regex scores 0 on both. The strings are drawn so that both members and
+  non-members of the gold language occur: a quarter near misses of the gold's shape, a quarter uniform
+  random strings, half generated from the gold's shape (members when the gold has no `~` or `&`).
 """
 from __future__ import annotations
 
+import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 from raydllm.tasks.base import DataError, Example, check_split, first_answer_line
-from raydllm.tasks.regex_dfa import equivalent
+from raydllm.tasks.regex_dfa import (RegexSyntaxError, _alphabet, _ends, _generate, _leaf_sets, equivalent,
+                                     parse)
+
+TEST_STRINGS = 200
+TEST_STRING_SEED = 0
+MAX_TEST_STRING = 24  # symbols
+
+
+@lru_cache(maxsize=4096)
+def test_strings(gold: str, n: int = TEST_STRINGS, seed: int = TEST_STRING_SEED) -> tuple[str, ...]:
+    """`n` strings for judging a regex against `gold`, the same for every prediction: by index i % 4,
+    0-1: generated from the gold's shape (`regex_dfa._generate`: members unless the gold has `~`/`&`);
+    2: the same with one symbol changed, inserted or deleted (near misses, which sit at the language's edge);
+    3: uniform random symbols, 0 to 12 long. Symbols are the character classes the gold tells apart
+    (`regex_dfa._alphabet`), written as one representative character each. Raises RegexSyntaxError."""
+    tree = parse(gold)
+    alphabet = _alphabet((tree,))
+    k, rng = alphabet.size, random.Random(f"{seed}:{gold}")
+    members = {leaf: sorted(symbols) for leaf, symbols in alphabet.members.items()}
+    out = []
+    for i in range(n):
+        if i % 4 == 3:
+            word = [rng.randrange(k) for _ in range(rng.randint(0, 12))]
+        else:
+            word = list(_generate(tree, members, rng, k, MAX_TEST_STRING))
+            if i % 4 == 2:
+                at = rng.randint(0, len(word))
+                word[at:at + rng.randint(0, 1)] = [rng.randrange(k)] * rng.randint(0, 1)
+        out.append(alphabet.text(tuple(word[:MAX_TEST_STRING])))
+    return tuple(out)
+
+
+def accepts(regex: str, strings: Sequence[str]) -> list[bool]:
+    """Whether the whole of each string is in the language of `regex` (dk.brics semantics, as in
+    `regex_dfa`); raises RegexSyntaxError."""
+    tree = parse(regex)
+    leaves = _leaf_sets(tree, set())
+    used = {ord(c) for text in strings for c in text}
+    # Each character is its own symbol; a leaf holds the characters of the strings inside its ranges.
+    members = {leaf: frozenset(o for o in used if any(lo <= o <= hi for lo, hi in leaf)) for leaf in leaves}
+    return [len(text) in _ends(tree, tuple(ord(c) for c in text), 0, members, {}) for text in strings]
+
+
+def string_agreement(prediction: str, gold: str) -> float:
+    """Share of `test_strings(gold)` on which the prediction and the gold agree; 0 if either is invalid or
+    the prediction is empty (no answer, though "" parses as the empty-string language)."""
+    if not prediction.strip():
+        return 0.0
+    try:
+        strings = test_strings(gold)
+        agree = sum(a == b for a, b in zip(accepts(prediction, strings), accepts(gold, strings)))
+    except (RegexSyntaxError, RecursionError):
+        return 0.0
+    return agree / len(strings)
+
 
 # Our split names -> the file suffixes of the release (it ships its own validation split).
 SPLIT_FILES = {"train": "train", "validation": "val", "test": "test"}
@@ -68,4 +129,6 @@ class NlRxTask:
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         exact = _collapse(prediction) == _collapse(example.answer)
         same_language = exact or equivalent(prediction, example.answer)
-        return {"exact_match": float(exact), "functional_equivalence": float(same_language)}
+        agreement = 1.0 if exact else string_agreement(prediction, example.answer)
+        return {"exact_match": float(exact), "functional_equivalence": float(same_language),
+                "string_match": float(agreement == 1.0), "string_agreement": agreement}

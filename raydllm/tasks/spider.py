@@ -6,7 +6,9 @@ here, so `path` is required. validation is carved from train_spider.json (seeded
 public evaluation split. Example.meta holds `db_id` and `db_path`.
 
 Metrics:
-* exact_match: the queries are equal after lowercasing, collapsing whitespace and dropping a trailing ";";
+* normalized_string_match: the query strings are equal after lowercasing, collapsing whitespace and dropping a
+  trailing ";". This is NOT Spider's exact-set match (which compares parsed clauses as sets, so `a = 1 AND
+  b = 2` matches `b = 2 AND a = 1`); a string match is stricter and cheaper, a rough secondary figure;
 * execution_match (primary): the prediction, cut after its first statement, and the gold query are run on
   the database opened read-only; they match when they return the same rows: as multisets, or as lists
   when the gold query has ORDER BY. Only values are compared, so column names and aliases never matter
@@ -162,7 +164,7 @@ class SpiderTask:
         return first_statement(line) if line else ""
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
-        exact = normalize_sql(prediction) == normalize_sql(example.answer)
+        same_string = normalize_sql(prediction) == normalize_sql(example.answer)
         db_path = example.meta["db_path"]
         gold = _gold_rows(db_path, example.answer, self.timeout_ms)
         try:
@@ -171,4 +173,4 @@ class SpiderTask:
             predicted = None
         executes_same = (gold is not None and predicted is not None
                          and same_results(gold, predicted, ordered=bool(ORDER_BY.search(example.answer))))
-        return {"exact_match": float(exact), "execution_match": float(executes_same)}
+        return {"normalized_string_match": float(same_string), "execution_match": float(executes_same)}
