@@ -308,6 +308,9 @@ class WorkerLoop:
         import ray.train
 
         self.sink.tag("raydllm.node_id", ray.get_runtime_context().get_node_id())  # where rank 0 trains
+        # The accelerator the trial trained on (the driver's hardware tags describe the head, often CPU-only).
+        self.sink.tag("raydllm.device", torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                      else "cpu")
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
