@@ -200,3 +200,51 @@ def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
     assert asha["best_config"] == {"train.lr": "b"} and asha["trial_steps"] == 185 and asha["seeds"] == [42]
     assert _sweep_finished(uri, "gsm8k", "grid") and not _sweep_finished(uri, "gsm8k", "asha")
     assert not _sweep_finished(uri, "gsm8k", "missing")
+
+
+def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
+    """`raydllm report`: both winners' fresh-seed checkpoints answer the test split (real generation with
+    hand-built tiny checkpoints), the table carries per-arm mean ± std, the paired gain and the probes the
+    trials logged; the parent run records it, and a second look at test is refused unless forced."""
+    import torch
+
+    from raydllm.backbone import load_backbone
+    from raydllm.config import load_config
+    from test_evaluation import SMALL, _hand_built_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    parent = _sweep(uri, [(GOOD, 42, 1.0, "completed"), (GOOD, 123, 1.2, "completed"), (GOOD, 777, 1.1, "completed"),
+                          (BASE, 42, 1.5, "completed"), (BASE, 123, 1.7, "completed"), (BASE, 777, 1.4, "completed"),
+                          (BAD, 42, 0.5, "stopped_early", 0)])
+    client = MlflowClient(uri)
+    cfg = load_config("gsm8k", "local", SMALL)
+    deltas = {}
+    for i, run in enumerate(client.search_runs([client.get_run(parent).info.experiment_id],
+                                               f"tags.`mlflow.parentRunId` = '{parent}'")):
+        torch.manual_seed(i)
+        backbone, _ = load_backbone(cfg.model)
+        folder = tmp_path / f"ckpt{i}" / "checkpoint_000007"
+        _hand_built_checkpoint(folder, cfg, backbone.model.state_dict())
+        client.set_tag(run.info.run_id, "raydllm.checkpoint", str(folder))
+        client.set_tag(run.info.run_id, "raydllm.device", "cpu")
+        deltas[run.info.run_id] = 0.1 * i
+        client.log_metric(run.info.run_id, "probe/wikitext_delta", 0.1 * i, step=120)
+        client.log_metric(run.info.run_id, "probe/drift_late", 0.01 * i, step=120)
+    args = ["report", "gsm8k", "--tracking-uri", uri, "--limit", "3", "--gen-length", "8", "--out", str(tmp_path),
+            "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    jepa, base = report["arms"]["dllm-jepa"], report["arms"]["baseline"]
+    assert report["seeds"] == [123, 777] and jepa["params"] == GOOD and base["params"] == BASE
+    assert len(jepa["values"]) == 2 and jepa["std"] is not None and report["protocol"]["examples"] == 3
+    assert report["gain"]["differences"] == pytest.approx([j - b for j, b in zip(jepa["values"], base["values"])])
+    assert jepa["probes"]["wikitext_delta"]["mean"] == pytest.approx(
+        sum(deltas[r] for r in jepa["run_ids"]) / 2)
+    assert report["hardware"]["trials"] == ["cpu"] and report["protocol"]["gen_length"] == 8
+    assert client.get_run(jepa["run_ids"][0]).data.metrics["eval/test/0shot/n"] == 3
+    assert {a.path for a in client.list_artifacts(parent, "report")} == {"report/test.md", "report/test.json"}
+    markdown = (tmp_path / "report-s1.md").read_text()
+    assert "| DLLM-JEPA |" in markdown and "Paired gain" in markdown and "p = " in markdown
+    assert main(args) == 2  # the same winners on test again: refused
+    assert "already evaluated on test" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
