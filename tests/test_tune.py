@@ -238,6 +238,17 @@ def test_optuna_accepts_the_paper_spaces(space_file):
             continue
         config = trial_config(spec, {k: v for k, v in suggested.items() if k in spec.space}, spec.seeds[0])
         assert config.jepa.t_low < config.jepa.t_high
+    # The baseline arm's own TPE search: it suggests only the keys that change the lambda = 0 loss; Tune merges
+    # in the space's constants (lambda = 0 and the pinned JEPA-only keys).
+    from raydllm.search_space import baseline_keys, baseline_space
+
+    space = baseline_space(spec)
+    baseline = _search_alg(spec)
+    assert baseline.set_search_properties(spec.metric, spec.mode, space) is not False
+    suggested = baseline.suggest("baseline_0")
+    assert sorted(suggested) == baseline_keys(spec) == ["jepa.t_low", "train.lr"]
+    config = trial_config(spec, {**space, **suggested}, spec.seeds[0])
+    assert config.jepa.lam == 0 and 1e-6 <= config.train.lr <= 3e-5
 
 
 def test_asha_grid_reaches_tune_shuffled_and_seeded_fifo_grid_in_order(tmp_path):
