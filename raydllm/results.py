@@ -387,7 +387,7 @@ def plot_sweep(report: dict, keys: list[str], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     metric = report["metric"]
     rows = [r for r in report["best"] + report.get("baselines", []) + report.get("stopped", [])
@@ -422,6 +422,8 @@ def plot_sweep(report: dict, keys: list[str], path: Path) -> Path | None:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}".replace("e-0", "e-")))
             ax.xaxis.set_minor_formatter(NullFormatter())
+        elif all(isinstance(r["params"].get(key), int) for r in rows if key in r["params"]):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # k = 1, 2, 3: no 2.2, 2.4 ticks
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{metric} (seed {report.get('selection_seed')})")

@@ -97,6 +97,9 @@ def test_stopped_trial_never_ranks_above_a_completed_one(tmp_path, capsys):
     assert stopped["selection_value"] == pytest.approx(0.2) and stopped["gain"] is None  # its value at the rung
     assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
     assert "rung 0 (step 30): 0.2000" in capsys.readouterr().out
+    from raydllm.results import plot_sweep
+
+    assert plot_sweep(report, ["jepa.lambda", "train.lr"], tmp_path / "plot.png").stat().st_size > 10_000
 
 
 def test_student_t_without_scipy_matches_scipy(monkeypatch):
