@@ -145,7 +145,8 @@ def _mean_std(values: list[float]) -> dict[str, float | int | None]:
 def _pm(stats: dict | None, fmt: str = ".3f") -> str:
     if not stats or stats.get("mean") is None:
         return "–"
-    return f"{stats['mean']:{fmt}}" + (f" ± {stats['std']:{fmt}}" if stats.get("std") is not None else " (n=1)")
+    spread = fmt.replace("+", "")  # a spread has no sign
+    return f"{stats['mean']:{fmt}}" + (f" ± {stats['std']:{spread}}" if stats.get("std") is not None else " (n=1)")
 
 
 def format_report(report: dict) -> str:
