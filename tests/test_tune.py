@@ -143,7 +143,9 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
         assert steps == sorted(set(steps)) == list(range(1, max(steps) + 1))  # one continuous curve
         if trial_id in finished_before:  # finished before the kill: its Train run was never started again
             assert "raydllm.resumed_from_step" not in run.data.tags
-    assert "stopped_early" in statuses and "completed" in statuses
+    # Whether async ASHA stops one of an arm's 4 (or 2) trials depends on which reaches a rung first: on a loaded
+    # machine every trial can finish (seen once in two runs); whatever ASHA decided survives the kill.
+    assert "completed" in statuses and set(statuses) <= {"completed", "stopped_early"}
     baseline_lrs = {r.data.params["train.lr"] for r in children if r.data.params["jepa.lambda"] == "0.0"}
     # named by what they are; with the paper's fixed rates the baseline searches t_low as well as lr
     assert len(baseline_lrs) >= 1 and all(r.info.run_name.startswith("baseline t_low=") and " lr=" in r.info.run_name
