@@ -1,4 +1,4 @@
-"""Command line (top layer): `raydllm train | tune | best | eval | pretrain | bench`. Nothing imports this module.
+"""Command line (top layer): `raydllm train | tune | best | report | eval | pretrain | bench`. Nothing imports this module.
 
 Bad input exits with code 2 and one line naming the field or file at fault, checked before Ray starts. `train` and
 `tune` are quiet: the libraries' output goes to a log file in the run's folder (`-v` shows it instead). Exit codes:
@@ -161,6 +161,40 @@ def cmd_best(args) -> int:
     else:
         print(format_table(report))
     return 0
+
+
+def cmd_report(args) -> int:
+    from .report import final_report, format_report
+
+    report = final_report(args.task, tracking_uri=resolve_tracking_uri(args.tracking_uri), sweep=args.sweep,
+                          force=args.force, limit=args.limit, shots=args.shots, gen_length=args.gen_length,
+                          block_length=args.block_length, steps=args.steps, batch_size=args.batch_size,
+                          out_dir=args.out)
+    if args.json:
+        emit_json(report, default=str)
+    else:
+        print(format_report(report))
+        print(f"\nwritten: {', '.join(report['files'])}; logged to MLflow run {report['parent_run_id']} as report/")
+    return 0
+
+
+def _add_report_command(subparsers) -> None:
+    p = subparsers.add_parser("report", help="both arms' winners on the test split across the fresh seeds, once: "
+                                             "one table (Markdown, JSON, MLflow)")
+    p.add_argument("task")
+    p.add_argument("--sweep", help="sweep name (default: the latest)")
+    p.add_argument("--force", action="store_true", help="evaluate winners already evaluated on test again")
+    p.add_argument("--limit", type=int, help="evaluate only the first N test examples")
+    p.add_argument("--shots", type=int, choices=(0, 4), help="few-shot exemplars (default: the trials' "
+                                                             "eval.final_shots[0])")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the trials' eval.sampler_steps)")
+    p.add_argument("--gen-length", type=int, help="answer tokens (default: the trials' eval.gen_length)")
+    p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the trials')")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=".", help="folder for report-<sweep>.md and .json (default: here)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    p.set_defaults(func=cmd_report)
 
 
 def _quiet_ray() -> None:
@@ -547,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=cmd_best)
 
+    _add_report_command(sub)
     _add_eval_command(sub)
     _add_pretrain_command(sub)
     _add_bench_command(sub)

@@ -117,8 +117,18 @@ class Resources(_Strict):
 
 
 class RepeatSettings(_Strict):
-    """Re-run the best `top` configs (and the baseline) with every seed after the first."""
+    """Re-run each arm's winner (the DLLM-JEPA arm's best `top` configs and the baseline arm's best) with every
+    seed after the first: the fresh seeds the gain is measured on."""
     top: int = Field(0, ge=0)
+
+
+class BaselineSettings(_Strict):
+    """The lambda = 0 arm. `searched`: its own search, under the same scheduler, over every searched key that
+    changes the lambda = 0 loss (`baseline_keys`), with `num_samples` trials (default: the DLLM-JEPA arm's).
+    `pinned`: one trial at the space's fixed values, only when the space searches no such key. None = whichever
+    of the two the space calls for (`baseline: true`)."""
+    mode: Literal["searched", "pinned"] | None = None
+    num_samples: int | None = Field(None, gt=0)
 
 
 class SweepSpec(_Strict):
@@ -129,7 +139,7 @@ class SweepSpec(_Strict):
     mode: Literal["min", "max"] | None = None
     fixed: dict[str, Any] = {}
     space: dict[str, Distribution]
-    baseline: bool = True  # pin one lambda = 0 arm at the base config's values
+    baseline: bool | BaselineSettings = True  # the lambda = 0 arm: true (mode from the space), false, or settings
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     repeat: RepeatSettings = RepeatSettings()
     scheduler: AshaSettings
@@ -147,7 +157,21 @@ class SweepSpec(_Strict):
             raise ValueError("space.train.seed: seeds are given by `seeds:`, not searched")
         if self.search.algorithm == "optuna" and any(d.kind == "grid" for d in self.space.values()):
             raise ValueError("search.algorithm: optuna cannot run grid distributions; use choice")
+        if self.baseline is True:
+            self.baseline = BaselineSettings()
+        if isinstance(self.baseline, BaselineSettings) and self.baseline.mode == "pinned" \
+                and self.baseline.num_samples is not None:
+            raise ValueError("baseline.num_samples: a pinned baseline is one trial; give num_samples with "
+                             "mode: searched")
         return self
+
+    @property
+    def selection_seed(self) -> int:
+        return self.seeds[0]
+
+    @property
+    def fresh_seeds(self) -> list[int]:
+        return self.seeds[1:]
 
 
 def load_spec(path: str | Path, extra_fixed: dict[str, Any] | None = None) -> SweepSpec:
@@ -249,6 +273,7 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
     if max(low) >= min(high):
         raise ConfigError(f"{path}: space.jepa.t_low/jepa.t_high: every t_low must be below every t_high "
                           f"(t_low up to {max(low)}, t_high from {min(high)})")
+    resolve_baseline(spec, base, path)
     warmup = math.ceil(base.train.warmup_ratio * (spec.scheduler.max_t or base.train.max_steps))
     if spec.scheduler.type == "asha" and spec.scheduler.grace_period < warmup:
         # Measured (README, bench sweep): mid-warm-up, high learning rates still look worst and are cut.
@@ -280,10 +305,12 @@ def max_steps(spec: SweepSpec) -> int:
 GRID_POINT = "point"
 
 
-def param_space(spec: SweepSpec) -> dict[str, Any]:
-    grid = {key: dist.grid for key, dist in spec.space.items() if dist.kind == "grid"}
+def param_space(spec: SweepSpec, dists: dict[str, Distribution] | None = None) -> dict[str, Any]:
+    """The Tune space of `dists` (default: the whole space, the DLLM-JEPA arm) on the selection seed."""
+    dists = spec.space if dists is None else dists
+    grid = {key: dist.grid for key, dist in dists.items() if dist.kind == "grid"}
     shuffle = spec.scheduler.type == "asha" and math.prod(len(v) for v in grid.values()) > 1
-    space = {key: dist.to_tune() for key, dist in spec.space.items() if not (shuffle and key in grid)}
+    space = {key: dist.to_tune() for key, dist in dists.items() if not (shuffle and key in grid)}
     if shuffle:
         # Tune walks a grid in a fixed nested order, and async ASHA promotes trials that reach a rung before
         # their rivals: when the metric improves along that order (e.g. ascending lr), every new trial beats
@@ -305,12 +332,99 @@ def flatten_trial_config(config: dict[str, Any]) -> dict[str, Any]:
     return config[GRID_POINT] | {k: v for k, v in config.items() if k != GRID_POINT}
 
 
+# Keys that only act through the JEPA term: at lambda = 0 no EMA, predictor or target view exists.
+JEPA_ONLY_KEYS = ("jepa.lambda", "jepa.k", "jepa.t_high", "jepa.ema_decay", "jepa.target_prob", "jepa.ema_dtype",
+                  "jepa.ema_device")
+
+
+def baseline_keys(spec: SweepSpec, base: Config | None = None) -> list[str]:
+    """The searched keys that change the lambda = 0 arm's training: every key but the JEPA-only ones, and
+    jepa.t_low only where it sets L_diff's mask rate. With `jepa.rate_sampling: uniform` (fixed, not searched)
+    each sequence's context rate is drawn from U(0, 1) whatever t_low is, and t_low only sets the target view's
+    share (`objective.view_rates`): at lambda = 0 it changes nothing."""
+    base = base or validate(base_raw(spec))
+    uniform = base.jepa.rate_sampling == "uniform" and "jepa.rate_sampling" not in spec.space
+    return sorted(k for k in spec.space if k not in JEPA_ONLY_KEYS and not (k == "jepa.t_low" and uniform))
+
+
+def resolve_baseline(spec: SweepSpec, base: Config, path: Path | str = "space") -> None:
+    """Fill in the baseline arm's mode and size, or refuse a baseline that would not be on equal terms."""
+    if not isinstance(spec.baseline, BaselineSettings):
+        return
+    keys = baseline_keys(spec, base)
+    mode = spec.baseline.mode or ("searched" if keys else "pinned")
+    if mode == "pinned" and keys:
+        raise ConfigError(f"{path}: baseline.mode: pinned, but the space searches {', '.join(keys)}, which "
+                          f"change{'s' if len(keys) == 1 else ''} the lambda = 0 loss too: a pinned baseline "
+                          f"would be confounded; use mode: searched or fix {'it' if len(keys) == 1 else 'them'}")
+    if mode == "searched" and not keys:
+        raise ConfigError(f"{path}: baseline.mode: searched, but the space searches no key that changes the "
+                          f"lambda = 0 loss (only {', '.join(sorted(spec.space))}); use mode: pinned")
+    spec.baseline = BaselineSettings(mode=mode, num_samples=(spec.baseline.num_samples or spec.num_samples)
+                                     if mode == "searched" else None)
+
+
+def baseline_arm(spec: SweepSpec) -> BaselineSettings | None:
+    """The resolved baseline settings (mode and num_samples filled in), or None for a sweep without one."""
+    if not isinstance(spec.baseline, BaselineSettings):
+        return None
+    if spec.baseline.mode is None:
+        resolve_baseline(spec, validate(base_raw(spec)))
+    return spec.baseline
+
+
 def baseline_point(spec: SweepSpec) -> dict[str, Any]:
     """The pinned lambda = 0 arm: the base config's value for every searched key."""
     flat = validate(base_raw(spec)).flat()
     point = {key: flat[key] for key in spec.space if key in flat}
     point["jepa.lambda"] = 0.0
     return point
+
+
+def baseline_space(spec: SweepSpec) -> dict[str, Any]:
+    """The searched baseline arm's Tune space: lambda = 0, the JEPA-only keys at the base config's values (they
+    do nothing at lambda = 0; pinned so its trials are named and grouped alike), and every other searched key
+    with the DLLM-JEPA arm's own distribution."""
+    keys = baseline_keys(spec)
+    point = {k: v for k, v in baseline_point(spec).items() if k not in keys}
+    return param_space(spec, {k: spec.space[k] for k in keys}) | point
+
+
+def arm_of(config: dict[str, Any]) -> str:
+    """"baseline" for a lambda = 0 trial without the L2 anchor, else "dllm-jepa"."""
+    lam = float(config.get("jepa.lambda", 1.0))
+    return "baseline" if lam == 0 and config.get("loss.anchor", "none") == "none" else "dllm-jepa"
+
+
+_SHORT = {"jepa.lambda": "λ", "jepa.k": "k", "train.lr": "lr"}
+
+
+def trial_label(spec: SweepSpec, config: dict[str, Any], phase: str) -> str:
+    """What a trial is, for its MLflow run name: `baseline lr=1e-3`, `λ=0.5 k=2 t=0.18/0.90 lr=2.9e-3`; a trial
+    on a seed other than the selection seed adds it. The baseline names only the keys it searches."""
+    baseline = arm_of(config) == "baseline"
+    keys = [k for k in (baseline_keys(spec) if baseline else sorted(spec.space)) if k in config]
+    parts = ["baseline" if keys or not baseline else "baseline (pinned)"] if baseline else []
+    rates = "jepa.t_low" in keys and "jepa.t_high" in keys
+    first = [k for k in ("jepa.lambda", "jepa.k") if k in keys]
+    rest = [k for k in keys if k not in first and k != "train.lr" and not (rates and k.startswith("jepa.t_"))]
+    for key in first:
+        parts.append(f"{_SHORT[key]}={_short_value(config[key])}")
+    if rates:
+        parts.append(f"t={float(config['jepa.t_low']):.2f}/{float(config['jepa.t_high']):.2f}")
+    for key in rest + (["train.lr"] if "train.lr" in keys else []):
+        parts.append(f"{_SHORT.get(key, key.split('.')[-1])}={_short_value(config[key])}")
+    seed = int(config.get("train.seed", spec.selection_seed))
+    if phase == "repeat" or seed != spec.selection_seed:
+        parts.append(f"seed={seed}")
+    return " ".join(parts)
+
+
+def _short_value(value) -> str:
+    if isinstance(value, float) and value and not 1e-2 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def config_key(spec: SweepSpec, sampled: dict[str, Any]) -> str:

@@ -32,9 +32,10 @@ from . import tracking
 from .config import ConfigError
 from mlflow.tracking import MlflowClient
 
-from .results import best_configs, format_table, plot_sweep, trial_runs
-from .search_space import (GRID_POINT, SweepSpec, baseline_point, config_key, flatten_trial_config, load_spec,
-                           max_steps, param_space, trial_config)
+from .results import best_configs, format_table, plot_sweep, summary_metrics, trial_runs
+from .search_space import (GRID_POINT, SweepSpec, arm_of, baseline_arm, baseline_keys, baseline_point, baseline_space,
+                           config_key, flatten_trial_config, load_spec, max_steps, param_space, trial_config,
+                           trial_label)
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -64,11 +65,12 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
         cfg.train.checkpoint_steps = rung_steps(sweep.scheduler.grace_period, sweep.scheduler.reduction_factor,
                                                 cfg.train.max_steps)
     run_id, resumed = tracking.open_run(
-        tracking_uri, experiment, key="raydllm.trial_id", name=trial_id, params=cfg.flat(),
-        run_name=f"{phase}-{trial_id}",
+        tracking_uri, experiment, key="raydllm.trial_id", name=trial_id, params=cfg.flat() | sampler_params(cfg),
+        run_name=trial_label(sweep, config, phase),
         tags={"mlflow.parentRunId": parent_run_id, "raydllm.kind": "trial", "raydllm.phase": phase, "raydllm.status": "running",
-              "raydllm.config_key": config_key(sweep, config), "raydllm.searched": json.dumps(
-                  {k: v for k, v in config.items() if "." in k}, sort_keys=True, default=str)})
+              "raydllm.arm": arm_of(cfg.flat()), "raydllm.config_key": config_key(sweep, config),
+              "raydllm.searched": json.dumps({k: v for k, v in config.items() if "." in k}, sort_keys=True,
+                                             default=str)})
     client = MlflowClient(tracking_uri)
     if not resumed:
         client.log_text(run_id, json.dumps(cfg.to_dict(), indent=1), "config.json")
@@ -84,6 +86,17 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
                             tracking={"tracking_uri": tracking_uri, "run_id": run_id},
                             callbacks=[TuneReportCallback()], scheduled_at=scheduled_at)
     trainer.fit()
+
+
+def sampler_params(cfg) -> dict[str, Any]:
+    """The generation settings every trial's accuracy figures use (`eval.*` resolved by default_sampler)."""
+    from .evaluation import default_sampler
+
+    sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
+                              steps=cfg.eval.sampler_steps)
+    return {"sampler.gen_length": sampler.gen_length, "sampler.block_length": sampler.block_length,
+            "sampler.steps": sampler.steps, "sampler.temperature": sampler.temperature,
+            "sampler.remasking": sampler.remasking}
 
 
 # -- on the driver ------------------------------------------------------------------------------------------
@@ -422,7 +435,8 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
         params={"space_file": space_name, "num_samples": spec.num_samples,
                 "max_concurrent_trials": spec.max_concurrent_trials},
         tags={"raydllm.kind": "sweep", "raydllm.metric": spec.metric, "raydllm.mode": spec.mode,
-              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **tracking.environment_tags()})
+              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **arm_tags(spec),
+              **tracking.environment_tags()})
     try:
         MlflowClient(tracking_uri).log_text(parent_run_id, space_text, f"space/{space_name}")
         warm_deepspeed_ops()
@@ -441,22 +455,31 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
 
 
 def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
-    """The search phase, then the pinned baseline (under Optuna) and the seed repeats: True if restored."""
-    restored = _fit_phase(spec=spec, name=name, phase="search", param_space=param_space(spec),
-                          asha=spec.scheduler.type == "asha", search=True, **common)
-    if spec.baseline and spec.search.algorithm == "optuna":
-        # Optuna cannot warm-start from a point outside its space (lambda = 0 is not among the searched
-        # lambdas): the pinned baseline runs as its own one-trial phase, to max_t.
-        _fit_phase(spec=spec, name=f"{name}-baseline", phase="baseline", asha=False, search=False, **common,
-                   param_space={**baseline_point(spec), "train.seed": spec.seeds[0]})
-    if spec.repeat.top and len(spec.seeds) > 1:
+    """The DLLM-JEPA arm's search, the baseline arm (searched under the same scheduler, or pinned), then both
+    arms' winners on the fresh seeds: True if the first phase was restored."""
+    asha = spec.scheduler.type == "asha"
+    # Each arm is its own search under the same scheduler: ASHA compares baseline trials with baseline trials.
+    restored = _fit_phase(spec=spec, name=name, phase="search", param_space=param_space(spec), asha=asha,
+                          num_samples=spec.num_samples, **common)
+    arm = baseline_arm(spec)
+    if arm and arm.mode == "searched":
+        _fit_phase(spec=spec, name=f"{name}-baseline", phase="baseline", param_space=baseline_space(spec), asha=asha,
+                   num_samples=arm.num_samples, **common)
+    elif arm:  # the space fixes every key that changes the lambda = 0 loss: one trial at those values, to max_t
+        _fit_phase(spec=spec, name=f"{name}-baseline", phase="baseline", asha=False, num_samples=None, **common,
+                   param_space={**baseline_point(spec), "train.seed": spec.selection_seed})
+    if spec.repeat.top and spec.fresh_seeds:
+        # The winners (chosen on the selection seed's validation metric, completed trials only) on the fresh
+        # seeds: the same seeds for both arms, so each pair shares its data order and masks.
         report = best_configs(spec.task, tracking_uri=common["tracking_uri"], top=spec.repeat.top, sweep=name)
         points = [r["params"] for r in report["best"]] + ([report["baseline"]["params"]]
                                                            if report["baseline"] else [])
-        from ray import tune
+        if points:
+            from ray import tune
 
-        _fit_phase(spec=spec, name=f"{name}-repeat", phase="repeat", asha=False, search=False, **common,
-                   param_space={GRID_POINT: tune.grid_search(points), "train.seed": tune.grid_search(spec.seeds[1:])})
+            _fit_phase(spec=spec, name=f"{name}-repeat", phase="repeat", asha=False, num_samples=None, **common,
+                       param_space={GRID_POINT: tune.grid_search(points),
+                                    "train.seed": tune.grid_search(spec.fresh_seeds)})
     return restored
 
 
@@ -508,9 +531,20 @@ def _sigint_stops_tune():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
-def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, search: bool, storage: str,
-               tracking_uri: str, experiment: str, parent_run_id: str, progress: bool | Any) -> bool:
-    """Run one Tuner (or restore it if its folder exists): True if it was restored."""
+def arm_tags(spec: SweepSpec) -> dict[str, str]:
+    """What the parent run says about the comparison: the selection seed, the fresh seeds, the baseline arm."""
+    arm = baseline_arm(spec)
+    return {"raydllm.selection_seed": str(spec.selection_seed), "raydllm.fresh_seeds": json.dumps(spec.fresh_seeds),
+            "raydllm.max_steps": str(max_steps(spec)),
+            "raydllm.baseline_mode": arm.mode if arm else "none",
+            "raydllm.baseline_keys": json.dumps(baseline_keys(spec) if arm else []),
+            "raydllm.baseline_num_samples": str(arm.num_samples or 1) if arm else "0"}
+
+
+def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, num_samples: int | None,
+               storage: str, tracking_uri: str, experiment: str, parent_run_id: str, progress: bool | Any) -> bool:
+    """Run one Tuner (or restore it if its folder exists): True if it was restored. `num_samples`: a search
+    (the space sampled that often, by the sweep's search algorithm); None: every point of `param_space` once."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -521,8 +555,9 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                              parent_run_id=parent_run_id, train_storage=train_storage, phase=phase),
         _trial_resources())
     path = f"{storage.rstrip('/')}/{name}"
-    # The pinned baseline is one of the num_samples; Tune runs num_samples x every grid combination.
-    total = spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
+    search = num_samples is not None
+    # Tune runs num_samples x every grid combination.
+    total = num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
         if search else None
     reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps, phase=phase,
                              stream=None if progress is True else progress) if progress else None
@@ -543,7 +578,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples if search else 1,
+                metric=spec.metric, mode=spec.mode, num_samples=num_samples if search else 1,
                 # the search phase's generator limits concurrency itself (Tune ignores this with it)
                 max_concurrent_trials=None if search else spec.max_concurrent_trials, scheduler=scheduler,
                 search_alg=_search_alg(spec) if search else None),
@@ -566,18 +601,19 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
 
 
 def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: str) -> str:
-    """The final table (returned; the CLI prints it) and, as artifacts of the parent run, the table, JSON and a
-    plot."""
+    """The final table (returned; the CLI prints it); on the parent run each arm's best value and the gain as
+    metrics, and the table, JSON and a plot as artifacts."""
     import tempfile
 
     client = MlflowClient(tracking_uri)
-    report = best_configs(spec.task, tracking_uri=tracking_uri, top=10, sweep=name)
+    report = best_configs(spec.task, tracking_uri=tracking_uri, top=10_000, sweep=name)
     table = format_table(report)
+    for key, value in summary_metrics(report).items():
+        client.log_metric(parent_run_id, key, value)
     client.log_text(parent_run_id, table, "summary/best.txt")
     client.log_dict(parent_run_id, report, "summary/best.json")
     with tempfile.TemporaryDirectory() as tmp:
-        plot = plot_sweep(trial_runs(client, client.get_run(parent_run_id)), spec.metric, sorted(spec.space),
-                          Path(tmp) / "metric_vs_params.png")
+        plot = plot_sweep(report, sorted(spec.space), Path(tmp) / "metric_vs_params.png")
         if plot:
             client.log_artifact(parent_run_id, str(plot), "summary")
     return table
@@ -593,9 +629,7 @@ def _search_alg(spec: SweepSpec):
 
         sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
         return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=spec.max_concurrent_trials)
-    points = [baseline_point(spec) | {"train.seed": spec.seeds[0]}] if spec.baseline else []
-    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.search.seed,
-                                 max_concurrent=spec.max_concurrent_trials)
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
 
 
 

@@ -229,14 +229,17 @@ class WorkerLoop:
         cfg = self.cfg
         sums = {"loss_total": 0.0, "loss_diff": 0.0, "loss_jepa": 0.0}
         jepa_runs = tokens = 0
-        # Masks of step s depend only on (seed, step, rank): a resumed run draws the same views.
-        generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.step * 104_729 + self.rank)
         # JEPA loss dropout: the whole step's target branch is on or off, the same decision on all ranks.
         run_target = cfg.jepa.target_prob >= 1.0 or (
             torch.rand((), generator=torch.Generator().manual_seed(cfg.train.seed + self.step)).item()
             < cfg.jepa.target_prob)
         target = self._target()
         for micro in range(cfg.train.grad_accum):
+            # Masks of (step, micro) depend only on (seed, step, micro, rank): a resumed run draws the same views,
+            # and the two arms of a comparison on one seed the same context views (a micro-batch's target view is
+            # drawn after its context view, so it cannot shift the next micro-batch's draws).
+            generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.step * 104_729
+                                                      + micro * 15_485_863 + self.rank)
             idx = micro_batch_indices(len(self.train_records), step=self.step, micro=micro, rank=self.rank,
                                       world=self.world, micro_batch_size=cfg.train.micro_batch_size,
                                       grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
@@ -369,6 +372,9 @@ class WorkerLoop:
         import ray.train
 
         self.sink.tag("raydllm.node_id", ray.get_runtime_context().get_node_id())  # where rank 0 trains
+        # The accelerator the trial trained on (the driver's hardware tags describe the head, often CPU-only).
+        self.sink.tag("raydllm.device", torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                      else "cpu")
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:

@@ -27,7 +27,7 @@ LAYER_OF = {
     "evaluation": "evaluation", "probes": "evaluation", "trial": "evaluation",
     # one run's driver, sweeps, MLflow
     "tracking": "runs and sweeps", "train": "runs and sweeps", "search_space": "runs and sweeps",
-    "tune": "runs and sweeps", "results": "runs and sweeps", "cluster": "runs and sweeps",
+    "tune": "runs and sweeps", "results": "runs and sweeps", "report": "runs and sweeps", "cluster": "runs and sweeps",
     # command line and benchmarks
     "cli": "top", "bench": "top", "console": "top",
 }

@@ -11,41 +11,114 @@ from raydllm.results import best_configs
 from raydllm.search_space import baseline_point, config_key, load_spec
 
 
-def _sweep(uri: str, trials: list[tuple[dict, int, float, str]]) -> str:
+def _sweep(uri: str, trials: list[tuple], *, selection_seed: int = 42, fresh: list[int] = (123, 777)) -> str:
+    """A synthetic sweep in MLflow: trials (params, seed, value, status[, rung, {step: value}])."""
     parent, _ = tracking.open_run(uri, "raydllm-gsm8k", key="raydllm.sweep", name="s1",
                                   tags={"raydllm.kind": "sweep", "raydllm.metric": "val_loss_diff",
-                                        "raydllm.mode": "min"})
+                                        "raydllm.mode": "min", "raydllm.selection_seed": str(selection_seed),
+                                        "raydllm.fresh_seeds": json.dumps(list(fresh)),
+                                        "raydllm.baseline_mode": "searched",
+                                        "raydllm.baseline_keys": json.dumps(["train.lr"]),
+                                        "raydllm.baseline_num_samples": "2"})
     client = MlflowClient(uri)
-    for i, (params, seed, value, status) in enumerate(trials):
+    for i, (params, seed, value, status, *rest) in enumerate(trials):
         searched = {**params, "train.seed": seed}
+        arm = "baseline" if params["jepa.lambda"] == 0 else "dllm-jepa"
+        tags = {"mlflow.parentRunId": parent, "raydllm.kind": "trial", "raydllm.arm": arm,
+                "raydllm.phase": "repeat" if seed != selection_seed else ("baseline" if arm == "baseline" else "search"),
+                "raydllm.status": status, "raydllm.searched": json.dumps(searched),
+                "raydllm.config_key": json.dumps(params, sort_keys=True), "raydllm.last_step": "120"}
+        if status == "stopped_early":
+            tags |= {"raydllm.stopped_at_rung": str(rest[0]), "raydllm.stopped_at_step": str(30 * 3 ** rest[0]),
+                     "raydllm.last_step": str(30 * 3 ** rest[0] + 15)}
         run, _ = tracking.open_run(uri, "raydllm-gsm8k", key="raydllm.trial_id", name=f"t{i}",
-                                   params={**{k: v for k, v in params.items()}, "train.seed": seed,
-                                           "loss.anchor": "none"},
-                                   tags={"mlflow.parentRunId": parent, "raydllm.kind": "trial",
-                                         "raydllm.status": status, "raydllm.searched": json.dumps(searched),
-                                         "raydllm.config_key": json.dumps(params, sort_keys=True)})
-        client.log_metric(run, "val_loss_diff", value, step=10)
+                                   run_name=f"{arm} {params} seed={seed}",
+                                   params={**params, "train.seed": seed, "loss.anchor": "none"}, tags=tags)
+        for step, v in (rest[1] if len(rest) > 1 else {}).items():
+            client.log_metric(run, "val_loss_diff", v, step=step)
+        client.log_metric(run, "val_loss_diff", value, step=int(tags["raydllm.last_step"]))
     return parent
 
 
-def test_seeds_aggregated_and_gain_on_shared_seeds(tmp_path, capsys):
+GOOD, BAD, BASE, BASE2 = ({"jepa.lambda": 1.0, "train.lr": 1e-3}, {"jepa.lambda": 2.0, "train.lr": 3e-3},
+                          {"jepa.lambda": 0.0, "train.lr": 2e-3}, {"jepa.lambda": 0.0, "train.lr": 3e-4})
+
+
+def test_gain_on_fresh_seeds_only_paired_with_a_test(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    good, bad, base = {"jepa.lambda": 1.0, "jepa.k": 2}, {"jepa.lambda": 2.0, "jepa.k": 1}, {"jepa.lambda": 0.0,
-                                                                                              "jepa.k": 1}
-    _sweep(uri, [(good, 42, 1.0, "completed"), (good, 123, 1.2, "completed"), (good, 777, 1.1, "completed"),
-                 (bad, 42, 3.0, "stopped_early"), (base, 42, 1.5, "completed"), (base, 123, 1.7, "completed"),
-                 ({"jepa.lambda": 0.5, "jepa.k": 1}, 42, 0.1, "failed")])
+    _sweep(uri, [(GOOD, 42, 1.0, "completed"), (GOOD, 123, 1.2, "completed"), (GOOD, 777, 1.1, "completed"),
+                 (BASE, 42, 1.5, "completed"), (BASE, 123, 1.7, "completed"), (BASE, 777, 1.4, "completed"),
+                 (BASE2, 42, 1.9, "completed"), ({"jepa.lambda": 0.5, "train.lr": 1e-3}, 42, 0.1, "failed")])
     report = best_configs("gsm8k", tracking_uri=uri, top=5)
     first = report["best"][0]
-    assert first["params"] == good and first["n"] == 3 and sorted(first["seeds"]) == [42, 123, 777]
-    assert first["mean"] == pytest.approx(1.1) and first["std"] == pytest.approx(0.1)
-    # gain uses the seeds both ran (42, 123): baseline mean 1.6 vs config mean 1.1 on those seeds
-    assert first["gain_vs_baseline"] == pytest.approx(0.5) and first["baseline_seeds"] == [42, 123]
-    assert report["baseline"]["mean"] == pytest.approx(1.6)
-    assert [r["params"] for r in report["best"]] == [good, bad]  # the failed trial is not ranked
+    assert first["params"] == GOOD and first["selection_value"] == pytest.approx(1.0)
+    assert first["fresh_seeds"] == [123, 777] and first["fresh_mean"] == pytest.approx(1.15)
+    # the gain is measured on 123 and 777 only: differences 0.5 and 0.3 (the selection seed's 0.5 is not one)
+    gain = report["gain"]
+    assert gain["seeds"] == [123, 777] and 42 not in gain["seeds"]
+    assert gain["differences"] == pytest.approx([0.5, 0.3]) and gain["mean"] == pytest.approx(0.4)
+    assert gain["std"] == pytest.approx(0.1414, abs=1e-4) and gain["n"] == 2
+    from scipy.stats import ttest_rel
+
+    assert gain["p_value"] == pytest.approx(ttest_rel([1.7, 1.4], [1.2, 1.1]).pvalue)
+    assert report["baseline"]["params"] == BASE and [r["params"] for r in report["baselines"]] == [BASE, BASE2]
+    assert [r["params"] for r in report["best"]] == [GOOD]  # the failed trial is not ranked
     assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
     table = capsys.readouterr().out
-    assert "baseline" in table and "1.1000 ± 0.1000" in table
+    assert "gain +0.4000 ± 0.1414 (n=2, seeds [123, 777], paired t p=" in table
+    assert "searched over train.lr" in table
+
+
+def test_gain_not_measured_without_fresh_seeds_and_no_std_for_one(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    _sweep(uri, [(GOOD, 42, 1.0, "completed"), (BASE, 42, 1.5, "completed")], fresh=[])
+    report = best_configs("gsm8k", tracking_uri=uri)
+    assert report["gain"] is None and report["best"][0]["gain"] is None  # never from the selection seed
+    assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
+    assert "gain not measured" in capsys.readouterr().out
+    uri1 = f"sqlite:///{tmp_path / 'one.db'}"
+    _sweep(uri1, [(GOOD, 42, 1.0, "completed"), (GOOD, 123, 1.2, "completed"), (BASE, 42, 1.5, "completed"),
+                  (BASE, 123, 1.7, "completed")], fresh=[123])
+    report = best_configs("gsm8k", tracking_uri=uri1)
+    assert report["gain"]["n"] == 1 and report["gain"]["std"] is None and report["gain"]["p_value"] is None
+    assert report["best"][0]["fresh_std"] is None  # one value has no spread, not 0.0
+
+
+def test_stopped_trial_never_ranks_above_a_completed_one(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    # BAD looked best at its rung-0 report (0.2 at step 30), then was stopped; it reported once more after.
+    _sweep(uri, [(GOOD, 42, 1.0, "completed"), (BAD, 42, 0.15, "stopped_early", 0, {30: 0.2}),
+                 (BASE, 42, 1.5, "completed"), (BASE, 123, 1.7, "completed"), (GOOD, 123, 1.2, "completed")],
+           fresh=[123])
+    report = best_configs("gsm8k", tracking_uri=uri)
+    assert [r["params"] for r in report["best"]] == [GOOD]
+    (stopped,) = report["stopped"]
+    assert stopped["params"] == BAD and stopped["stopped_at_rung"] == 0 and stopped["selection_step"] == 30
+    assert stopped["selection_value"] == pytest.approx(0.2) and stopped["gain"] is None  # its value at the rung
+    assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
+    assert "rung 0 (step 30): 0.2000" in capsys.readouterr().out
+    from raydllm.results import plot_sweep
+
+    assert plot_sweep(report, ["jepa.lambda", "train.lr"], tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_student_t_without_scipy_matches_scipy(monkeypatch):
+    import builtins
+
+    from scipy.stats import t as student_t
+
+    from raydllm.results import student_t_sf
+
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    for t, df in [(0.0, 1), (0.5, 1), (2.3, 2), (4.1, 3), (1.7, 10), (12.0, 4), (0.01, 30)]:
+        assert student_t_sf(t, df) == pytest.approx(float(student_t.sf(t, df)), rel=1e-9, abs=1e-12)
 
 
 def test_best_without_sweep_is_a_clear_error(tmp_path, capsys):
@@ -130,3 +203,51 @@ def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
     assert asha["best_config"] == {"train.lr": "b"} and asha["trial_steps"] == 185 and asha["seeds"] == [42]
     assert _sweep_finished(uri, "gsm8k", "grid") and not _sweep_finished(uri, "gsm8k", "asha")
     assert not _sweep_finished(uri, "gsm8k", "missing")
+
+
+def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
+    """`raydllm report`: both winners' fresh-seed checkpoints answer the test split (real generation with
+    hand-built tiny checkpoints), the table carries per-arm mean ± std, the paired gain and the probes the
+    trials logged; the parent run records it, and a second look at test is refused unless forced."""
+    import torch
+
+    from raydllm.backbone import load_backbone
+    from raydllm.config import load_config
+    from test_evaluation import SMALL, _hand_built_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    parent = _sweep(uri, [(GOOD, 42, 1.0, "completed"), (GOOD, 123, 1.2, "completed"), (GOOD, 777, 1.1, "completed"),
+                          (BASE, 42, 1.5, "completed"), (BASE, 123, 1.7, "completed"), (BASE, 777, 1.4, "completed"),
+                          (BAD, 42, 0.5, "stopped_early", 0)])
+    client = MlflowClient(uri)
+    cfg = load_config("gsm8k", "local", SMALL)
+    deltas = {}
+    for i, run in enumerate(client.search_runs([client.get_run(parent).info.experiment_id],
+                                               f"tags.`mlflow.parentRunId` = '{parent}'")):
+        torch.manual_seed(i)
+        backbone, _ = load_backbone(cfg.model)
+        folder = tmp_path / f"ckpt{i}" / "checkpoint_000007"
+        _hand_built_checkpoint(folder, cfg, backbone.model.state_dict())
+        client.set_tag(run.info.run_id, "raydllm.checkpoint", str(folder))
+        client.set_tag(run.info.run_id, "raydllm.device", "cpu")
+        deltas[run.info.run_id] = 0.1 * i
+        client.log_metric(run.info.run_id, "probe/wikitext_delta", 0.1 * i, step=120)
+        client.log_metric(run.info.run_id, "probe/drift_late", 0.01 * i, step=120)
+    args = ["report", "gsm8k", "--tracking-uri", uri, "--limit", "3", "--gen-length", "8", "--out", str(tmp_path),
+            "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    jepa, base = report["arms"]["dllm-jepa"], report["arms"]["baseline"]
+    assert report["seeds"] == [123, 777] and jepa["params"] == GOOD and base["params"] == BASE
+    assert len(jepa["values"]) == 2 and jepa["std"] is not None and report["protocol"]["examples"] == 3
+    assert report["gain"]["differences"] == pytest.approx([j - b for j, b in zip(jepa["values"], base["values"])])
+    assert jepa["probes"]["wikitext_delta"]["mean"] == pytest.approx(
+        sum(deltas[r] for r in jepa["run_ids"]) / 2)
+    assert report["hardware"]["trials"] == ["cpu"] and report["protocol"]["gen_length"] == 8
+    assert client.get_run(jepa["run_ids"][0]).data.metrics["eval/test/0shot/n"] == 3
+    assert {a.path for a in client.list_artifacts(parent, "report")} == {"report/test.md", "report/test.json"}
+    markdown = (tmp_path / "report-s1.md").read_text()
+    assert "| DLLM-JEPA |" in markdown and "Paired gain" in markdown and "p = " in markdown
+    assert main(args) == 2  # the same winners on test again: refused
+    assert "already evaluated on test" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0

@@ -105,3 +105,25 @@ def test_checkpoints_at_rungs_and_the_end_only(process_group):
     every = _loop("train.eval_every=5", "train.max_steps=40")
     every.step = 5
     assert every.checkpoint_due()  # nothing set: every report
+def test_both_arms_on_one_seed_see_the_same_batches_and_context_views(process_group, monkeypatch):
+    """The gain is paired by seed: at lambda = 0 and lambda = 1 the same seed gives the same micro-batches and
+    the same context masks (the JEPA arm's target-view draws must not shift the next micro-batch's)."""
+    import raydllm.worker as worker
+
+    seen = []
+
+    def recording(*args, generator, **kwargs):
+        seen[-1].append((args[3].clone(), generator.get_state().clone()))  # x0 and the RNG the views are drawn from
+        return real(*args, generator=generator, **kwargs)
+
+    real = worker.dllm_jepa_losses
+    monkeypatch.setattr(worker, "dllm_jepa_losses", recording)
+    for lam in ("0", "1"):
+        seen.append([])
+        loop = _loop(f"jepa.lambda={lam}", "train.grad_accum=2")
+        loop.train_step()
+        loop.train_step()
+    baseline, jepa = seen
+    assert len(baseline) == len(jepa) == 4
+    for (x_b, rng_b), (x_j, rng_j) in zip(baseline, jepa):
+        assert torch.equal(x_b, x_j) and torch.equal(rng_b, rng_j)
