@@ -217,17 +217,7 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
     model_cfg = cfg.model.model_copy(update={"init": "random"}) if cfg.model.name == "tiny" else cfg.model
     model_cfg = model_cfg.model_copy(update={"gradient_checkpointing": False})
     backbone, tokenizer = load_backbone(model_cfg, dtype=dtype)
-    if ema:
-        ema_file = folder / "ema.pt"
-        if not ema_file.is_file():
-            raise ConfigError(f"--ema: checkpoint {folder} has no ema.pt (trained with jepa.lambda=0?)")
-        state = {k.removeprefix("model."): v for k, v in torch_load(ema_file).items()}
-    else:
-        module = read_checkpoint_state(folder)
-        state = {k[len(BACKBONE_PREFIX):]: v for k, v in module.items() if k.startswith(BACKBONE_PREFIX)}
-        if not state:
-            raise ConfigError(f"checkpoint {folder}: no {BACKBONE_PREFIX}* weights in its model states")
-    backbone.model.load_state_dict(state, strict=True)
+    backbone.model.load_state_dict(_saved_backbone_state(folder, ema=ema), strict=True)
     return backbone.to(device).eval(), tokenizer, cfg
 
 
@@ -240,14 +230,21 @@ def _load_lora_checkpoint(folder: Path, cfg: Config, *, ema: bool, device, dtype
     prepare_base(cfg.model)
     torch.manual_seed(cfg.train.seed)
     backbone, tokenizer = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}), dtype=dtype)
+    load_adapters(backbone, _saved_backbone_state(folder, ema=ema))
+    merge_adapters(backbone)
+    return backbone.to(device).eval(), tokenizer, cfg
+
+
+def _saved_backbone_state(folder: Path, *, ema: bool) -> dict[str, torch.Tensor]:
+    """The backbone tensors a checkpoint saved (the whole model, or a LoRA run's adapters): the EMA target's
+    (`ema.pt`) with ema=True, else the online model's from the DeepSpeed model states."""
     if ema:
         ema_file = folder / "ema.pt"
         if not ema_file.is_file():
             raise ConfigError(f"--ema: checkpoint {folder} has no ema.pt (trained with jepa.lambda=0?)")
-        state = {k.removeprefix("model."): v for k, v in torch_load(ema_file).items()}
-    else:
-        module = read_checkpoint_state(folder)
-        state = {k[len(BACKBONE_PREFIX):]: v for k, v in module.items() if k.startswith(BACKBONE_PREFIX)}
-    load_adapters(backbone, state)
-    merge_adapters(backbone)
-    return backbone.to(device).eval(), tokenizer, cfg
+        return {k.removeprefix("model."): v for k, v in torch_load(ema_file).items()}
+    module = read_checkpoint_state(folder)
+    state = {k[len(BACKBONE_PREFIX):]: v for k, v in module.items() if k.startswith(BACKBONE_PREFIX)}
+    if not state:
+        raise ConfigError(f"checkpoint {folder}: no {BACKBONE_PREFIX}* weights in its model states")
+    return state
