@@ -216,6 +216,11 @@ class EvalConfig(_Section):
     probe_chunks: int = Field(100, ge=2)
     probe_seq_len: int = Field(256, gt=1)
     probe_seed: int = 0  # masks of the WikiText loss and of the two views, and the 5,000 cosine pairs
+    # The forgetting objective of a Pareto sweep, at every report: the WikiText diffusion loss (50% masking,
+    # probe_seq_len tokens, probe_seed masks) on the first `report_probe_chunks` chunks of probe_split, reported
+    # as wikitext_delta = that loss - the base's on the same chunks (the base: these weights before step 1).
+    # 0 = off. Its cost is bounded by the chunk count and logged as time/forgetting_probe_s.
+    report_probe_chunks: int = Field(0, ge=0)
     # MMLU in the final evaluation, when given: a hub id (e.g. cais/mmlu) or local files in MMLU's format
     # (<subject>_test.csv files, or jsonl rows {subject, question, choices, answer}); a stratified subset of
     # mmlu_items questions (same items for every model: seed mmlu_seed).

@@ -10,7 +10,7 @@ import torch
 from .backbone import BaseView, load_backbone
 from .config import validate
 from .evaluation import default_sampler, evaluate_task, prompt_budget
-from .probes import load_mmlu, mmlu_probe, run_probes, stratified_sample
+from .probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
 from .sampler import SamplerConfig
 from .tasks import get_task
 from .worker import WorkerLoop
@@ -24,6 +24,40 @@ class TrialLoop(WorkerLoop):
         # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
         self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
                           if cfg.eval.mmlu and cfg.eval.final and self.rank == 0 else None)
+        self.forgetting_chunks, self.base_wikitext_loss = None, None
+        if cfg.eval.report_probe_chunks:
+            self._measure_base()
+
+    def _measure_base(self) -> None:
+        """Before step 1 the online weights are the base: its WikiText loss on the forgetting probe's chunks
+        (every start, resumes included, since reports subtract it), and once per run the base's values of the
+        per-report objectives as `base/*` metrics at step 0 (the base model's point on a sweep's Pareto plot)."""
+        cfg = self.cfg
+        if self.rank == 0:
+            self.forgetting_chunks = wikitext_chunks(
+                self.tokenizer, cfg.eval.wikitext_path, split=cfg.eval.probe_split,
+                seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
+            self.base_wikitext_loss = self._forgetting_loss()
+        if self._rank0_value(lambda: float(self.sink.has("base/val_loss_diff"))):
+            return  # a resumed run: logged by its first attempt
+        base = {"base/val_loss_diff": self.validation_loss(), "base/wikitext_delta": 0.0}
+        if cfg.eval.metric == "accuracy":
+            base["base/val_accuracy"] = self._rank0_value(self.validation_accuracy)
+        if self.rank == 0:
+            base["base/wikitext_loss"] = self.base_wikitext_loss
+        self.sink.add(0, base)
+        self.sink.flush()
+
+    def _forgetting_loss(self) -> float:
+        cfg = self.cfg
+        backbone = self.engine.module.backbone
+        return wikitext_loss(backbone, self.tokenizer, chunks=self.forgetting_chunks, seed=cfg.eval.probe_seed,
+                             batch_size=cfg.train.micro_batch_size)
+
+    def forgetting_probe(self) -> dict[str, float]:
+        """The forgetting objective at this report: WikiText loss now minus the base's, same chunks and masks."""
+        loss = self._forgetting_loss()
+        return {"wikitext_loss": loss, "wikitext_delta": loss - self.base_wikitext_loss}
 
     def sampler(self, method: str = "exact") -> SamplerConfig:
         """The resolved sampler settings of `method` (exact | fast), logged as the run's `sampler.*` params

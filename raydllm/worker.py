@@ -104,7 +104,8 @@ class MetricsSink:
     """
 
     KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s",
-            "time/eval_s", "time/checkpoint_s", "checkpoint/bytes")
+            "time/eval_s", "time/checkpoint_s", "checkpoint/bytes", "val_accuracy", "wikitext_loss", "wikitext_delta",
+            "time/forgetting_probe_s")
 
     def __init__(self, tracking: dict | None):
         self.client = None
@@ -298,6 +299,10 @@ class WorkerLoop:
         """End-of-run figures (generation, probes); rank 0 only. The engine alone has none."""
         return {}
 
+    def forgetting_probe(self) -> dict[str, float]:
+        """`eval.report_probe_chunks`: the forgetting objective at this report (wikitext_delta); rank 0 only."""
+        raise ConfigError("eval.report_probe_chunks: this loop has no forgetting probe (use trial.TrialLoop)")
+
     def _final_evaluation_once(self) -> dict[str, float]:
         # A run restored at its final checkpoint has usually logged its final evaluation already.
         if self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric):
@@ -423,13 +428,19 @@ class WorkerLoop:
         summary.pop("tokens", None)
         if self.cfg.eval.metric == "accuracy":
             summary["val_accuracy"] = self._rank0_value(self.validation_accuracy)
+        if self.cfg.eval.report_probe_chunks:
+            probe_start = time.perf_counter()
+            summary |= self._rank0_dict(self.forgetting_probe)
+            self.seconds["forgetting_probe"] = (self.seconds.get("forgetting_probe", 0.0)
+                                                + time.perf_counter() - probe_start)
         if self.step >= self.total_steps and self.cfg.eval.final:
             summary |= self._rank0_dict(self._final_evaluation_once)
         self.seconds["eval"] += time.perf_counter() - eval_start
         # Rank 0's clock for every phase, so each worker reports the same figures.
         summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})
         self.sink.add(self.step, {k: v for k, v in summary.items() if k != "time/checkpoint_s"
-                                  and k.startswith(("val_", "final", "probe/", "time/", "params/")) and isinstance(v, float)})
+                                  and k.startswith(("val_", "final", "probe/", "time/", "params/", "wikitext_"))
+                                  and isinstance(v, float)})
         if self.checkpoint_due():
             checkpoint_start = time.perf_counter()
             self._checkpoint_and_report(summary)

@@ -235,3 +235,44 @@ def test_final_evaluation_runs_probes_mmlu_and_logs_sampler_params(process_group
     params = client.get_run(run_id).data.params
     assert params["sampler.steps"] == "4" and params["sampler.gen_length"] == "8"
     assert params["sampler.block_length"] == "8" and params["sampler.remasking"] == "low_confidence"
+
+
+def test_forgetting_objective_at_every_report_against_the_base(process_group, tmp_path, monkeypatch):
+    """eval.report_probe_chunks: each report carries wikitext_delta = WikiText loss now - the base's (the weights
+    before step 1, on the same chunks and masks); the base's own values are logged once, at step 0."""
+    import ray.train
+    from mlflow.tracking import MlflowClient
+
+    from raydllm.config import load_config
+    from raydllm.trial import TrialLoop
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    cfg = load_config("gsm8k", "local", ["model.init=random", "model.d_model=32", "model.n_layers=2",
+                                         "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=8",
+                                         "train.micro_batch_size=4", "train.max_steps=20", "train.lr=3e-3",
+                                         "train.eval_every=10", "eval.final=false", "eval.probe_seq_len=32",
+                                         "eval.report_probe_chunks=3"])
+    tracking = {"tracking_uri": uri, "run_id": run_id}
+    loop = TrialLoop(cfg, rank=0, world=1, device=torch.device("cpu"), tracking=tracking)
+    assert loop.forgetting_chunks.shape == (3, 32)
+    assert loop.forgetting_probe()["wikitext_delta"] == 0.0  # untrained: the base itself
+    reported = []
+    monkeypatch.setattr(ray.train, "report", lambda summary, **kw: reported.append(summary))
+    for _ in range(10):
+        loop.step += 1
+        loop.train_step()
+    loop.report([], 1.0)
+    summary = reported[-1]
+    now = wikitext_loss(loop.engine.module.backbone, loop.tokenizer, chunks=loop.forgetting_chunks, seed=0,
+                        batch_size=4)
+    assert summary["wikitext_delta"] == pytest.approx(now - loop.base_wikitext_loss)
+    assert summary["wikitext_delta"] != 0.0 and summary["time/forgetting_probe_s"] > 0
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["base/wikitext_delta"] == 0.0 and metrics["base/wikitext_loss"] == loop.base_wikitext_loss
+    assert metrics["wikitext_delta"] == pytest.approx(summary["wikitext_delta"])
+    assert [m.step for m in client.get_metric_history(run_id, "base/val_loss_diff")] == [0]
+    # A resumed attempt (a new loop on the same run) measures the base again but does not log it twice.
+    TrialLoop(cfg, rank=0, world=1, device=torch.device("cpu"), tracking=tracking)
+    assert len(client.get_metric_history(run_id, "base/val_loss_diff")) == 1
