@@ -24,6 +24,9 @@ from .config import ConfigError, Config, deep_merge, parse_overrides, preset_dic
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHABLE_METRICS = ("val_loss_diff", "loss_diff", "loss_total", "val_accuracy")
 METRIC_MODES = {"val_loss_diff": "min", "loss_diff": "min", "loss_total": "min", "val_accuracy": "max"}
+# A Pareto sweep's objectives: the searchable metrics, and forgetting (eval.report_probe_chunks, trial.py).
+OBJECTIVE_MODES = METRIC_MODES | {"wikitext_delta": "min"}
+FORGETTING_PROBE_CHUNKS = 16  # eval.report_probe_chunks when a space optimises wikitext_delta and sets none
 
 
 class _Strict(BaseModel):
@@ -90,6 +93,8 @@ class AshaSettings(_Strict):
 class SearchSettings(_Strict):
     algorithm: Literal["random", "grid", "optuna"] = "random"
     seed: int | None = 0
+    # optuna's sampler: TPE (the default with one metric), or NSGA-II (the default with several objectives)
+    sampler: Literal["tpe", "nsga2"] | None = None
 
 
 ACCELERATOR_SHARE = 0.001  # what Ray Train asks of `accelerator_type:<type>` per worker (a node has 1)
@@ -135,8 +140,13 @@ class SweepSpec(_Strict):
     task: str
     preset: str = "local"
     name: str | None = None
-    metric: Literal["val_loss_diff", "loss_diff", "loss_total", "val_accuracy"]
+    # The metric a single-objective sweep selects on; in a Pareto sweep (`objectives:`) the one the progress view
+    # and the single-metric tables show (default: the first objective that is a searchable metric).
+    metric: Literal["val_loss_diff", "loss_diff", "loss_total", "val_accuracy"] | None = None
     mode: Literal["min", "max"] | None = None
+    # A Pareto sweep: two or more objectives, in order, each with its mode, e.g. {val_loss_diff: min,
+    # wikitext_delta: min}; every trial reports all of them at every report.
+    objectives: dict[str, Literal["min", "max"]] | None = None
     fixed: dict[str, Any] = {}
     space: dict[str, Distribution]
     baseline: bool | BaselineSettings = True  # the lambda = 0 arm: true (mode from the space), false, or settings
@@ -151,8 +161,15 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.objectives is not None:
+            self._check_objectives()
+        elif self.metric is None:
+            raise ValueError("metric: required (or objectives: for a Pareto sweep)")
         if self.mode is None:
             self.mode = METRIC_MODES[self.metric]
+        if self.search.sampler and self.search.algorithm != "optuna":
+            raise ValueError(f"search.sampler: {self.search.sampler} is an optuna sampler; search.algorithm is "
+                             f"{self.search.algorithm}")
         if "train.seed" in self.space:
             raise ValueError("space.train.seed: seeds are given by `seeds:`, not searched")
         if self.search.algorithm == "optuna" and any(d.kind == "grid" for d in self.space.values()):
@@ -164,6 +181,24 @@ class SweepSpec(_Strict):
             raise ValueError("baseline.num_samples: a pinned baseline is one trial; give num_samples with "
                              "mode: searched")
         return self
+
+    def _check_objectives(self) -> None:
+        if len(self.objectives) < 2:
+            raise ValueError("objectives: give at least two (a single one is metric:)")
+        for name, mode in self.objectives.items():
+            if name not in OBJECTIVE_MODES:
+                raise ValueError(f"objectives.{name}: unknown objective; one of {', '.join(OBJECTIVE_MODES)}")
+            if mode != OBJECTIVE_MODES[name]:
+                raise ValueError(f"objectives.{name}: {name} is better {'lower' if mode == 'max' else 'higher'}, "
+                                 f"so its mode is {OBJECTIVE_MODES[name]}, not {mode}")
+        if self.metric is None:
+            self.metric = next((name for name in self.objectives if name in METRIC_MODES), None)
+            if self.metric is None:
+                raise ValueError("metric: none of the objectives is a searchable metric; name one with metric:")
+        elif self.metric not in self.objectives:
+            raise ValueError(f"metric: {self.metric} is not one of the objectives ({', '.join(self.objectives)})")
+        if "wikitext_delta" in self.objectives:  # its cost: this many chunks scored at every report
+            self.fixed.setdefault("eval.report_probe_chunks", FORGETTING_PROBE_CHUNKS)
 
     @property
     def selection_seed(self) -> int:
@@ -273,6 +308,12 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
     if max(low) >= min(high):
         raise ConfigError(f"{path}: space.jepa.t_low/jepa.t_high: every t_low must be below every t_high "
                           f"(t_low up to {max(low)}, t_high from {min(high)})")
+    for name in spec.objectives or {spec.metric: spec.mode}:
+        if name == "val_accuracy" and base.eval.metric != "accuracy":
+            raise ConfigError(f"{path}: {'objectives' if spec.objectives else 'metric'}: val_accuracy is reported "
+                              f"only with fixed eval.metric: accuracy")
+        if name == "wikitext_delta" and not base.eval.report_probe_chunks:
+            raise ConfigError(f"{path}: objectives: wikitext_delta is reported only with eval.report_probe_chunks > 0")
     resolve_baseline(spec, base, path)
     warmup = math.ceil(base.train.warmup_ratio * (spec.scheduler.max_t or base.train.max_steps))
     if spec.scheduler.type == "asha" and spec.scheduler.grace_period < warmup:

@@ -435,7 +435,7 @@ def run_spec(spec: SweepSpec, *, space_text: str, space_name: str, name: str, tr
         params={"space_file": space_name, "num_samples": spec.num_samples,
                 "max_concurrent_trials": spec.max_concurrent_trials},
         tags={"raydllm.kind": "sweep", "raydllm.metric": spec.metric, "raydllm.mode": spec.mode,
-              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **arm_tags(spec),
+              "raydllm.searched_keys": json.dumps(sorted(spec.space)), **arm_tags(spec), **objective_tags(spec),
               **tracking.environment_tags()})
     try:
         MlflowClient(tracking_uri).log_text(parent_run_id, space_text, f"space/{space_name}")
@@ -531,6 +531,15 @@ def _sigint_stops_tune():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
+def objective_tags(spec: SweepSpec) -> dict[str, str]:
+    """A Pareto sweep's objectives (in order, with modes) and its rungs: what `raydllm best --pareto` reads."""
+    if not spec.objectives:
+        return {}
+    rungs = rung_steps(spec.scheduler.grace_period, spec.scheduler.reduction_factor, max_steps(spec)) \
+        if spec.scheduler.type == "asha" else []
+    return {"raydllm.objectives": json.dumps(spec.objectives), "raydllm.rungs": json.dumps(rungs)}
+
+
 def arm_tags(spec: SweepSpec) -> dict[str, str]:
     """What the parent run says about the comparison: the selection seed, the fresh seeds, the baseline arm."""
     arm = baseline_arm(spec)
@@ -546,7 +555,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     """Run one Tuner (or restore it if its folder exists): True if it was restored. `num_samples`: a search
     (the space sampled that often, by the sweep's search algorithm); None: every point of `param_space` once."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     steps = max_steps(spec)
     train_storage = f"{storage.rstrip('/')}/{name}/train"
@@ -572,15 +581,16 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     else:
         status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
                                      spec.scheduler.reduction_factor, train_storage=train_storage)
-        scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
-                                   reduction_factor=spec.scheduler.reduction_factor) if asha else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, num_samples=num_samples if search else 1,
+                # A Pareto sweep has no one metric: its scheduler and searcher are given the objectives.
+                metric=None if spec.objectives else spec.metric, mode=None if spec.objectives else spec.mode,
+                num_samples=num_samples if search else 1,
                 # the search phase's generator limits concurrency itself (Tune ignores this with it)
-                max_concurrent_trials=None if search else spec.max_concurrent_trials, scheduler=scheduler,
+                max_concurrent_trials=None if search else spec.max_concurrent_trials,
+                scheduler=_scheduler(spec, steps) if asha else FIFOScheduler(),
                 search_alg=_search_alg(spec) if search else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),
@@ -619,6 +629,19 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
     return table
 
 
+def _scheduler(spec: SweepSpec, steps: int):
+    """ASHA on the sweep's metric, or on all its objectives at once (a Pareto sweep: pareto_asha)."""
+    settings = dict(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
+                    reduction_factor=spec.scheduler.reduction_factor)
+    if spec.objectives:
+        from .pareto_asha import ParetoASHA
+
+        return ParetoASHA(spec.objectives, **settings)
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(**settings)
+
+
 def _search_alg(spec: SweepSpec):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -627,8 +650,15 @@ def _search_alg(spec: SweepSpec):
         from ray.tune.search.optuna import OptunaSearch
         import optuna
 
-        sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
-        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=spec.max_concurrent_trials)
+        if spec.search.sampler == "nsga2" or (spec.objectives and spec.search.sampler is None):
+            # A generation of half the trial budget, so the evolution runs at least once within the sweep.
+            sampler = optuna.samplers.NSGAIISampler(seed=spec.search.seed,
+                                                    population_size=max(2, min(50, spec.num_samples // 2)))
+        else:
+            sampler = optuna.samplers.TPESampler(seed=spec.search.seed)  # multi-objective TPE too
+        searcher = (OptunaSearch(sampler=sampler, metric=list(spec.objectives), mode=list(spec.objectives.values()))
+                    if spec.objectives else OptunaSearch(sampler=sampler))
+        return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
 
 
