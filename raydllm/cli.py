@@ -444,14 +444,20 @@ def cmd_bench(args) -> int:
 
 def _cmd_bench_sweep(args) -> int:
     """`raydllm bench sweep`: bench.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
-    from .bench import bench_sweep
+    from .bench import bench_pareto, bench_sweep, format_pareto_bench
     from .search_space import default_space_file
 
-    space = args.space or default_space_file("bench-sweep")
-    result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
+    if args.pareto:
+        space = args.space or default_space_file("bench-pareto")
+        result = bench_pareto(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
+    else:
+        space = args.space or default_space_file("bench-sweep")
+        result = bench_sweep(space, tracking_uri=resolve_tracking_uri(args.tracking_uri), storage=args.storage)
     _quiet_ray()
     if args.json:
         emit_json(result, default=_json_default)
+    elif args.pareto:
+        print(format_pareto_bench(result))
     else:
         print(json.dumps(result, indent=1, default=_json_default))
     return 0
@@ -539,7 +545,10 @@ def _add_bench_command(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=0.9, help="sampler mode: fast sampler threshold (default 0.9)")
     p.add_argument("--cache", choices=("none", "prefix", "dual"), default="dual",
                    help="sampler mode: fast sampler KV cache (default dual)")
-    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml)")
+    p.add_argument("--space", help="sweep mode: search-space YAML (default: search_spaces/bench-sweep.yaml, or "
+                                   "bench-pareto.yaml with --pareto)")
+    p.add_argument("--pareto", action="store_true", help="sweep mode: a multi-objective space as a full grid and "
+                                                         "under the multi-objective ASHA: compute and hypervolume")
     p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                           "./mlflow.db)")
     p.add_argument("--storage", help="sweep mode: where trials keep checkpoints")

@@ -472,8 +472,10 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
         # The winners (chosen on the selection seed's validation metric, completed trials only) on the fresh
         # seeds: the same seeds for both arms, so each pair shares its data order and masks.
         report = best_configs(spec.task, tracking_uri=common["tracking_uri"], top=spec.repeat.top, sweep=name)
-        points = [r["params"] for r in report["best"]] + ([report["baseline"]["params"]]
-                                                           if report["baseline"] else [])
+        # A Pareto sweep repeats the search's front (on the selection seed) instead of the top configs of one metric.
+        winners = (selection_front(spec, tracking_uri=common["tracking_uri"], sweep=name) if spec.objectives
+                   else [r["params"] for r in report["best"]])
+        points = winners + ([report["baseline"]["params"]] if report["baseline"] else [])
         if points:
             from ray import tune
 
@@ -481,6 +483,26 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
                        param_space={GRID_POINT: tune.grid_search(points),
                                     "train.seed": tune.grid_search(spec.fresh_seeds)})
     return restored
+
+
+def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> list[dict[str, Any]]:
+    """The searched values of the DLLM-JEPA arm's Pareto front on the selection seed: its completed search trials'
+    final objective vectors, non-dominated, best spread first (pareto.rank_order: the front's extremes, then by
+    crowding distance), at most `repeat.top` of them. Only selection-seed results: a resumed sweep repeats the
+    same configs whatever the repeat phase has already run."""
+    from .pareto import rank_order, pareto_front
+    from .results import find_sweep
+
+    client = MlflowClient(tracking_uri)
+    runs = [r for r in trial_runs(client, find_sweep(client, spec.task, sweep))
+            if r.data.tags.get("raydllm.phase") == "search" and r.data.tags.get("raydllm.status") == "completed"
+            and all(name in r.data.metrics for name in spec.objectives)]
+    modes = list(spec.objectives.values())
+    points = [[float(r.data.metrics[name]) for name in spec.objectives] for r in runs]
+    front = set(pareto_front(points, modes))
+    chosen = [i for i in rank_order(points, modes) if i in front][:spec.repeat.top]
+    searched = [json.loads(runs[i].data.tags.get("raydllm.searched", "{}")) for i in chosen]
+    return [{k: v for k, v in params.items() if k != "train.seed"} for params in searched]
 
 
 def _close_stopped_sweep(tracking_uri: str, parent_run_id: str, exc: BaseException) -> None:
@@ -626,6 +648,12 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
         plot = plot_sweep(report, sorted(spec.space), Path(tmp) / "metric_vs_params.png")
         if plot:
             client.log_artifact(parent_run_id, str(plot), "summary")
+    if spec.objectives:  # the front as a table, JSON and a plot, and the hypervolume at each rung
+        from .pareto_results import format_pareto_table, log_pareto_summary, pareto_report
+
+        pareto = pareto_report(spec.task, tracking_uri=tracking_uri, sweep=name)
+        log_pareto_summary(tracking_uri, parent_run_id, pareto)
+        table += "\n\n" + format_pareto_table(pareto)
     return table
 
 
