@@ -341,9 +341,10 @@ def format_pareto_table(report: dict) -> str:
             lines.append(f"    {flag['a']} {verb} {flag['b']} ({detail})")
     elif report["front_basis"] == "fresh_seed_means" and len(report["front"]) > 1:
         lines.append("    no pair flagged: every pair of members trades off beyond noise (or lacks a std)")
+    basis_name = "fresh-seed means" if report["front_basis"] == "fresh_seed_means" else "selection seed"
     for row in report.get("dominated") or []:
-        lines.append(f"  dominated on the {'fresh-seed means' if report['front_basis'] == 'fresh_seed_means' else 'selection seed'}"
-                     f" (not on the front): {row['label'] or row['params']}, by {', '.join(row['dominated_by'])}")
+        lines.append(f"  dominated on the {basis_name} (not on the front): {row['label'] or row['params']}, "
+                     f"by {', '.join(row['dominated_by'])}")
     lines.append("  " + format_hypervolume_line(report))
     return "\n".join(lines)
 
