@@ -40,12 +40,18 @@ class _Config:
         return next(iter(self.per_objective.values()))
 
     def selection_point(self) -> list[float] | None:
-        values = [r.selection_value for r in self.per_objective.values()]
-        return None if any(v is None for v in values) else [float(v) for v in values]
+        return _point([r.selection_value for r in self.per_objective.values()])
 
     def fresh_point(self) -> list[float] | None:
-        means = [r.fresh_mean for r in self.per_objective.values()]
-        return None if any(m is None for m in means) else [float(m) for m in means]
+        return _point([r.fresh_mean for r in self.per_objective.values()])
+
+
+def _point(values: list) -> list[float] | None:
+    """An objective vector, or None when a value is missing or not finite (a diverged trial's NaN loss is not
+    a point on any front: it is listed, not ranked)."""
+    if any(v is None or not math.isfinite(float(v)) for v in values):
+        return None
+    return [float(v) for v in values]
 
 
 def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> dict:
@@ -111,8 +117,8 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
     rungs = _hypervolume_by_rung(client, runs, parent, objectives, selection)
     shown = list(points) + [p for c in configs for p in (c.selection_point(), c.fresh_point()) if p]
     shown += [list(point["values"].values()) for rung in rungs["rungs"] for point in rung["points"]]
-    if base_model and all(v is not None for v in base_model["values"].values()):
-        shown.append(list(base_model["values"].values()))
+    if base_model and _point(list(base_model["values"].values())):
+        shown.append(_point(list(base_model["values"].values())))
     reference = reference_point([shown], modes) if shown else None
     for rung in rungs["rungs"]:
         front_points = [list(p["values"].values()) for p in rung["points"] if p["on_front"]]
@@ -272,7 +278,7 @@ def _hypervolume_by_rung(client: MlflowClient, runs, parent, objectives: dict[st
             if not all(h and h[-1][0] >= step for h in history.values()):
                 continue
             values = {o: [v for s, _, v in history[o] if s <= step] for o in objectives}
-            if not all(values.values()):
+            if not all(values.values()) or _point([v[-1] for v in values.values()]) is None:
                 continue
             points.append({"config_key": run.data.tags.get("raydllm.config_key", run.info.run_id),
                            "run_id": run.info.run_id, "values": {o: v[-1] for o, v in values.items()}})

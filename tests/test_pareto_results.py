@@ -1,6 +1,7 @@
 """`raydllm best --pareto` on a hand-built multi-objective sweep in a real (SQLite) MLflow store: the front on
 fresh-seed means, a dominated config left out, the within-noise flags, gains per objective, hypervolume by rung."""
 import json
+import math
 import statistics
 
 import pytest
@@ -180,9 +181,24 @@ def test_front_on_the_selection_seed_without_repeats(tmp_path):
     global REPEAT
     saved, REPEAT = REPEAT, {}
     try:
-        report = pareto_report("gsm8k", tracking_uri=_sweep(tmp_path))
+        uri = _sweep(tmp_path)
     finally:
         REPEAT = saved
+    # a diverged search trial: NaN loss from step 40 on; listed, never on a front nor in a hypervolume
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs(["1"], "tags.`raydllm.kind` = 'sweep'")
+    nan_key = json.dumps({"jepa.lambda": 9.0, "train.lr": 1e-2}, sort_keys=True)
+    run = client.create_run("1", tags={"mlflow.parentRunId": parent.info.run_id, "raydllm.phase": "search",
+                                       "raydllm.arm": "dllm-jepa", "raydllm.config_key": nan_key,
+                                       "raydllm.status": "completed", "raydllm.last_step": "135"}).info.run_id
+    client.log_param(run, "train.seed", SELECTION)
+    client.log_batch(run, metrics=[Metric(o, v, 0, step) for step, values in
+                                   {10: (0.5, 0.01), 40: (float("nan"), 0.0), 135: (float("nan"), 0.0)}.items()
+                                   for o, v in zip(OBJECTIVES, values)])
+    report = pareto_report("gsm8k", tracking_uri=uri)
+    diverged = next(r for r in report["configs"] if r["config_key"] == nan_key)
+    assert diverged["values"]["wikitext_delta"] == 0.0 and math.isnan(diverged["values"]["val_loss_diff"])
+    assert [row["trials"] for row in report["hypervolume_by_rung"]] == [7, 5, 4]  # counted at step 10 only
     assert report["front_basis"] == "selection_seed"
     # completed configs only (the stopped E and F were measured earlier): A, C, B; D dominated
     assert [m["config_key"] for m in report["front"]] == [_key("A"), _key("C"), _key("B")]
