@@ -152,6 +152,15 @@ def _flat_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_best(args) -> int:
+    if args.pareto:
+        from .pareto_results import format_pareto_table, pareto_report
+
+        report = pareto_report(args.task, tracking_uri=resolve_tracking_uri(args.tracking_uri), sweep=args.sweep)
+        if args.json:
+            emit_json(report, default=str)
+        else:
+            print(format_pareto_table(report))
+        return 0
     from .results import best_configs, format_table
 
     report = best_configs(args.task, tracking_uri=resolve_tracking_uri(args.tracking_uri), top=args.top,
@@ -588,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--sweep", help="sweep name (default: the latest)")
     best.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     best.add_argument("--json", action="store_true")
+    best.add_argument("--pareto", action="store_true",
+                      help="a multi-objective sweep's Pareto front on fresh seeds, gains per objective, hypervolume "
+                           "by rung")
     best.set_defaults(func=cmd_best)
 
     _add_report_command(sub)

@@ -1,0 +1,243 @@
+"""`raydllm best --pareto` on a hand-built multi-objective sweep in a real (SQLite) MLflow store: the front on
+fresh-seed means, a dominated config left out, the within-noise flags, gains per objective, hypervolume by rung."""
+import json
+import math
+import statistics
+
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from raydllm.cli import main
+from raydllm.pareto import hypervolume
+from raydllm.pareto_results import format_pareto_table, log_pareto_summary, pareto_report, plot_pareto
+
+OBJECTIVES = {"val_loss_diff": "min", "wikitext_delta": "min"}
+SELECTION, FRESH = 42, [123, 777]
+BASE_MODEL = {"val_loss_diff": 2.8, "wikitext_delta": 0.0}
+
+# config -> (arm, status, stopped rung, {step: (val_loss_diff, wikitext_delta)} on the selection seed)
+SEARCH = {
+    "A": ("dllm-jepa", "completed", None, {10: (2.0, 0.30), 40: (1.5, 0.25), 135: (1.00, 0.20)}),
+    "B": ("dllm-jepa", "completed", None, {10: (2.2, 0.10), 40: (1.7, 0.08), 135: (1.30, 0.05)}),
+    "C": ("dllm-jepa", "completed", None, {10: (2.1, 0.20), 40: (1.6, 0.15), 135: (1.05, 0.19)}),
+    "D": ("dllm-jepa", "completed", None, {10: (2.3, 0.35), 40: (1.9, 0.30), 135: (1.50, 0.30)}),
+    # stopped at rung 1 (step 40); its worker reported once more, at step 45, after ASHA's decision
+    "E": ("dllm-jepa", "stopped_early", 1, {10: (1.9, 0.40), 40: (1.8, 0.35), 45: (1.7, 0.30)}),
+    "F": ("dllm-jepa", "stopped_early", 0, {10: (2.5, 0.50), 15: (2.4, 0.45)}),
+    "BASE": ("baseline", "completed", None, {10: (2.4, 0.05), 40: (2.0, 0.04), 135: (1.6, 0.03)}),
+    "BASE2": ("baseline", "completed", None, {10: (2.6, 0.07), 40: (2.2, 0.06), 135: (1.8, 0.06)}),
+}
+# the repeat phase: config -> seed -> final (val_loss_diff, wikitext_delta)
+REPEAT = {
+    "A": {123: (1.00, 0.20), 777: (1.10, 0.22)},
+    "C": {123: (1.08, 0.19), 777: (1.12, 0.21)},  # within noise of A on both objectives
+    "B": {123: (1.30, 0.05), 777: (1.34, 0.07)},  # trades off against A and C beyond noise
+    "D": {123: (1.50, 0.30), 777: (1.60, 0.30)},  # dominated
+    "BASE": {123: (1.60, 0.03), 777: (1.70, 0.04)},
+}
+
+
+def _params(config: str) -> dict:
+    lam = 0.0 if SEARCH[config][0] == "baseline" else 1.0 + "ABCDEF".find(config) / 10
+    return {"jepa.lambda": lam, "train.lr": 1e-3 if config != "BASE2" else 3e-4}
+
+
+def _sweep(tmp_path, *, objectives: dict | None = OBJECTIVES, name: str = "s1", accuracy: bool = False) -> str:
+    """The sweep above in a fresh SQLite store; with `accuracy`, the first objective is val_accuracy (max),
+    1 - val_loss_diff / 3, so the same configs win."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("raydllm-gsm8k")
+    experiment_id = (experiment.experiment_id if experiment else
+                     client.create_experiment("raydllm-gsm8k", artifact_location=(tmp_path / "art").as_uri()))
+    tags = {"raydllm.kind": "sweep", "raydllm.sweep": name, "raydllm.selection_seed": str(SELECTION),
+            "raydllm.fresh_seeds": json.dumps(FRESH), "raydllm.max_steps": "135",
+            "raydllm.metric": "val_loss_diff", "raydllm.mode": "min"}
+    if objectives:
+        tags |= {"raydllm.objectives": json.dumps(objectives), "raydllm.rungs": json.dumps([10, 40])}
+    names = ["val_accuracy", "wikitext_delta"] if accuracy else list(OBJECTIVES)
+
+    def measured(values):
+        return [1 - values[0] / 3, values[1]] if accuracy else list(values)
+
+    parent = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def trial(config: str, seed: int, status: str, curve: dict, phase: str, rung: int | None) -> None:
+        arm = SEARCH[config][0]
+        params = _params(config)
+        last = max(curve)
+        trial_tags = {"mlflow.parentRunId": parent, "raydllm.kind": "trial", "raydllm.phase": phase,
+                      "raydllm.arm": arm, "raydllm.config_key": json.dumps(params, sort_keys=True),
+                      "raydllm.status": status, "raydllm.last_step": str(last),
+                      "raydllm.searched": json.dumps({**params, "train.seed": seed})}
+        if rung is not None:
+            trial_tags |= {"raydllm.stopped_at_rung": str(rung), "raydllm.stopped_at_step": str([10, 40][rung])}
+        run = client.create_run(experiment_id, run_name=f"{arm} {config} seed={seed}", tags=trial_tags).info.run_id
+        client.log_param(run, "train.seed", seed)
+        metrics = [Metric(f"base/{o}", v, 0, 0) for o, v in zip(names, measured(list(BASE_MODEL.values())))]
+        for step, values in curve.items():
+            metrics += [Metric(o, v, 0, step) for o, v in zip(names, measured(values))]
+        client.log_batch(run, metrics=metrics)
+
+    for config, (arm, status, rung, curve) in SEARCH.items():
+        trial(config, SELECTION, status, curve, "baseline" if arm == "baseline" else "search", rung)
+    for config, seeds in REPEAT.items():
+        for seed, values in seeds.items():
+            trial(config, seed, "completed", {10: (3.0, 0.9), 135: values}, "repeat", None)
+    return uri
+
+
+def _key(config: str) -> str:
+    return json.dumps(_params(config), sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def sweep_uri(tmp_path_factory):
+    """One store for the tests that only read it (building one takes seconds)."""
+    return _sweep(tmp_path_factory.mktemp("pareto"))
+
+
+def test_front_on_fresh_seed_means_gains_noise_and_hypervolume(sweep_uri, tmp_path):
+    uri = sweep_uri
+    report = pareto_report("gsm8k", tracking_uri=uri)
+    assert report["objectives"] == OBJECTIVES and report["front_basis"] == "fresh_seed_means"
+    # the front: A, C, B in the first objective's order; D (repeated, dominated) left out
+    assert [m["config_key"] for m in report["front"]] == [_key("A"), _key("C"), _key("B")]
+    assert [m["id"] for m in report["front"]] == ["F1", "F2", "F3"]
+    (dominated,) = report["dominated"]
+    assert dominated["config_key"] == _key("D") and dominated["dominated_by"] == ["F1", "F2", "F3"]
+    a = report["front"][0]["objectives"]
+    assert a["val_loss_diff"]["mean"] == pytest.approx(1.05) and a["wikitext_delta"]["mean"] == pytest.approx(0.21)
+    assert a["val_loss_diff"]["std"] == pytest.approx(statistics.stdev([1.0, 1.1]))
+    assert a["val_loss_diff"]["n"] == 2 and a["val_loss_diff"]["seeds"] == FRESH
+    # within noise: A and C overlap on both objectives; B trades off beyond noise with each
+    (flag,) = report["within_noise"]
+    assert (flag["a"], flag["b"], flag["kind"]) == ("F1", "F2", "indistinguishable")
+    assert flag["per_objective"]["val_loss_diff"]["a_minus_b"] == pytest.approx(-0.05)
+    # gains over the tuned baseline (BASE, not BASE2), paired over 123 and 777, positive = better
+    assert report["baseline"]["config_key"] == _key("BASE")
+    gain_a = report["front"][0]["gain"]
+    assert gain_a["val_loss_diff"]["differences"] == pytest.approx([0.6, 0.6]) and gain_a["val_loss_diff"]["mean"] > 0
+    assert gain_a["wikitext_delta"]["mean"] == pytest.approx(-0.175) and gain_a["wikitext_delta"]["seeds"] == FRESH
+    assert report["front"][2]["gain"]["wikitext_delta"]["mean"] == pytest.approx(-0.025)
+    assert not any(m["dominates_baseline"] for m in report["front"])  # the baseline forgets least
+    assert report["base_model"]["values"] == pytest.approx(BASE_MODEL)
+    # every search config on the selection seed, a stopped one at the step it was stopped (not its late report)
+    rows = {r["config_key"]: r for r in report["configs"]}
+    assert len(rows) == 6 and {r["config_key"] for r in report["baseline_configs"]} == {_key("BASE"), _key("BASE2")}
+    e = rows[_key("E")]
+    assert e["status"] == "stopped_early" and e["stopped_at_rung"] == 1 and e["step"] == 40
+    assert e["values"] == pytest.approx({"val_loss_diff": 1.8, "wikitext_delta": 0.35})
+    assert rows[_key("A")]["values"] == pytest.approx({"val_loss_diff": 1.0, "wikitext_delta": 0.2})
+    # hypervolume by rung: one reference point over everything shown (the base model sets the worst loss,
+    # F at step 10 the worst forgetting), trials that reached each step, rising as the curves improve
+    assert report["reference_point"] == pytest.approx([2.8 + 0.1 * 1.8, 0.5 + 0.1 * 0.5])
+    by_step = {row["step"]: row for row in report["hypervolume_by_rung"]}
+    assert sorted(by_step) == [10, 40, 135] and [by_step[s]["trials"] for s in (10, 40, 135)] == [6, 5, 4]
+    assert by_step[10]["rung"] == 0 and by_step[135]["max_steps"] and by_step[135]["rung"] is None
+    assert by_step[10]["hypervolume"] < by_step[40]["hypervolume"] < by_step[135]["hypervolume"]
+    at_40 = {p["config_key"]: p for p in by_step[40]["points"]}
+    assert at_40[_key("E")]["values"] == pytest.approx({"val_loss_diff": 1.8, "wikitext_delta": 0.35})
+    front_135 = [list(SEARCH[c][3][135]) for c in "ABC"]
+    assert {p["config_key"] for p in by_step[135]["points"] if p["on_front"]} == {_key(c) for c in "ABC"}
+    assert by_step[135]["hypervolume"] == pytest.approx(
+        hypervolume(front_135, list(OBJECTIVES.values()), report["reference_point"]))
+    json.dumps(report)  # serialisable as is
+
+    table = format_pareto_table(report)
+    assert "val_loss_diff (min)" in table and "wikitext_delta (min)" in table
+    assert "F1 ~ F2" in table and "1.0500 ± 0.0707 (n=2)" in table
+    assert "hypervolume by rung" in table and "rung 1 step 40" in table
+    plot = plot_pareto(report, tmp_path / "pareto.png")
+    assert plot.stat().st_size > 10_000
+
+
+def test_a_max_objective_counts_higher_as_better(tmp_path):
+    objectives = {"val_accuracy": "max", "wikitext_delta": "min"}
+    report = pareto_report("gsm8k", tracking_uri=_sweep(tmp_path, objectives=objectives, accuracy=True))
+    assert [m["config_key"] for m in report["front"]] == [_key("A"), _key("C"), _key("B")]  # best accuracy first
+    gain = report["front"][0]["gain"]["val_accuracy"]  # A's accuracy over the baseline's: 0.6 / 3 on each seed
+    assert gain["differences"] == pytest.approx([0.2, 0.2]) and gain["mean"] > 0
+    assert report["front"][0]["gain"]["wikitext_delta"]["mean"] == pytest.approx(-0.175)
+    assert [d["config_key"] for d in report["dominated"]] == [_key("D")]
+    hv = [row["hypervolume"] for row in report["hypervolume_by_rung"]]
+    assert hv == sorted(hv) and hv[0] > 0
+    assert plot_pareto(report, tmp_path / "acc.png").stat().st_size > 10_000
+
+
+def test_logged_on_the_parent_run(sweep_uri):
+    uri = sweep_uri
+    report = pareto_report("gsm8k", tracking_uri=uri)
+    log_pareto_summary(uri, report["parent_run_id"], report)
+    client = MlflowClient(uri)
+    assert {a.path for a in client.list_artifacts(report["parent_run_id"], "summary")} == {
+        "summary/pareto.txt", "summary/pareto.json", "summary/pareto.png"}
+    history = client.get_metric_history(report["parent_run_id"], "pareto/hypervolume")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [10, 40, 135]
+
+
+def test_front_on_the_selection_seed_without_repeats(tmp_path):
+    global REPEAT
+    saved, REPEAT = REPEAT, {}
+    try:
+        uri = _sweep(tmp_path)
+    finally:
+        REPEAT = saved
+    # a diverged search trial: NaN loss from step 40 on; listed, never on a front nor in a hypervolume
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs(["1"], "tags.`raydllm.kind` = 'sweep'")
+    nan_key = json.dumps({"jepa.lambda": 9.0, "train.lr": 1e-2}, sort_keys=True)
+    run = client.create_run("1", tags={"mlflow.parentRunId": parent.info.run_id, "raydllm.phase": "search",
+                                       "raydllm.arm": "dllm-jepa", "raydllm.config_key": nan_key,
+                                       "raydllm.status": "completed", "raydllm.last_step": "135"}).info.run_id
+    client.log_param(run, "train.seed", SELECTION)
+    client.log_batch(run, metrics=[Metric(o, v, 0, step) for step, values in
+                                   {10: (0.5, 0.01), 40: (float("nan"), 0.0), 135: (float("nan"), 0.0)}.items()
+                                   for o, v in zip(OBJECTIVES, values)])
+    report = pareto_report("gsm8k", tracking_uri=uri)
+    diverged = next(r for r in report["configs"] if r["config_key"] == nan_key)
+    assert diverged["values"]["wikitext_delta"] == 0.0 and math.isnan(diverged["values"]["val_loss_diff"])
+    assert [row["trials"] for row in report["hypervolume_by_rung"]] == [7, 5, 4]  # counted at step 10 only
+    assert report["front_basis"] == "selection_seed"
+    # completed configs only (the stopped E and F were measured earlier): A, C, B; D dominated
+    assert [m["config_key"] for m in report["front"]] == [_key("A"), _key("C"), _key("B")]
+    assert report["within_noise"] == [] and report["front"][0]["gain"]["val_loss_diff"] is None
+    assert "selection seed only" in format_pareto_table(report)
+
+
+def test_cli_pareto_json_and_single_objective_error(sweep_uri, tmp_path, capsys):
+    uri = sweep_uri
+    assert main(["best", "gsm8k", "--pareto", "--json", "--tracking-uri", uri]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["id"] for m in printed["front"]] == ["F1", "F2", "F3"]
+    assert printed["front"][1]["config_key"] == _key("C")
+    assert main(["best", "gsm8k", "--pareto", "--tracking-uri", uri]) == 0
+    assert "Pareto front of val_loss_diff (min), wikitext_delta (min)" in capsys.readouterr().out
+    single = _sweep(tmp_path, objectives=None, name="single")
+    assert main(["best", "gsm8k", "--pareto", "--tracking-uri", single]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raydllm")]
+    assert line.startswith("raydllm: error: sweep single is single-objective: it optimised val_loss_diff (min)")
+
+
+def test_within_noise_rule_flags_indistinguishable_and_noise_dominated_pairs():
+    from raydllm.pareto_results import _within_noise
+
+    def member(name, loss, loss_std, forgetting, forgetting_std):
+        return {"id": name, "config_key": name,
+                "objectives": {"val_loss_diff": {"mean": loss, "std": loss_std},
+                               "wikitext_delta": {"mean": forgetting, "std": forgetting_std}}}
+
+    front = [member("F1", 1.00, 0.01, 0.30, 0.05),  # better loss beyond noise; its extra forgetting within noise
+             member("F2", 1.10, 0.01, 0.24, 0.02),  # vs F1: better forgetting by 0.06 <= 0.05 + 0.02
+             member("F3", 1.30, 0.01, 0.05, 0.01),  # a real trade-off with both
+             member("F4", 1.31, 0.01, 0.04, None)]  # one seed: no std, not judged
+    flags = {(f["a"], f["b"]): f["kind"] for f in _within_noise(front, OBJECTIVES)}
+    assert flags == {("F1", "F2"): "dominates within noise"}
+    front[1]["objectives"]["val_loss_diff"]["mean"] = 1.01  # now within noise on both: indistinguishable
+    flags = {(f["a"], f["b"]): f["kind"] for f in _within_noise(front, OBJECTIVES)}
+    assert flags == {("F1", "F2"): "indistinguishable"}
+    front[1]["objectives"]["val_loss_diff"]["mean"] = 0.90  # F2 better on loss beyond noise: F2 leads the pair
+    (flag,) = _within_noise(front, OBJECTIVES)
+    assert (flag["a"], flag["b"], flag["kind"]) == ("F2", "F1", "dominates within noise")
+    assert flag["per_objective"]["val_loss_diff"]["a_minus_b"] == pytest.approx(-0.10)
