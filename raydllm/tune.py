@@ -649,11 +649,10 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
         if plot:
             client.log_artifact(parent_run_id, str(plot), "summary")
     if spec.objectives:  # the front as a table, JSON and a plot, and the hypervolume at each rung
-        from .pareto_results import format_pareto_table, log_pareto_summary, pareto_report
+        from .pareto_results import log_pareto_summary, pareto_report
 
         pareto = pareto_report(spec.task, tracking_uri=tracking_uri, sweep=name)
-        log_pareto_summary(tracking_uri, parent_run_id, pareto)
-        table += "\n\n" + format_pareto_table(pareto)
+        table += "\n\n" + log_pareto_summary(tracking_uri, parent_run_id, pareto)
     return table
 
 

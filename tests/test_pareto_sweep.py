@@ -59,3 +59,72 @@ def test_shipped_pareto_spaces_load():
     for name in ("local-pareto", "bench-pareto"):
         spec = load_spec(Path("search_spaces") / f"{name}.yaml")
         assert spec.objectives == {"val_loss_diff": "min", "wikitext_delta": "min"}
+
+
+@pytest.mark.ray
+def test_pareto_sweep_killed_resumed_and_front_read_back(tmp_path):
+    """NSGA-II proposes, ParetoASHA stops, the sweep is killed and resumed: every trial once in MLflow with both
+    objectives at every report; the selection-seed front and the baseline's winner run on the fresh seed;
+    `raydllm best --pareto` lists the front; the parent run holds the plot and the hypervolume at each rung."""
+    space = _space(tmp_path)
+    command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    killed = False
+    deadline = time.time() + 600
+    while time.time() < deadline and sweep.poll() is None:
+        time.sleep(2)
+        if not (tmp_path / "mlflow.db").exists() or client.get_experiment_by_name("raydllm-gsm8k") is None:
+            continue
+        parents = _parents(client)
+        done = [r for r in (_children(client, parents[0].info.run_id) if parents else [])
+                if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
+        if len(done) >= 2:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            killed = True
+            break
+    sweep.wait(timeout=60)
+    assert killed, "the sweep finished (or stalled) before it could be interrupted"
+
+    resumed = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["restored"] is True
+
+    (parent,) = _parents(client)
+    assert json.loads(parent.data.tags["raydllm.objectives"]) == PARETO_SPACE["objectives"]
+    children = _children(client, parent.info.run_id)
+    trial_ids = [r.data.tags["raydllm.trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids))  # nothing re-created by the resume
+    phases = [r.data.tags["raydllm.phase"] for r in children]
+    assert phases.count("search") == PARETO_SPACE["num_samples"]
+    assert phases.count("baseline") == PARETO_SPACE["baseline"]["num_samples"]
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["raydllm.status"] in ("completed", "stopped_early")
+        last = int(run.data.tags["raydllm.last_step"])
+        reports = list(range(2, last + 1, 2))
+        for name in PARETO_SPACE["objectives"]:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
+            assert steps[:len(reports)] == reports, (name, steps)  # both objectives at every report
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "base/val_loss_diff")] == [0]
+    repeats = [r for r in children if r.data.tags["raydllm.phase"] == "repeat"]
+    assert repeats and all(r.data.params["train.seed"] == "123" for r in repeats)
+    assert any(r.data.tags["raydllm.arm"] == "baseline" for r in repeats)
+    # The repeated DLLM-JEPA configs are non-dominated among the completed search trials on seed 42.
+    search = [r for r in children if r.data.tags["raydllm.phase"] == "search"
+              and r.data.tags["raydllm.status"] == "completed"]
+    vectors = {r.data.tags["raydllm.config_key"]: [r.data.metrics[n] for n in PARETO_SPACE["objectives"]]
+               for r in search}
+    for run in repeats:
+        key = run.data.tags["raydllm.config_key"]
+        if run.data.tags["raydllm.arm"] == "dllm-jepa":
+            assert not any(all(o <= v for o, v in zip(other, vectors[key])) and other != vectors[key]
+                           for other in vectors.values())
+
+    best = _cli(tmp_path, "best", "gsm8k", "--pareto", "--json")
+    assert best.returncode == 0, best.stderr
+    front = json.loads(best.stdout.strip().splitlines()[-1])
+    assert front["front"] and list(front["objectives"]) == list(PARETO_SPACE["objectives"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/pareto.png", "summary/pareto.txt", "summary/pareto.json"} <= artifacts
+    assert client.get_metric_history(parent.info.run_id, "pareto/hypervolume")
