@@ -62,7 +62,9 @@ class ParetoASHA(FIFOScheduler):
     them strictly better than the newcomer, both continue it when p <= floor((m - 1) / rf) and both stop it when
     p > ceil((m - 1) / rf); only at p = ceil((m - 1) / rf) with (m - 1) / rf fractional does Ray's linear
     interpolation between two recorded values decide where this rule counts places (for rf >= 2 this rule then
-    continues iff p < ceil((m + 1) / rf)).
+    continues iff p < ceil((m + 1) / rf)). One more, at an integral (m - 1) / rf: Ray's floating-point quantile can
+    land a hair above the recorded value there, so Ray stops a newcomer that ties that value exactly; this rule
+    continues it.
 
     Differences from Ray's ASHA, all deliberate:
     - a result carrying the clock but missing an objective (or with a non-numeric one) raises ConfigError naming
