@@ -102,7 +102,6 @@ class ParetoASHA(FIFOScheduler):
         # milestone -> {trial_id: objective vector}, in the order the trials arrived there
         self._rungs: dict[float, dict[str, tuple[float, ...]]] = {
             m: {} for m in milestones(grace_period, reduction_factor, max_t)}
-        self._live: set[str] = set()
         self._num_stopped = 0
         self.decisions: list[Decision] = []
 
@@ -121,10 +120,10 @@ class ParetoASHA(FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self._live.add(trial.trial_id)
+        pass  # one bracket: nothing to assign (Tune re-adds every trial of a restored sweep, finished ones too)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self._live.discard(trial.trial_id)  # its rung records stay: they are what others were measured against
+        pass  # its rung records stay: they are what the others were measured against (as Ray)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self._time_attr not in result:
@@ -140,7 +139,6 @@ class ParetoASHA(FIFOScheduler):
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self._live.discard(trial.trial_id)
         if self._time_attr in result:  # a trial that never reported has nothing to record
             self._at_rung(trial.trial_id, result[self._time_attr], self._vector(trial.trial_id, result),
                           finished=True)
