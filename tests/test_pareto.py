@@ -312,3 +312,15 @@ def test_save_restore_keeps_the_rungs_and_the_next_decision(tmp_path):
     assert restored.on_trial_result(None, _T("G"), late) == first.on_trial_result(None, _T("G"), late)
     assert restored.decisions[-1] == first.decisions[-1]
     assert "num_stopped=1" in restored.debug_string() and "step 3: 4 recorded, 1 on the front" in restored.debug_string()
+
+
+def test_a_rung_is_decided_at_the_first_result_past_it_and_skipped_rungs_stay_skipped():
+    scheduler = ParetoASHA({"loss": "min"}, max_t=9, grace_period=1, reduction_factor=3)  # rungs 1, 3, 9
+    for trial_id in "AB":
+        scheduler.on_trial_add(None, _T(trial_id))
+    assert scheduler.on_trial_result(None, _T("A"), {"step": 2, "loss": 1.0}) == CONTINUE  # rung 1, at step 2
+    assert scheduler.on_trial_result(None, _T("A"), {"step": 2.5, "loss": 0.5}) == CONTINUE  # already decided there
+    assert scheduler.on_trial_result(None, _T("B"), {"step": 4, "loss": 9.0}) == CONTINUE  # first at rung 3
+    assert scheduler.on_trial_result(None, _T("B"), {"step": 5, "loss": 9.0}) == CONTINUE  # rung 1 stays skipped
+    assert scheduler.decisions == [Decision("A", 1, 0, 1, CONTINUE), Decision("B", 3, 0, 1, CONTINUE)]
+    assert scheduler.rung_records() == {1: {"A": (1.0,)}, 3: {"B": (9.0,)}, 9: {}}
