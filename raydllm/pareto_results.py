@@ -21,7 +21,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from .config import ConfigError
-from .pareto import hypervolume, pareto_front, reference_point
+from .pareto import dominates, hypervolume, pareto_front, reference_point
 from .results import (ConfigResult, find_sweep, paired_gain, selection_seed_of, summarize, time_accounting,
                       trial_runs)
 
@@ -104,13 +104,13 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
         row = _member_row(candidates[i], objectives, basis, baseline)
         row["id"] = f"F{number}"
         row["dominates_baseline"] = (baseline is not None and baseline.fresh_point() is not None and basis ==
-                                     "fresh_seed_means" and _dominates(points[i], baseline.fresh_point(), modes))
+                                     "fresh_seed_means" and dominates(points[i], baseline.fresh_point(), modes))
         front.append(row)
     dominated = []
     for i, config in enumerate(candidates):
         if i in on_front:
             continue
-        by = [front[k]["id"] for k, j in enumerate(members) if _dominates(points[j], points[i], modes)]
+        by = [front[k]["id"] for k, j in enumerate(members) if dominates(points[j], points[i], modes)]
         dominated.append({**_member_row(config, objectives, basis, baseline), "dominated_by": by})
 
     base_model = _base_model(runs, objectives)
@@ -145,12 +145,6 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
 
 def _sign(mode: str) -> int:
     return 1 if mode == "min" else -1
-
-
-def _dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
-    a_min = [_sign(m) * v for v, m in zip(a, modes)]
-    b_min = [_sign(m) * v for v, m in zip(b, modes)]
-    return all(x <= y for x, y in zip(a_min, b_min)) and any(x < y for x, y in zip(a_min, b_min))
 
 
 def _configs(runs, objectives: dict[str, str], selection: int, client: MlflowClient) -> list[_Config]:
