@@ -153,8 +153,8 @@ class Backbone(nn.Module):
         nothing outside the window changed since the cache was filled. Logits are aligned as `logits` aligns
         them. Shifted logits (Dream): position i's logits come out at i - 1, so the model recomputes
         [start - 1, end) and its output at start - 1 .. end - 2 is the window's; position start - 1 gets fresh
-        keys/values too, from its own unchanged token (exact in the first layer, as fresh as the block's
-        above it). Only when `supports_kv_cache`."""
+        keys/values too, from its own unchanged token (the cached ones in the first layer; above it they see the
+        block's current tokens, as the block's own do). Only when `supports_kv_cache`."""
         total = input_ids.shape[1]
         if cache is None:
             start, end = 0, total
