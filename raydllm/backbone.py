@@ -4,6 +4,8 @@ The adapter gives the rest of raydllm a single contract: `backbone(input_ids, at
 logits aligned so that logits[:, i] predicts token i, and the last hidden states for pooling;
 `all_hidden_states` gives every layer for the drift probe. Dream-family models predict token i at
 position i - 1 (shifted logits); the adapter undoes that here so losses and the sampler never see it.
+`forward_with_cache` is the fast sampler's block KV cache, aligned the same way, for raydllm's own LLaDA and
+Dream classes (raydllm.archs) and the embedded model; a remote-code model has none.
 
 Padding: a row's logits must not depend on how much longer the other rows of its batch are. Backbones
 differ in what they do with `attention_mask`: the embedded model and transformers-style models take the
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 # Mask token ids of known families whose config/tokenizer do not expose one under the usual names.
 KNOWN_MASK_IDS = {"llada": 126336}
 SHIFTED_FAMILIES = ("dream",)
+# raydllm's own architectures: their block K/V API (return_kv / kv_cache / block_start) serves the block KV cache.
+BLOCK_CACHE_CLASSES = tuple(model_class for _, model_class in ARCHITECTURES.values())
 
 # LoRA's default targets per family (by substring of config.model_type): every attention and MLP linear layer
 # of each block, never the embedding or the LM head. A list = module-name suffixes, a string = a regex over
@@ -135,15 +139,42 @@ class Backbone(nn.Module):
 
     @property
     def supports_kv_cache(self) -> bool:
-        """Whether `forward_with_cache` works: the model has a `forward_kv` (the embedded model has; an
-        architecture gains the block KV cache by implementing it) and its logits need no shift."""
-        return callable(getattr(self.model, "forward_kv", None)) and not self.shift_logits
+        """Whether `forward_with_cache` works: the model is one of raydllm's own LLaDA / Dream classes (their
+        `return_kv` / `kv_cache` / `block_start` API, see raydllm.archs), or has a `forward_kv` (the embedded
+        model). A remote-code model has neither: the fast sampler runs it with parallel decoding alone."""
+        own_architecture = isinstance(_unwrapped(self.model), BLOCK_CACHE_CLASSES)
+        return own_architecture or callable(getattr(self.model, "forward_kv", None))
 
     def forward_with_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                            cache=None, start: int = 0, end: int | None = None):
-        """(logits, cache) with a block KV cache, see `model.TinyDiffusionLM.forward_kv`: cache=None is a
-        full pass that also returns every layer's keys/values; with a cache only positions [start, end) are
-        recomputed against the cached keys/values of the others. Only when `supports_kv_cache`."""
+        """(logits, cache) with a block KV cache: cache=None is a full pass (logits [B, L, V]) that also returns
+        every layer's keys/values; with a cache only positions [start, end) are recomputed against the cached
+        keys/values of the others (logits [B, end - start, V], the cache returned unchanged): exact when
+        nothing outside the window changed since the cache was filled. Logits are aligned as `logits` aligns
+        them. Shifted logits (Dream): position i's logits come out at i - 1, so the model recomputes
+        [start - 1, end) and its output at start - 1 .. end - 2 is the window's; position start - 1 gets fresh
+        keys/values too, from its own unchanged token (the cached ones in the first layer; above it they see the
+        block's current tokens, as the block's own do). Only when `supports_kv_cache`."""
+        total = input_ids.shape[1]
+        if cache is None:
+            start, end = 0, total
+        end = total if end is None else end
+        first = start - 1 if self.shift_logits and start > 0 else start
+        logits, cache = self._cached_run(input_ids, attention_mask, cache, first, end)
+        if self.shift_logits:  # as `_run`: position 0 predicts no token and keeps its own logits
+            logits = logits[:, :-1] if first < start else torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits, cache
+
+    def _cached_run(self, input_ids, attention_mask, cache, start: int, end: int):
+        """The model's own (unshifted) logits for [start, end) (all positions without a cache), and the cache."""
+        if isinstance(_unwrapped(self.model), BLOCK_CACHE_CLASSES):
+            # raydllm's archs take the [B, L] mask in every padding mode (they implement it, see raydllm.archs).
+            if cache is None:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_kv=True)
+                return out.logits, out.kv_cache
+            out = self.model(input_ids=input_ids[:, start:end], attention_mask=attention_mask, kv_cache=cache,
+                             block_start=start)
+            return out.logits, cache
         return self.model.forward_kv(input_ids, attention_mask, cache=cache, start=start, end=end)
 
     def all_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -162,6 +193,16 @@ class BaseView(Backbone):
     def _run(self, input_ids, attention_mask):
         with self.model.disable_adapter():
             return super()._run(input_ids, attention_mask)
+
+    def _cached_run(self, input_ids, attention_mask, cache, start: int, end: int):
+        with self.model.disable_adapter():
+            return super()._cached_run(input_ids, attention_mask, cache, start, end)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under a PEFT (LoRA) wrapper, else the model itself."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
 
 
 def _family(model_config) -> str:

@@ -677,6 +677,8 @@ class _CountingBackbone:
         def counted_cache(ids, attention_mask=None, *, cache=None, start=0, end=None):
             self.forwards += 1
             width = ids.shape[1] if cache is None else (end if end is not None else ids.shape[1]) - start
+            if cache is not None and backbone.shift_logits and start > 0:
+                width += 1  # shifted logits (Dream): the model recomputes the position before the window too
             self.positions += ids.shape[0] * width
             return cached(ids, attention_mask, cache=cache, start=start, end=end)
 

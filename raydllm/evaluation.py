@@ -44,8 +44,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 def effective_sampler(sampler: SamplerConfig, backbone) -> SamplerConfig:
-    """The sampler as it will run on this backbone: a KV cache the backbone cannot serve (no `forward_kv`,
-    or shifted logits) falls back to parallel decoding alone, with a warning."""
+    """The sampler as it will run on this backbone: a KV cache the backbone cannot serve (not raydllm's own
+    LLaDA / Dream classes nor a model with `forward_kv`, e.g. a remote-code model) falls back to parallel decoding
+    alone, with a warning."""
     if sampler.cache == "none" or getattr(backbone, "supports_kv_cache", False):
         return sampler
     log.warning("sampler cache=%s: %s has no KV-cache path; the fast sampler runs with parallel decoding alone "

@@ -208,8 +208,16 @@ def test_backbone_kv_capability():
         config = None
 
     assert not Backbone(NoCache(), TokenIds(mask=1, pad=0, eos=2), shift_logits=False).supports_kv_cache
-    shifted = tiny_backbone(1)
-    assert not Backbone(shifted.model, shifted.ids, shift_logits=True).supports_kv_cache
+    # Shifted logits are served too: the window starts one position earlier (tests/test_archs_block_cache.py).
+    plain = tiny_backbone(3)
+    shifted = Backbone(plain.model, plain.ids, shift_logits=True)
+    assert shifted.supports_kv_cache
+    ids, am = byte_prompts()
+    full, cache = shifted.forward_with_cache(ids, am)
+    assert torch.equal(full, shifted.logits(ids, am))
+    for start, end in ((5, 12), (10, None), (0, 4)):
+        part, _ = shifted.forward_with_cache(ids, am, cache=cache, start=start, end=end)
+        assert torch.allclose(part, full[:, start:end], atol=1e-10, rtol=0)
 
 
 # ------------------------------------------------------------------ bench: sampler mode and the rank agreement
