@@ -1240,6 +1240,7 @@ def _pareto_arm(spec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from .results import find_sweep, trial_runs
+    from .tasks import get_task
 
     client = MlflowClient(tracking_uri)
     parent = find_sweep(client, spec.task, sweep)
@@ -1253,6 +1254,7 @@ def _pareto_arm(spec, *, tracking_uri: str, sweep: str) -> dict[str, Any]:
     points = [[float(r.data.metrics[n]) for n in names] for r in completed]
     wall = ((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000
     figures = {"trials": len(runs), "completed": len(completed), "max_t": max_t, "wall_s": round(wall, 1),
+               "fast_vs_exact": fidelity_agreement(completed, get_task(spec.task).primary_metric),
                "trial_steps": sum(int(r.data.tags.get("raydllm.last_step", 0)) for r in runs),
                "stopped_at_rung": sorted(int(r.data.tags["raydllm.stopped_at_rung"]) for r in runs
                                          if "raydllm.stopped_at_rung" in r.data.tags),
@@ -1324,12 +1326,23 @@ def kendall_tau(x, y) -> float | None:
     return (concordant - discordant) / denominator if denominator else None
 
 
+# Where a trial's exact and fast validation figures are: its own final report (`eval.sampler=fast`), or
+# `raydllm eval <run id> --split validation` run after the sweep with each sampler (0-shot).
+FIDELITY_KEYS = (("final_val_{m}", "final_val_{m}_fast"),
+                 ("eval/validation/0shot/{m}", "eval/validation/0shot/fast/{m}"))
+
+
 def fidelity_agreement(runs, primary: str) -> dict[str, Any]:
-    """Rank agreement between the fast sampler's and the exact sampler's final validation figure over the
-    trials that logged both (`eval.sampler=fast`): does the cheap fidelity rank configs as the exact one?"""
-    exact_key, fast_key = f"final_val_{primary}", f"final_val_{primary}_fast"
-    pairs = [(float(r.data.metrics[exact_key]), float(r.data.metrics[fast_key])) for r in runs
-             if exact_key in r.data.metrics and fast_key in r.data.metrics]
+    """Rank agreement between the fast sampler's and the exact sampler's validation figure over the trials that
+    logged both: does the cheap fidelity rank configs as the exact one? Each trial's pair comes from the first of
+    FIDELITY_KEYS it has both of."""
+    pairs = []
+    for run in runs:
+        for exact_key, fast_key in FIDELITY_KEYS:
+            exact_key, fast_key = exact_key.format(m=primary), fast_key.format(m=primary)
+            if exact_key in run.data.metrics and fast_key in run.data.metrics:
+                pairs.append((float(run.data.metrics[exact_key]), float(run.data.metrics[fast_key])))
+                break
     return {"trials": len(pairs), "kendall_tau": kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]),
             "exact": [p[0] for p in pairs], "fast": [p[1] for p in pairs]}
 

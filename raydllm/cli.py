@@ -290,8 +290,11 @@ def cmd_eval(args) -> int:
                                          max_prompt_tokens=prompt_budget(cfg, sampler, args.shots))
     logged = None
     if run_id is not None:
+        # Which weights and which sampler, in the metric names: a fast-sampler figure never overwrites an exact one.
+        variant = "/".join(part for part in ("base" if args.base else "ema" if args.ema else "",
+                                             "fast" if sampler.method == "fast" else "") if part)
         logged = log_to_run(tracking_uri, run_id, metrics, predictions, split=args.split, shots=args.shots,
-                            task=args.task, step=step, weights="base" if args.base else None)
+                            task=args.task, step=step, weights=variant or None)
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
     result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else

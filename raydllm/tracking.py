@@ -156,7 +156,8 @@ def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
 def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predictions: list[dict], *,
                split: str, shots: int, task: str, step: int = 0, weights: str | None = None) -> str:
     """Log `eval/<split>/<shots>shot[/<weights>]/<metric>` metrics and a predictions jsonl artifact; returns
-    the prefix. `weights="base"` marks figures of the model the run started from."""
+    the prefix. `weights` marks figures of other weights or another sampler: "base" (the model the run started
+    from), "ema", "fast" (the fast sampler), or two of them joined ("base/fast")."""
     from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -164,7 +165,7 @@ def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predic
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()])
     with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot{'-' + weights if weights else ''}.jsonl"
+        file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot{'-' + weights.replace('/', '-') if weights else ''}.jsonl"
         file.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         client.log_artifact(run_id, str(file), artifact_path="eval")
     return prefix

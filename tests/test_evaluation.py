@@ -253,6 +253,12 @@ def test_cli_eval_base_scores_the_model_the_run_started_from(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["weights"] == "base" and result["step"] == 0
     assert client.get_run(run_id).data.metrics["eval/test/0shot/base/n"] == 2
+    # The fast sampler's figures get their own names: they never overwrite the exact sampler's.
+    args = _eval_parser().parse_args(["eval", run_id, "gsm8k", "--limit", "3", "--gen-length", "8", "--sampler",
+                                      "fast", "--tracking-uri", uri, "--json", "--no-progress"])
+    assert args.func(args) == 0
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/test/0shot/fast/n"] == 3 and "eval/test/0shot/n" not in logged
     args = _eval_parser().parse_args(["eval", run_id, "gsm8k", "--base", "--ema", "--tracking-uri", uri])
     with pytest.raises(ConfigError, match="--base and --ema"):
         args.func(args)

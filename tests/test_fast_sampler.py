@@ -249,9 +249,11 @@ def test_fidelity_agreement_reads_trials_with_both_figures():
     runs = [run({"final_val_accuracy": 0.1, "final_val_accuracy_fast": 0.12}),
             run({"final_val_accuracy": 0.3, "final_val_accuracy_fast": 0.25}),
             run({"final_val_accuracy": 0.2, "final_val_accuracy_fast": 0.2}),
-            run({"final_val_accuracy": 0.5})]  # exact only: not counted
+            run({"final_val_accuracy": 0.5}),  # exact only: not counted
+            # scored after the sweep by `raydllm eval <run id> --split validation`, with each sampler
+            run({"eval/validation/0shot/accuracy": 0.4, "eval/validation/0shot/fast/accuracy": 0.3})]
     got = fidelity_agreement(runs, "accuracy")
-    assert got["trials"] == 3 and got["kendall_tau"] == 1.0
+    assert got["trials"] == 4 and got["kendall_tau"] == 1.0 and got["exact"][-1] == 0.4
 
 
 def test_bench_sampler_runs_both_samplers_on_the_same_items(capsys):
