@@ -1,11 +1,8 @@
 """Pareto sweeps end to end: a space with several objectives, checked at the door; the multi-objective sweep under
 ParetoASHA with NSGA-II, killed and resumed; the front read back by `raydllm best --pareto`."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.config import ConfigError
 from raydllm.search_space import FORGETTING_PROBE_CHUNKS, load_spec
-from test_tune import TINY_SPACE, _children, _cli, _parents
+from test_tune import TINY_SPACE, _children, _cli, _parents, kill_after_two_trials
 
 PARETO_SPACE = {
     **TINY_SPACE,
@@ -57,7 +54,7 @@ def test_forgetting_objective_gets_a_bounded_probe_by_default(tmp_path):
 
 def test_shipped_pareto_spaces_load():
     for name in ("local-pareto", "bench-pareto"):
-        spec = load_spec(Path("search_spaces") / f"{name}.yaml")
+        spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / f"{name}.yaml")
         assert spec.objectives == {"val_loss_diff": "min", "wikitext_delta": "min"}
 
 
@@ -69,23 +66,7 @@ def test_pareto_sweep_killed_resumed_and_front_read_back(tmp_path):
     space = _space(tmp_path)
     command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    killed = False
-    deadline = time.time() + 600
-    while time.time() < deadline and sweep.poll() is None:
-        time.sleep(2)
-        if not (tmp_path / "mlflow.db").exists() or client.get_experiment_by_name("raydllm-gsm8k") is None:
-            continue
-        parents = _parents(client)
-        done = [r for r in (_children(client, parents[0].info.run_id) if parents else [])
-                if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
-        if len(done) >= 2:
-            os.killpg(sweep.pid, signal.SIGKILL)
-            killed = True
-            break
-    sweep.wait(timeout=60)
-    assert killed, "the sweep finished (or stalled) before it could be interrupted"
+    kill_after_two_trials(command, tmp_path, client)
 
     resumed = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -59,6 +59,29 @@ def _parents(client: MlflowClient):
     return client.search_runs([experiment.experiment_id], "tags.`raydllm.kind` = 'sweep'")
 
 
+def kill_after_two_trials(command: list[str], workdir: Path, client: MlflowClient) -> set[str]:
+    """Start the sweep in `command` and SIGKILL it (the driver and the Ray cluster it started) once two trials
+    have ended in MLflow; returns their trial ids."""
+    sweep = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    finished_before: set[str] = set()
+    deadline = time.time() + 600
+    while time.time() < deadline and sweep.poll() is None:
+        time.sleep(2)
+        if not (workdir / "mlflow.db").exists() or client.get_experiment_by_name("raydllm-gsm8k") is None:
+            continue
+        parents = _parents(client)
+        done = [r for r in (_children(client, parents[0].info.run_id) if parents else [])
+                if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
+        if len(done) >= 2:
+            finished_before = {r.data.tags["raydllm.trial_id"] for r in done}
+            os.killpg(sweep.pid, signal.SIGKILL)
+            break
+    sweep.wait(timeout=60)
+    assert finished_before, "the sweep finished (or stalled) before it could be interrupted"
+    return finished_before
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"fixed": {**TINY_SPACE["fixed"], "jepa.t_low": 0.8, "jepa.t_high": 0.5},
       "space": {"jepa.lambda": {"choice": [1.0]}}}, "jepa.t_low"),
@@ -94,23 +117,7 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
     space = _write_space(tmp_path)
     command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    finished_before: set[str] = set()
-    deadline = time.time() + 600
-    while time.time() < deadline and sweep.poll() is None:
-        time.sleep(2)
-        if not (tmp_path / "mlflow.db").exists() or client.get_experiment_by_name("raydllm-gsm8k") is None:
-            continue
-        parents = _parents(client)
-        done = [r for r in (_children(client, parents[0].info.run_id) if parents else [])
-                if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
-        if len(done) >= 2:
-            finished_before = {r.data.tags["raydllm.trial_id"] for r in done}
-            os.killpg(sweep.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-            break
-    sweep.wait(timeout=60)
-    assert finished_before, "the sweep finished (or stalled) before it could be interrupted"
+    finished_before = kill_after_two_trials(command, tmp_path, client)
 
     resumed = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--json")  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
