@@ -95,13 +95,14 @@ def cmd_tune(args) -> int:
     if args.preset not in (None, "local"):
         raise ConfigError(f"--preset {args.preset}: tune runs a space file, whose `preset:` is the trials' base "
                           f"config; use --space FILE (with preset: {args.preset}) or --set KEY=VALUE")
-    if args.preset and args.space:
-        raise ConfigError("--preset local selects search_spaces/local.yaml; with --space, drop --preset")
     space = Path(args.space) if args.space else default_space_file("local" if args.preset == "local" else args.task)
     extra = _flat_overrides(args.overrides)
     if args.data:
         extra |= {"data.source": "local", "data.path": str(Path(args.data).resolve())}
     spec = load_spec(space, extra or None)  # validated before Ray starts, --set values at every corner
+    if args.preset and spec.preset != args.preset:  # `--preset local --space F` says F is a local space: check it
+        raise ConfigError(f"--preset {args.preset}: {space} sets preset: {spec.preset} (a space's base config is "
+                          f"its own preset: line); drop --preset")
     if spec.task != args.task:
         raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
     check_sweep(spec, space_name=str(space), tracking_uri=args.tracking_uri, storage=args.storage)  # before Ray
