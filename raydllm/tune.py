@@ -15,7 +15,6 @@ Pattern (Ray Train V2): each Tune trial is a function trainable that builds the 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -670,23 +669,6 @@ def _scheduler(spec: SweepSpec, steps: int):
     return ASHAScheduler(**settings)
 
 
-@functools.cache
-def _picklable(sampler_class: type) -> type:
-    """`sampler_class` without its thread lock in its pickled state: Tune pickles the search algorithm into the
-    sweep's folder (to restore it), and Optuna 5's NSGAIISampler holds a lock; a restored one gets a new lock."""
-
-    class Picklable(sampler_class):
-        def __getstate__(self):
-            return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
-
-        def __setstate__(self, state):
-            self.__dict__.update(state)
-            self._thread_lock = threading.Lock()
-
-    Picklable.__name__ = Picklable.__qualname__ = f"Picklable{sampler_class.__name__}"
-    return Picklable
-
-
 def _search_alg(spec: SweepSpec):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -697,8 +679,10 @@ def _search_alg(spec: SweepSpec):
 
         if spec.search.sampler == "nsga2" or (spec.objectives and spec.search.sampler is None):
             # A generation of half the trial budget, so the evolution runs at least once within the sweep.
-            sampler = _picklable(optuna.samplers.NSGAIISampler)(
-                seed=spec.search.seed, population_size=max(2, min(50, spec.num_samples // 2)))
+            from .searchers import PicklableNSGAIISampler
+
+            sampler = PicklableNSGAIISampler(seed=spec.search.seed,
+                                             population_size=max(2, min(50, spec.num_samples // 2)))
         else:
             sampler = optuna.samplers.TPESampler(seed=spec.search.seed)  # multi-objective TPE too
         searcher = (OptunaSearch(sampler=sampler, metric=list(spec.objectives), mode=list(spec.objectives.values()))

@@ -29,6 +29,7 @@ LAYER_OF = {
     "tracking": "runs and sweeps", "train": "runs and sweeps", "search_space": "runs and sweeps",
     "tune": "runs and sweeps", "results": "runs and sweeps", "report": "runs and sweeps", "cluster": "runs and sweeps",
     "pareto": "runs and sweeps", "pareto_asha": "runs and sweeps", "pareto_results": "runs and sweeps",
+    "searchers": "runs and sweeps",
     # command line and benchmarks
     "cli": "top", "bench": "top", "console": "top",
 }

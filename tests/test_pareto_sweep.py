@@ -113,21 +113,22 @@ def test_pareto_sweep_killed_resumed_and_front_read_back(tmp_path):
 
 @pytest.mark.parametrize("sampler", [None, "nsga2", "tpe"])
 def test_multi_objective_searcher_survives_tunes_pickling(tmp_path, sampler):
-    """Tune pickles the search algorithm into the sweep's folder at the start (and restores it on a resume):
-    NSGA-II's thread lock must not stop that, and the restored searcher must still propose configs."""
-    import ray.cloudpickle as cloudpickle
-
+    """Tune saves the search algorithm with pickle at every experiment checkpoint and restores it on a resume:
+    NSGA-II's thread lock must not stop that, and the restored searcher must go on proposing configs."""
     from raydllm.search_space import param_space
     from raydllm.tune import _search_alg
 
     search = {"algorithm": "optuna", "seed": 3, **({"sampler": sampler} if sampler else {})}
     spec = load_spec(_space(tmp_path, search=search))
     searcher = _search_alg(spec)
-    restored = cloudpickle.loads(cloudpickle.dumps(searcher))
-    assert restored.set_search_properties(None, None, param_space(spec))
-    config = restored.suggest("trial_1")
+    assert searcher.set_search_properties(None, None, param_space(spec))
+    searcher.suggest("trial_1")
+    searcher.save_to_dir(str(tmp_path))  # what Tune's experiment checkpoint does
+    restored = _search_alg(spec)
+    restored.restore_from_dir(str(tmp_path))
+    config = restored.searcher.suggest("trial_2")
     assert config["jepa.lambda"] in (0.5, 2.0) and config["train.lr"] in (1.0e-6, 3.0e-3)
-    inner = restored.searcher._ot_study
-    assert [d.name for d in inner.directions] == ["MINIMIZE", "MINIMIZE"]
+    study = restored.searcher._ot_study
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"] and len(study.trials) == 2
     expected = "NSGAIISampler" if sampler in (None, "nsga2") else "TPESampler"
-    assert expected in type(inner.sampler).__name__
+    assert expected in type(study.sampler).__name__
