@@ -1282,6 +1282,11 @@ def format_pareto_bench(r: dict[str, Any]) -> str:
             values = ", ".join(f"{n} {member['values'][n]:.4f}" for n in names)
             config = " ".join(f"{k.split('.')[-1]}={v}" for k, v in member["config"].items())
             lines.append(f"    {config}: {values}")
+    fidelity = r["grid"].get("fast_vs_exact") or {}
+    if fidelity.get("trials"):
+        tau = fidelity["kendall_tau"]
+        lines.append(f"fast vs exact sampler over the grid's {fidelity['trials']} trials: Kendall tau "
+                     f"{'n/a' if tau is None else f'{tau:.2f}'}")
     ratio = r["hypervolume_ratio"]
     lines.append(f"pareto_asha / grid: compute {r['compute_ratio']:.2f}x, hypervolume "
                  f"{'n/a' if ratio is None else f'{ratio:.3f}'} (target: >= 0.95 at <= 0.33x)")
