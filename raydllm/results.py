@@ -102,7 +102,11 @@ def summarize(runs, metric: str, mode: str, *, selection_seed: int, client: Mlfl
         params = json.loads(members[0].data.tags.get("raydllm.searched", "{}"))
         params.pop("train.seed", None)
         seed_of = {r.info.run_id: int(r.data.params.get("train.seed", -1)) for r in members}
-        chosen = [r for r in members if seed_of[r.info.run_id] == selection_seed]
+        # A searcher may propose a config again (NSGA-II's offspring can repeat a parent): the selection-seed trial
+        # that went furthest stands for it (completed first, then the latest step).
+        chosen = sorted((r for r in members if seed_of[r.info.run_id] == selection_seed),
+                        key=lambda r: (r.data.tags.get("raydllm.status") != "completed",
+                                       -int(r.data.tags.get("raydllm.last_step", 0))))
         fresh = sorted((r for r in members if seed_of[r.info.run_id] != selection_seed
                         and r.data.tags.get("raydllm.status") == "completed" and metric in r.data.metrics),
                        key=lambda r: seed_of[r.info.run_id])

@@ -251,3 +251,16 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     assert main(args) == 2  # the same winners on test again: refused
     assert "already evaluated on test" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+
+
+def test_a_config_proposed_twice_is_judged_by_the_trial_that_went_furthest(tmp_path):
+    """NSGA-II can propose a config again: the completed selection-seed trial stands for it, not the stopped one
+    (whichever MLflow lists first)."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    for order in ([(GOOD, 42, 0.9, "stopped_early", 0), (GOOD, 42, 0.5, "completed")],
+                  [(GOOD, 42, 0.5, "completed"), (GOOD, 42, 0.9, "stopped_early", 0)]):
+        _sweep(uri, order + [(BAD, 42, 0.7, "completed")], fresh=[])
+        report = best_configs("gsm8k", tracking_uri=uri)
+        assert [(r["params"], r["selection_value"]) for r in report["best"]] == [(GOOD, 0.5), (BAD, 0.7)]
+        assert report["stopped"] == []
+        uri = f"sqlite:///{tmp_path / 'm2.db'}"
