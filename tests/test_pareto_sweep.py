@@ -18,7 +18,7 @@ PARETO_SPACE = {
     "metric": None,
     "objectives": {"val_loss_diff": "min", "wikitext_delta": "min"},
     "fixed": {**TINY_SPACE["fixed"], "eval.report_probe_chunks": 2, "eval.probe_seq_len": 32},
-    "seeds": [42, 123], "repeat": {"top": 2},
+    "seeds": [42, 123], "repeat": {"top": 1}, "baseline": {"mode": "searched", "num_samples": 1},
     "search": {"algorithm": "optuna", "seed": 3},
     "space": {"jepa.lambda": {"choice": [0.5, 2.0]}, "train.lr": {"choice": [1.0e-6, 3.0e-3]}},
 }
