@@ -17,7 +17,7 @@ Facts that shaped this helper (Ray 2.60.0):
 * ``idle_timeout_minutes`` is a JSON-schema ``number`` (>= 0), so fractions such as 0.1 (6 s) are accepted.
 * Token authentication (new in Ray 2.60) must match between the cluster and this process; see RAY_AUTH_MODE below.
 * Ray 2.60's autoscalers do not record their node types in the GCS (newer v2 autoscalers do); like cluster.yaml's
-  head, the helper reports them after `ray start` (`raydllm.cluster.report_node_types`), so a driver asks Ray
+  head, the helper reports them after `ray start` (`raydllm.sweep.cluster.report_node_types`), so a driver asks Ray
   what the cluster can launch, exactly as on AWS.
 * Apart from that the driver needs nothing special: ``ray.init(address="<ip>:<port>")`` connects to the head raylet even though
   several raylets share the IP (``services.get_node_to_connect_for_driver`` prefers the head). Only ``ray start``
@@ -47,7 +47,7 @@ from typing import Iterator
 
 import yaml
 
-from raydllm.cluster import report_node_types
+from raydllm.sweep.cluster import report_node_types
 
 HEAD_NODE_TYPE = "ray.head.default"  # fixed by FakeMultiNodeProvider
 WORKER_NODE_TYPE = "ray.worker.slot"

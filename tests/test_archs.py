@@ -1,7 +1,7 @@
 """raydllm against tiny re-creations of the real LLaDA and Dream remote code (tests/archs).
 
 What each architecture's hub code really does is asserted as such, loading with model.implementation=remote
-(the folder's own code). raydllm's default for these model types is its own implementation (raydllm.archs,
+(the folder's own code). raydllm's default for these model types is its own implementation (raydllm.core.archs,
 tested in test_archs_raydllm.py); the `*_remote_path_fails_*` tests pin down why that default exists.
 """
 import importlib
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from archs import DREAM_AUTO_MAP, LLADA_AUTO_MAP, save_tiny_dream, save_tiny_llada
-from raydllm.backbone import load_backbone, load_pretrained
-from raydllm.config import ModelConfig
+from raydllm.engine.backbone import load_backbone, load_pretrained
+from raydllm.core.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REMOTE = "remote"  # model.implementation: the folder's own code, as a transformers 4.x user would run it

@@ -1,4 +1,4 @@
-"""The fast sampler's block KV cache on raydllm's own LLaDA and Dream (raydllm.archs), through
+"""The fast sampler's block KV cache on raydllm's own LLaDA and Dream (raydllm.core.archs), through
 `Backbone.forward_with_cache` (the archs' return_kv / kv_cache / block_start API; Dream's shifted logits moved
 back): a block against a cache of the same sequence is the full forward; with one layer the prefix and dual
 caches give the tokens of no cache; threshold >= 1 without a cache is the exact sampler; LoRA and its frozen
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from archs import save_tiny_dream, save_tiny_llada
-from raydllm.backbone import BaseView, Backbone, load_backbone
-from raydllm.config import ModelConfig
-from raydllm.evaluation import effective_sampler, left_pad
-from raydllm.sampler import SamplerConfig, generate, generate_fast
+from raydllm.engine.backbone import BaseView, Backbone, load_backbone
+from raydllm.core.config import ModelConfig
+from raydllm.evaluation.evaluate import effective_sampler, left_pad
+from raydllm.core.sampler import SamplerConfig, generate, generate_fast
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # arch -> (folder writer, its config field for the number of layers)
@@ -162,14 +162,14 @@ def test_remote_code_without_the_api_falls_back(folder, caplog):
     assert type(backbone.model).__module__.startswith("transformers_modules")
     assert not backbone.supports_kv_cache
     sampler = SamplerConfig(steps=GEN, gen_length=GEN, block_length=BLOCK, method="fast", cache="prefix")
-    with caplog.at_level(logging.WARNING, logger="raydllm.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="raydllm.evaluation.evaluate"):
         assert effective_sampler(sampler, backbone).cache == "none"
     assert "parallel decoding alone" in caplog.text
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_bench_sampler_uses_the_cache_on_a_tiny_architecture(folder, arch):
-    from raydllm.bench import sampler_bench
+    from raydllm.bench.bench import sampler_bench
 
     result = sampler_bench(model=str(folder(arch, 1)), items=2, lengths=(16,), batch_size=2, threads=1)
     row = result["lengths"]["16"]

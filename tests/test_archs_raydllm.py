@@ -1,4 +1,4 @@
-"""raydllm's own LLaDA and Dream (raydllm.archs) against the hub code's re-creation (tests/archs).
+"""raydllm's own LLaDA and Dream (raydllm.core.archs) against the hub code's re-creation (tests/archs).
 
 The folders are saved with `tiny_hub_quirks=True`: exactly what the hub ships, whose remote code does not load
 under transformers 5. raydllm loads them through the user path (`model.name=<folder>`) into its own classes;
@@ -16,9 +16,9 @@ from archs.dream.configuration_dream import DreamConfig as HubDreamConfig
 from archs.dream.modeling_dream import DreamModel as HubDreamModel
 from archs.llada.configuration_llada import LLaDAConfig as HubLLaDAConfig
 from archs.llada.modeling_llada import LLaDAModelLM as HubLLaDAModelLM
-from raydllm import archs
-from raydllm.backbone import load_backbone
-from raydllm.config import ConfigError, ModelConfig
+from raydllm.core import archs
+from raydllm.engine.backbone import load_backbone
+from raydllm.core.config import ConfigError, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, LAYERS = 384, 2
@@ -174,7 +174,7 @@ def test_llada_unsupported_hub_configuration_is_refused(llada_hub_folder, tmp_pa
 
 
 def test_llada_implementation_raydllm_refuses_other_model_types(tmp_path):
-    from raydllm.model import build_tiny
+    from raydllm.core.model import build_tiny
 
     model, tokenizer = build_tiny(ModelConfig())
     model.save_pretrained(tmp_path)

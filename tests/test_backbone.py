@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from raydllm.backbone import build_tiny, load_backbone
-from raydllm.config import ModelConfig
+from raydllm.engine.backbone import build_tiny, load_backbone
+from raydllm.core.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_dream_style_shift_is_undone_by_the_adapter(hf_folder):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    from raydllm.config import ConfigError
+    from raydllm.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="no config.json"):
         load_backbone(ModelConfig(name=str(tmp_path)))
@@ -88,7 +88,7 @@ def _left_padded(pad_id):
 
 
 def test_padding_probe_and_per_row_mode_for_a_backbone_that_ignores_the_mask():
-    from raydllm.backbone import Backbone, padding_mode
+    from raydllm.engine.backbone import Backbone, padding_mode
 
     torch.manual_seed(0)
     honest, _ = load_backbone(ModelConfig(d_model=32, n_layers=2, n_heads=2))
@@ -116,8 +116,8 @@ def test_load_in_the_training_dtype():
 
 
 def test_gradient_checkpointing_entry_points():
-    from raydllm.backbone import enable_gradient_checkpointing
-    from raydllm.config import ConfigError
+    from raydllm.engine.backbone import enable_gradient_checkpointing
+    from raydllm.core.config import ConfigError
 
     class Inner(torch.nn.Module):
         def set_activation_checkpointing(self, strategy):

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from raydllm.bench import GIB, estimate_memory, format_report, llada_memory_table, predictor_params, run_bench
-from raydllm.cli import build_parser, cmd_bench
-from raydllm.config import load_config
+from raydllm.bench.bench import GIB, estimate_memory, format_report, llada_memory_table, predictor_params, run_bench
+from raydllm.cli.app import build_parser, cmd_bench
+from raydllm.core.config import load_config
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=16",
         "train.micro_batch_size=4"]
@@ -116,7 +116,7 @@ def test_json_stdout_is_the_result_line_only(tmp_path):
     import sys
 
     sets = [arg for key in TINY for arg in ("--set", key)]
-    done = subprocess.run([sys.executable, "-m", "raydllm.cli", "bench", "--steps", "1", "--warmup", "1",
+    done = subprocess.run([sys.executable, "-m", "raydllm.cli.app", "bench", "--steps", "1", "--warmup", "1",
                            "--no-split", "--target-prob", "0", "--sampler-batch", "2", "--sampler-gen-length", "4",
                            "--sampler-steps", "2", "--json", *sets], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
@@ -130,7 +130,7 @@ def test_json_stdout_is_the_result_line_only(tmp_path):
 def test_llada_8b_lora_table():
     """LoRA on one GPU: the frozen bf16 base (16 GB) dominates; DLLM-JEPA's EMA is the adapters in fp32 (under 1%
     of the baseline at rank 8), and rank 8 / k = 1 fits 24 GiB."""
-    from raydllm.bench import GIB, estimate_lora_memory, llada_lora_memory_table, lora_adapter_params
+    from raydllm.bench.bench import GIB, estimate_lora_memory, llada_lora_memory_table, lora_adapter_params
 
     # LLaDA-8B, rank 8: 32 layers x 8 x (2(d+d) + 2(d+kv) + 3(d+m)) with d = kv = 4096, m = 12288.
     assert lora_adapter_params(8, hidden_size=4096, mlp_hidden_size=12288, kv_width=4096, n_layers=32) == 20_971_520
@@ -162,7 +162,7 @@ def test_lora_bench_charges_the_target_pass_to_the_target(process_group):
     assert r["ema_extra_mb"] == pytest.approx(r["n_params_backbone_trainable"] * 4 / 2 ** 20)
     assert r["peak_memory_mb"]["jepa"] - r["peak_memory_mb"]["baseline"] == pytest.approx(r["ema_extra_mb"])
 def test_l2_strength_bench_and_the_8b_figures(process_group):
-    from raydllm.bench import l2_anchor_strength
+    from raydllm.bench.bench import l2_anchor_strength
 
     cfg = load_config("gsm8k", "local", TINY + ["train.lr=3e-3"])
     result = l2_anchor_strength(cfg, lambdas=(0.0, 10.0), steps=3)

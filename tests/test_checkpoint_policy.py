@@ -2,8 +2,8 @@
 staging on the node's local disk."""
 import pytest
 
-from raydllm.checkpoints import LOCAL_DIR_ENV, folder_bytes, staging_dir
-from raydllm.tune import delete_checkpoints, rung_steps
+from raydllm.engine.checkpoints import LOCAL_DIR_ENV, folder_bytes, staging_dir
+from raydllm.sweep.tune import delete_checkpoints, rung_steps
 
 
 @pytest.mark.parametrize("max_t,grace,factor", [(444, 74, 3), (135, 10, 4), (40, 5, 2), (100, 10, 3)])
@@ -48,7 +48,7 @@ def test_rung_checkpoints_async_upload_export_and_bytes(tmp_path):
 
     staging = tmp_path / "nvme"
     staging.mkdir()
-    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json",
+    cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json",
            *[a for kv in ["model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
                           "data.synthetic_size=200", "data.val_limit=16", "train.micro_batch_size=4",
                           "eval.final=false", "jepa.lambda=0", "train.max_steps=6", "train.eval_every=2",
@@ -75,7 +75,7 @@ def test_status_callback_deletes_a_stopped_trials_checkpoints_and_keeps_a_finish
 
     from mlflow.tracking import MlflowClient
 
-    from raydllm.tune import TrialStatusCallback
+    from raydllm.sweep.tune import TrialStatusCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

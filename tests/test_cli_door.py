@@ -21,7 +21,7 @@ ROW = {"question": "Tom has 3 apples and buys 2 more. How many?", "answer": "3 +
 def _run(workdir: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "raydllm.cli", *args], cwd=workdir, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "raydllm.cli.app", *args], cwd=workdir, capture_output=True, text=True,
                           timeout=120, env=environment)
     return done, time.perf_counter() - started
 
@@ -33,7 +33,7 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
 
 
 def _no_gpu_machine() -> bool:
-    from raydllm.train import local_gpus
+    from raydllm.sweep.train import local_gpus
 
     return local_gpus() < 8
 
@@ -86,7 +86,7 @@ def test_bad_input_is_one_line_exit_2_in_seconds(tmp_path):
 
 
 def test_quiet_log_stream_echoes_the_users_lines_once():
-    from raydllm.console import LogStream
+    from raydllm.cli.console import LogStream
 
     log, terminal = io.StringIO(), io.StringIO()
     stream = LogStream(log, terminal)
@@ -101,7 +101,7 @@ def test_quiet_log_stream_echoes_the_users_lines_once():
 
 
 def test_progress_view_plain_lines_on_state_changes_only():
-    from raydllm.tune import SweepProgress
+    from raydllm.sweep.tune import SweepProgress
 
     def trial(status, step, lam, value=None):
         return SimpleNamespace(status=status, last_result={"step": step}, trial_id=f"t{lam}{step}",
@@ -151,7 +151,7 @@ def test_ctrl_c_stops_the_sweep_killed_exit_130_and_the_same_command_resumes(tmp
 
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump({**TINY, "space": {"train.lr": {"grid": [1.0e-3, 3.0e-3]}}}))
-    command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
+    command = [sys.executable, "-m", "raydllm.cli.app", "tune", "gsm8k", "--space", str(space), "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
@@ -195,11 +195,11 @@ def test_a_sweep_stopped_by_an_error_ends_failed_never_running(tmp_path, monkeyp
     """Once the parent run is open, whatever stops the sweep closes it (here an error in a phase: FAILED)."""
     from mlflow.tracking import MlflowClient
 
-    from raydllm import tune
-    from raydllm.search_space import load_spec
+    from raydllm.sweep import tune
+    from raydllm.sweep.search_space import load_spec
 
     monkeypatch.setattr(tune, "ensure_ray_for_sweep", lambda spec: None)  # no Ray: the phases fail first
-    monkeypatch.setattr("raydllm.train.warm_deepspeed_ops", lambda: None)
+    monkeypatch.setattr("raydllm.sweep.train.warm_deepspeed_ops", lambda: None)
 
     def broken_phases(*args, **kwargs):
         raise RuntimeError("the search phase broke")
@@ -216,8 +216,8 @@ def test_a_sweep_stopped_by_an_error_ends_failed_never_running(tmp_path, monkeyp
 
 
 def test_tune_exits_1_when_trials_failed_and_still_prints_the_summary(tmp_path, monkeypatch, capsys):
-    from raydllm import tune
-    from raydllm.cli import main
+    from raydllm.sweep import tune
+    from raydllm.cli.app import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tune, "run_spec", lambda spec, **kw: tune.SweepOutcome(

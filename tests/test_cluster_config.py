@@ -270,7 +270,7 @@ def test_file_mounts_are_enough_to_build_raydllm_with_its_spaces(cluster_file, t
     names = zipfile.ZipFile(next((tmp_path / "dist").glob("raydllm-*.whl"))).namelist()
     spaces = {p.name for p in (REPO / "search_spaces").glob("*.yaml")}
     assert {f"raydllm/search_spaces/{n}" for n in spaces} <= set(names), names
-    assert {"raydllm/cluster.py", "raydllm/configs/paper.yaml"} <= set(names)
+    assert {"raydllm/sweep/cluster.py", "raydllm/configs/paper.yaml"} <= set(names)
 
 
 def test_torch_install_matches_the_node(cluster_file):
@@ -290,7 +290,7 @@ def test_head_records_node_types_for_the_resource_check(cluster_file):
     cfg = _load(cluster_file)
     start = cfg["head_start_ray_commands"]
     i_start = next(i for i, c in enumerate(start) if "ray start --head" in c)
-    report = [i for i, c in enumerate(start) if "python -m raydllm.cluster ~/ray_bootstrap_config.yaml" in c]
+    report = [i for i, c in enumerate(start) if "python -m raydllm.sweep.cluster ~/ray_bootstrap_config.yaml" in c]
     assert report and report[0] > i_start
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import raydllm.cluster
-from raydllm.cli import main
-from raydllm.cluster import NodeShape, cluster_config_proto, per_node, placement
-from raydllm.config import ConfigError, validate
-from raydllm.search_space import base_raw, load_spec
-from raydllm.train import worker_bundle
+import raydllm.sweep.cluster
+from raydllm.cli.app import main
+from raydllm.sweep.cluster import NodeShape, cluster_config_proto, per_node, placement
+from raydllm.core.config import ConfigError, validate
+from raydllm.sweep.search_space import base_raw, load_spec
+from raydllm.sweep.train import worker_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_WORKER = {"CPU": 8, "GPU": 1, "accelerator_type:A100-80G": 0.001}
@@ -55,13 +55,13 @@ def test_sixteen_gpu_trial_spreads_over_two_nodes_and_seventeen_nodes_never_fit(
 
 
 def test_check_resources_refuses_with_one_line(monkeypatch):
-    from raydllm.search_space import SweepSpec
-    from raydllm.tune import check_resources
+    from raydllm.sweep.search_space import SweepSpec
+    from raydllm.sweep.tune import check_resources
 
     spec = SweepSpec.model_validate(yaml.safe_load((REPO / "search_spaces" / "gsm8k.yaml").read_text()))
-    monkeypatch.setattr(raydllm.cluster, "node_shapes", lambda: _aws_shapes())
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _aws_shapes())
     check_resources(spec)  # 8 x A100-80G: a gpu_a100_80gb node holds it
-    monkeypatch.setattr(raydllm.cluster, "node_shapes", lambda: _aws_shapes()[:1])  # no node types reported
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _aws_shapes()[:1])  # no node types reported
     with pytest.raises(ConfigError, match=r"^resources: a trial needs 8 worker\(s\) of \{CPU: 8, "
                                           r"accelerator_type:A100-80G: 0.001, GPU: 1\}.*head \{CPU: 0, GPU: 0, "
                                           r"trial_slot: 4\}") as err:
@@ -129,7 +129,7 @@ def test_tune_flags_refused_before_ray_starts(argv, message, capsys, monkeypatch
 
 
 def test_default_space_file_is_found_in_the_package(tmp_path, monkeypatch):
-    from raydllm.search_space import default_space_file
+    from raydllm.sweep.search_space import default_space_file
 
     monkeypatch.chdir(tmp_path)  # no search_spaces/ here: the copy that travels with the package
     path = default_space_file("gsm8k")

@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 
-from raydllm.cli import main
-from raydllm.config import ConfigError, load_config
+from raydllm.cli.app import main
+from raydllm.core.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("override, field", [

@@ -1,10 +1,10 @@
 """LLaDA's SFT data convention, seeded splits and the data order that makes resume exact."""
 import pytest
 
-from raydllm.backbone import load_backbone
-from raydllm.config import load_config
-from raydllm.data import collate, load_examples, micro_batch_indices, tokenize_sft
-from raydllm.tasks import DataError, get_task
+from raydllm.engine.backbone import load_backbone
+from raydllm.core.config import load_config
+from raydllm.data.sft import collate, load_examples, micro_batch_indices, tokenize_sft
+from raydllm.data.tasks import DataError, get_task
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +60,13 @@ def test_local_answer_budget_fits_every_generated_answer_and_a_cut_warns(tiny, c
     backbone, tokenizer = tiny
     cfg = load_config("gsm8k", "local")
     examples = load_examples(cfg, "train")
-    with caplog.at_level("WARNING", logger="raydllm.data"):
+    with caplog.at_level("WARNING", logger="raydllm.data.sft"):
         records = tokenize_sft(examples, tokenizer, get_task("gsm8k"), max_prompt_tokens=96,
                                answer_tokens=cfg.data.answer_tokens, eos_id=backbone.ids.eos)
     assert not caplog.records
     decoded = tokenizer.decode([t for t in records[0].answer_ids if t != backbone.ids.eos])
     assert decoded.strip() == examples[0].answer
-    with caplog.at_level("WARNING", logger="raydllm.data"):
+    with caplog.at_level("WARNING", logger="raydllm.data.sft"):
         tokenize_sft(examples, tokenizer, get_task("gsm8k"), max_prompt_tokens=96, answer_tokens=20,
                      eos_id=backbone.ids.eos)
     assert "data.answer_tokens=20 cuts" in caplog.text

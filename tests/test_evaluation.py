@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from raydllm.backbone import TokenIds, load_backbone
-from raydllm.config import ConfigError, load_config
-from raydllm.data import load_examples
-from raydllm.checkpoints import read_checkpoint_state
-from raydllm.cli import build_parser
-from raydllm.evaluation import default_sampler, effective_sampler, evaluate_task, left_pad, load_checkpoint_backbone
-from raydllm.sampler import SamplerConfig
-from raydllm.tasks import get_task
-from raydllm.tokenizer import byte_tokenizer
+from raydllm.engine.backbone import TokenIds, load_backbone
+from raydllm.core.config import ConfigError, load_config
+from raydllm.data.sft import load_examples
+from raydllm.engine.checkpoints import read_checkpoint_state
+from raydllm.cli.app import build_parser
+from raydllm.evaluation.evaluate import default_sampler, effective_sampler, evaluate_task, left_pad, load_checkpoint_backbone
+from raydllm.core.sampler import SamplerConfig
+from raydllm.data.tasks import get_task
+from raydllm.core.tokenizer import byte_tokenizer
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=200",
          "data.answer_tokens=16", "data.max_prompt_tokens=96", "data.val_limit=8", "train.micro_batch_size=4",
@@ -138,7 +138,7 @@ def test_hand_built_checkpoint_loads(tmp_path):
 
 def test_worker_checkpoint_loads(process_group, tmp_path):
     """A checkpoint written by the real worker loop (a DeepSpeed engine) round-trips, EMA included."""
-    from raydllm.worker import WorkerLoop
+    from raydllm.engine.worker import WorkerLoop
 
     cfg = load_config("gsm8k", "local", SMALL)
     loop = WorkerLoop(cfg, rank=0, world=1, device=torch.device("cpu"))
@@ -157,7 +157,7 @@ def test_worker_checkpoint_loads(process_group, tmp_path):
 
 def test_weights_only_export_is_what_eval_reads(process_group, tmp_path):
     """The final checkpoint's export/ (save_pretrained + tokenizer + EMA) loads without the DeepSpeed files."""
-    from raydllm.worker import WorkerLoop
+    from raydllm.engine.worker import WorkerLoop
 
     cfg = load_config("gsm8k", "local", SMALL + ["train.export_ema=true"])
     loop = WorkerLoop(cfg, rank=0, world=1, device=torch.device("cpu"))

@@ -4,7 +4,7 @@ The cluster is Ray's ``fake_multinode`` provider (see tests/fake_cluster.py): a 
 resource and one worker node type. Every trial asks for a whole node (``node_slot``), so nothing fits until the
 autoscaler launches worker nodes; once the sweep is done and the nodes are idle for ``idle_timeout_minutes``
 (0.25 min = 15 s) the autoscaler terminates them. No raydllm environment variable is set: the resource check
-asks Ray (the node types recorded in the GCS, raydllm.cluster) what the cluster can launch, as on AWS.
+asks Ray (the node types recorded in the GCS, raydllm.sweep.cluster) what the cluster can launch, as on AWS.
 
 The asserted node-count sequence is 0 -> >= 2 worker nodes -> 0. `run_sweep` is the one place to swap in
 raydllm's real sweep; it receives the cluster address and must leave the driver disconnected when it returns.
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fake_cluster import NodeTimeline, fake_autoscaling_cluster
-from raydllm.config import ConfigError
+from raydllm.core.config import ConfigError
 
 NODE_RESOURCES = {"CPU": 1, "node_slot": 1}
 MAX_WORKERS = 3
@@ -36,15 +36,15 @@ IDLE_TIMEOUT_MIN = 0.25  # 15 s. With 0.1 (6 s) a freshly launched node was once
 
 def run_sweep(address: str, num_trials: int, resources_per_worker: dict, *, workers: int = 1,
               overrides: dict | None = None, workdir: str | None = None) -> list[dict]:
-    """raydllm's real sweep (`raydllm.tune.run_spec`: Tune + ASHA over TorchTrainer/DeepSpeed trials, MLflow)
+    """raydllm's real sweep (`raydllm.sweep.tune.run_spec`: Tune + ASHA over TorchTrainer/DeepSpeed trials, MLflow)
     on the cluster at `address`. The node-sized request comes from the space's `resources`, exactly as on
     the real cluster; only the address differs."""
     import ray
     from mlflow.tracking import MlflowClient
 
-    from raydllm.results import trial_runs
-    from raydllm.search_space import SweepSpec
-    from raydllm.tune import run_spec
+    from raydllm.sweep.results import trial_runs
+    from raydllm.sweep.search_space import SweepSpec
+    from raydllm.sweep.tune import run_spec
 
     custom = {k: v for k, v in resources_per_worker.items() if k != "CPU"}
     raw = {
@@ -187,7 +187,7 @@ def test_trial_no_node_type_can_hold_is_refused_before_scheduling(tmp_path):
     trial exists (the node types come from Ray: no raydllm environment variable is set)."""
     import ray
 
-    from raydllm.cluster import node_shapes, placement
+    from raydllm.sweep.cluster import node_shapes, placement
 
     assert not any(k.startswith("RAYDLLM") for k in os.environ)
     with fake_autoscaling_cluster(head_cpus=1, worker_resources=PAIR_NODE, max_workers=MAX_WORKERS,

@@ -1,4 +1,4 @@
-"""raydllm.sampler.generate_fast (Fast-dLLM's threshold parallel decoding + block KV cache) and the embedded
+"""raydllm.core.sampler.generate_fast (Fast-dLLM's threshold parallel decoding + block KV cache) and the embedded
 model's KV-cache path it uses (`TinyDiffusionLM.forward_kv`, `Backbone.forward_with_cache`)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from raydllm.backbone import Backbone, TokenIds, load_backbone
-from raydllm.config import ModelConfig, load_config
-from raydllm.sampler import SamplerConfig, generate, generate_fast, model_logits_fn, sample
+from raydllm.engine.backbone import Backbone, TokenIds, load_backbone
+from raydllm.core.config import ModelConfig, load_config
+from raydllm.core.sampler import SamplerConfig, generate, generate_fast, model_logits_fn, sample
 from test_sampler import MASK, PROMPTS, SPEC, BagModel, _left_pad, build_model
 
 
@@ -224,7 +224,7 @@ def test_backbone_kv_capability():
 
 
 def test_kendall_tau():
-    from raydllm.bench import kendall_tau
+    from raydllm.bench.bench import kendall_tau
 
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
@@ -241,7 +241,7 @@ def test_kendall_tau():
 def test_fidelity_agreement_reads_trials_with_both_figures():
     from types import SimpleNamespace as NS
 
-    from raydllm.bench import fidelity_agreement
+    from raydllm.bench.bench import fidelity_agreement
 
     def run(metrics):
         return NS(data=NS(metrics=metrics))
@@ -257,7 +257,7 @@ def test_fidelity_agreement_reads_trials_with_both_figures():
 
 
 def test_bench_sampler_runs_both_samplers_on_the_same_items(capsys):
-    from raydllm.cli import build_parser
+    from raydllm.cli.app import build_parser
 
     args = build_parser().parse_args(["bench", "sampler", "--items", "3", "--lengths", "8,16", "--sampler-batch",
                                       "2", "--threshold", "0.5", "--json"])
@@ -275,7 +275,7 @@ def test_bench_sampler_runs_both_samplers_on_the_same_items(capsys):
 def test_trial_reports_with_the_fast_sampler_and_finals_with_both(process_group, monkeypatch):
     """eval.sampler=fast: the per-report val_accuracy uses the fast sampler (with its cache); the final report
     scores the exact sampler and the fast one on the same items (the pair the sweep's Kendall tau compares)."""
-    import raydllm.trial as trial
+    import raydllm.evaluation.trial as trial
 
     cfg = load_config("gsm8k", "local", [
         "model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
@@ -301,8 +301,8 @@ def test_trial_reports_with_the_fast_sampler_and_finals_with_both(process_group,
 def test_bench_sampler_on_a_hugging_face_folder(tmp_path):
     """The hook for other architectures (e.g. a tiny LLaDA): any HF folder; its KV cache is used when the
     loaded code offers `forward_kv` (here the embedded model's own code, saved with its weights)."""
-    from raydllm.backbone import build_tiny
-    from raydllm.bench import sampler_bench
+    from raydllm.engine.backbone import build_tiny
+    from raydllm.bench.bench import sampler_bench
 
     torch.manual_seed(0)
     model, tokenizer = build_tiny(ModelConfig(d_model=32, n_layers=2, n_heads=2))
@@ -316,7 +316,7 @@ def test_bench_sampler_on_a_hugging_face_folder(tmp_path):
 
 
 def test_eval_sampler_fields_are_validated_at_the_door():
-    from raydllm.config import ConfigError, validate
+    from raydllm.core.config import ConfigError, validate
 
     cfg = validate({"eval": {"sampler": "fast", "threshold": 0.8, "cache": "prefix"}})
     assert (cfg.eval.sampler, cfg.eval.threshold, cfg.eval.cache) == ("fast", 0.8, "prefix")

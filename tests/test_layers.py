@@ -1,8 +1,9 @@
 """The package's imports run one way, bottom to top, and stay that way.
 
-Every module belongs to one layer; a module may import its own layer and the layers below it, never one above,
-and no set of modules imports itself in a circle. Imports inside functions count too (a lazy import is still a
-dependency). The map below is the architecture README "How it is built" describes: a new module must be placed.
+The package's folders are its layers, lowest first: `core` -> `data` -> `engine` -> `evaluation` -> `sweep` ->
+`bench` -> `cli`. A module may import its own folder and the folders below it, never one above, and no set of
+modules imports itself in a circle. Imports inside functions count too (a lazy import is still a dependency).
+Nothing imports the CLI, and the core runs without Ray, DeepSpeed or MLflow.
 """
 from __future__ import annotations
 
@@ -14,25 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raydllm"
 
-LAYERS = ["core", "data", "engine", "evaluation", "runs and sweeps", "top"]
-LAYER_OF = {
-    # core: pure tensor and config code; no Ray, DeepSpeed or MLflow
-    "config": "core", "masking": "core", "objective": "core", "sampler": "core", "model": "core",
-    "tokenizer": "core", "archs": "core",
-    # data and tasks
-    "corpora": "data", "data": "data", "tasks": "data",
-    # engine: backbone adapter, the embedded model's base, checkpoints, the worker's training loop
-    "checkpoints": "engine", "pretrain": "engine", "backbone": "engine", "worker": "engine",
-    # evaluation and probes, and the trial loop that plugs them into the engine's loop
-    "evaluation": "evaluation", "probes": "evaluation", "trial": "evaluation",
-    # one run's driver, sweeps, MLflow
-    "tracking": "runs and sweeps", "train": "runs and sweeps", "search_space": "runs and sweeps",
-    "tune": "runs and sweeps", "results": "runs and sweeps", "report": "runs and sweeps", "cluster": "runs and sweeps",
-    "pareto": "runs and sweeps", "pareto_asha": "runs and sweeps", "pareto_results": "runs and sweeps",
-    "searchers": "runs and sweeps",
-    # command line and benchmarks
-    "cli": "top", "bench": "top", "console": "top",
-}
+LAYERS = ["core", "data", "engine", "evaluation", "sweep", "bench", "cli"]
 # Libraries the core never imports: it must run (and be tested) without any of them.
 CORE_FORBIDDEN = ("ray", "deepspeed", "mlflow")
 
@@ -71,37 +54,39 @@ def imports_of(path: Path, root: Path) -> tuple[set[str], set[str]]:
     return inside, outside
 
 
-def unit_of(module: str, root_name: str) -> str | None:
-    """The layer-map key of a module: `raydllm.tasks.gsm8k` -> `tasks`, `raydllm.backbone` -> `backbone`."""
+def layer_of(module: str, root_name: str) -> str | None:
+    """The layer of a module: the first folder under the package (`raydllm.data.tasks.gsm8k` -> `data`)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == root_name else None
 
 
-def check_layers(root: Path, layer_of: dict[str, str]) -> list[str]:
+def check_layers(root: Path) -> list[str]:
     """Every violation in the package at `root`, as one line each (empty when the layering holds)."""
     rank = {layer: i for i, layer in enumerate(LAYERS)}
     problems: list[str] = []
     edges: dict[str, set[str]] = {}
     for path in sorted(root.rglob("*.py")):
         name = module_name(path, root)
-        unit = unit_of(name, root.name)
-        if unit is None:  # the package's own __init__
+        if name == root.name:  # the package's own __init__
             continue
-        if unit not in layer_of:
-            problems.append(f"{name}: not in the layer map")
+        if path.parent == root or layer_of(name, root.name) not in rank:
+            problems.append(f"{name}: not in a layer folder ({', '.join(LAYERS)})")
             continue
+        layer = layer_of(name, root.name)
         inside, outside = imports_of(path, root)
-        if layer_of[unit] == "core":
+        if layer == "core":
             problems += [f"{name} (core) imports {lib}" for lib in sorted(outside) if lib in CORE_FORBIDDEN]
         for target in sorted(inside):
-            target_unit = unit_of(target, root.name)
-            if target_unit is None or target_unit == unit or target_unit not in layer_of:
+            target_layer = layer_of(target, root.name)
+            if target_layer is None or target_layer not in rank:
                 continue
-            edges.setdefault(unit, set()).add(target_unit)
-            if rank[layer_of[target_unit]] > rank[layer_of[unit]]:
-                problems.append(f"{name} ({layer_of[unit]}) imports {target} ({layer_of[target_unit]})")
-            if target_unit == "cli":
+            if target_layer == "cli" and layer != "cli":
                 problems.append(f"{name} imports the command line ({target})")
+            if target_layer == layer:
+                continue
+            edges.setdefault(layer, set()).add(target_layer)
+            if rank[target_layer] > rank[layer]:
+                problems.append(f"{name} ({layer}) imports {target} ({target_layer})")
     problems += [f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(edges)]
     return problems
 
@@ -140,52 +125,65 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_imports_run_one_way():
-    assert check_layers(PACKAGE, LAYER_OF) == []
+    assert check_layers(PACKAGE) == []
+
+
+def test_the_package_root_holds_only_layer_folders():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert loose == [] and folders == sorted(LAYERS)
 
 
 def test_every_module_docstring_names_its_layer():
     wrong = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        unit = unit_of(module_name(path, PACKAGE), PACKAGE.name)
-        if unit is None:
+        layer = layer_of(module_name(path, PACKAGE), PACKAGE.name)
+        if layer is None:
             continue
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        if f"{LAYER_OF[unit]} layer" not in doc.splitlines()[0].lower() if doc else True:
+        if not doc or f"{layer} layer" not in doc.splitlines()[0].lower():
             wrong.append(f"{path.relative_to(PACKAGE)}: {doc[:60]!r}")
     assert wrong == []
 
 
 @pytest.fixture
 def synthetic_package(tmp_path):
-    """A copy-shaped package: core `masking` -> nothing; engine `worker` -> core; top `cli`."""
+    """A package shaped like raydllm: core/masking -> nothing; engine/worker -> core; cli/app -> engine."""
     root = tmp_path / "raydllm"
-    root.mkdir()
+    for folder in ("core", "engine", "cli"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "__init__.py").write_text("")
     (root / "__init__.py").write_text("")
-    (root / "masking.py").write_text('"""Core layer: x."""\nimport torch\n')
-    (root / "worker.py").write_text('"""Engine layer: x."""\nfrom .masking import mask_tokens\n')
-    (root / "cli.py").write_text('"""Top layer: x."""\nfrom .worker import WorkerLoop\n')
+    (root / "core" / "masking.py").write_text('"""Core layer: x."""\nimport torch\n')
+    (root / "engine" / "worker.py").write_text('"""Engine layer: x."""\nfrom ..core.masking import mask_tokens\n')
+    (root / "cli" / "app.py").write_text('"""CLI layer: x."""\nfrom raydllm.engine.worker import WorkerLoop\n')
     return root
 
 
 def test_checker_accepts_a_clean_package(synthetic_package):
-    assert check_layers(synthetic_package, LAYER_OF) == []
+    assert check_layers(synthetic_package) == []
 
 
 def test_checker_catches_an_upward_import(synthetic_package):
-    (synthetic_package / "masking.py").write_text('"""Core layer: x."""\ndef f():\n    from .worker import WorkerLoop\n')
-    problems = check_layers(synthetic_package, LAYER_OF)
-    assert "raydllm.masking (core) imports raydllm.worker.WorkerLoop (engine)" in problems
-    assert any(p.startswith("import cycle: masking -> worker") for p in problems)
+    (synthetic_package / "core" / "masking.py").write_text(
+        '"""Core layer: x."""\ndef f():\n    from ..engine.worker import WorkerLoop\n')
+    problems = check_layers(synthetic_package)
+    assert "raydllm.core.masking (core) imports raydllm.engine.worker.WorkerLoop (engine)" in problems
+    assert "import cycle: core -> engine" in problems
 
 
 def test_checker_catches_the_cli_imported_and_ray_in_the_core(synthetic_package):
-    (synthetic_package / "worker.py").write_text('"""Engine layer: x."""\nfrom raydllm.cli import emit_json\n')
-    (synthetic_package / "masking.py").write_text('"""Core layer: x."""\nimport ray.train\n')
-    problems = check_layers(synthetic_package, LAYER_OF)
-    assert "raydllm.worker imports the command line (raydllm.cli.emit_json)" in problems
-    assert "raydllm.masking (core) imports ray" in problems
+    (synthetic_package / "engine" / "worker.py").write_text('"""Engine layer: x."""\nfrom raydllm.cli.app import emit_json\n')
+    (synthetic_package / "core" / "masking.py").write_text('"""Core layer: x."""\nimport ray.train\n')
+    problems = check_layers(synthetic_package)
+    assert "raydllm.engine.worker imports the command line (raydllm.cli.app.emit_json)" in problems
+    assert "raydllm.core.masking (core) imports ray" in problems
 
 
-def test_checker_catches_an_unplaced_module(synthetic_package):
+def test_checker_catches_a_module_outside_the_layer_folders(synthetic_package):
     (synthetic_package / "newthing.py").write_text('"""x."""\n')
-    assert check_layers(synthetic_package, LAYER_OF) == ["raydllm.newthing: not in the layer map"]
+    (synthetic_package / "misc").mkdir()
+    (synthetic_package / "misc" / "thing.py").write_text('"""x."""\n')
+    assert check_layers(synthetic_package) == [
+        "raydllm.misc.thing: not in a layer folder (core, data, engine, evaluation, sweep, bench, cli)",
+        "raydllm.newthing: not in a layer folder (core, data, engine, evaluation, sweep, bench, cli)"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from archs import save_tiny_dream, save_tiny_llada
-from raydllm.backbone import load_backbone
-from raydllm.config import ModelConfig, load_config
-from raydllm.data import collate
-from raydllm.worker import WorkerLoop
+from raydllm.engine.backbone import load_backbone
+from raydllm.core.config import ModelConfig, load_config
+from raydllm.data.sft import collate
+from raydllm.engine.worker import WorkerLoop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = {"llada": save_tiny_llada, "dream": save_tiny_dream}
@@ -111,7 +111,7 @@ def test_padding_mode_found_at_load(arch, backbone):
 
 
 def test_training_batches_are_padding_invariant(backbone):
-    from raydllm.data import SftRecord
+    from raydllm.data.sft import SftRecord
 
     model, _ = backbone
     short = SftRecord(list(range(40, 46)), list(range(60, 68)))
@@ -128,9 +128,9 @@ def test_training_batches_are_padding_invariant(backbone):
 
 
 def test_probes_are_padding_invariant_and_run(backbone, tmp_path):
-    from raydllm.evaluation import left_pad
-    from raydllm.objective import pool
-    from raydllm.probes import run_probes
+    from raydllm.evaluation.evaluate import left_pad
+    from raydllm.core.objective import pool
+    from raydllm.evaluation.probes import run_probes
 
     model, tokenizer = backbone
 
@@ -150,8 +150,8 @@ def test_probes_are_padding_invariant_and_run(backbone, tmp_path):
 
 
 def test_sampler_batched_equals_one_at_a_time(backbone):
-    from raydllm.evaluation import left_pad
-    from raydllm.sampler import SamplerConfig, sampler_throughput
+    from raydllm.evaluation.evaluate import left_pad
+    from raydllm.core.sampler import SamplerConfig, sampler_throughput
 
     model, _ = backbone
     ids, attention = left_pad([list(range(30, 36)), list(range(50, 64)), list(range(80, 83))], model.ids.pad)
@@ -165,8 +165,8 @@ def test_sampler_batched_equals_one_at_a_time(backbone):
 def test_export_and_raydllm_eval(process_group, arch, tmp_path, capsys):
     import shutil
 
-    from raydllm.cli import build_parser
-    from raydllm.evaluation import load_checkpoint_backbone
+    from raydllm.cli.app import build_parser
+    from raydllm.evaluation.evaluate import load_checkpoint_backbone
 
     name, folder = arch
     loop = _loop(folder, "jepa.lambda=1", "train.export_ema=true")
@@ -198,7 +198,7 @@ def test_load_peak_host_memory_in_the_training_dtype(arch, tmp_path):
     moves); in float32 the peak is a private float32 copy and more."""
     from safetensors.torch import load_file, save_file
 
-    from raydllm.bench import measure_load_memory
+    from raydllm.bench.bench import measure_load_memory
 
     name, _ = arch
     wide = {"llada": dict(d_model=512, n_layers=4, mlp_hidden_size=1536),
@@ -219,7 +219,7 @@ def test_load_peak_host_memory_in_the_training_dtype(arch, tmp_path):
 def test_bench_gpu_runs_every_part_on_cpu(tmp_path, capsys):
     """`raydllm bench gpu --cpu`: the same parts a CUDA machine runs (here float32); without --cpu and no
     GPU it skips with one line."""
-    from raydllm.cli import build_parser
+    from raydllm.cli.app import build_parser
 
     folder = save_tiny_llada(tmp_path / "llada")
     if not torch.cuda.is_available():

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from raydllm.backbone import BaseView, load_backbone
-from raydllm.checkpoints import read_checkpoint_state
-from raydllm.config import ConfigError, load_config
-from raydllm.objective import EmaAdapters, pool
-from raydllm.worker import WorkerLoop
+from raydllm.engine.backbone import BaseView, load_backbone
+from raydllm.engine.checkpoints import read_checkpoint_state
+from raydllm.core.config import ConfigError, load_config
+from raydllm.core.objective import EmaAdapters, pool
+from raydllm.engine.worker import WorkerLoop
 
 SMALL = ["model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
          "data.val_limit=16", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3",
@@ -22,7 +22,7 @@ def _loop(*overrides):
 
 
 def _batch(loop):
-    from raydllm.data import collate
+    from raydllm.data.sft import collate
 
     return collate(loop.train_records[:4], loop.ids.pad)
 
@@ -135,8 +135,8 @@ def test_baseline_lora_has_no_ema(process_group):
 
 
 def test_eval_scores_a_lora_checkpoint_merged(process_group, tmp_path, capsys):
-    from raydllm.cli import build_parser
-    from raydllm.evaluation import load_checkpoint_backbone
+    from raydllm.cli.app import build_parser
+    from raydllm.evaluation.evaluate import load_checkpoint_backbone
 
     loop = _loop("jepa.lambda=1")
     for _ in range(3):
@@ -192,7 +192,7 @@ def test_lora_through_the_tiny_llada_architecture(process_group, one_thread, tmp
     """LLaDA's OLMo-style names get the default adapters (not its untied LM head `transformer.ff_out`), and the
     LoRA loop holds there too: base frozen, target reads the EMA adapters, exact resume, eval merges."""
     from archs import save_tiny_llada
-    from raydllm.evaluation import load_checkpoint_backbone
+    from raydllm.evaluation.evaluate import load_checkpoint_backbone
 
     folder = save_tiny_llada(tmp_path / "llada")
     overrides = [f"model.name={folder}", "jepa.lambda=1", "train.micro_batch_size=4"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from raydllm.masking import mask_tokens
-from raydllm.objective import (EmaTarget, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses,
+from raydllm.core.masking import mask_tokens
+from raydllm.core.objective import (EmaTarget, Predictor, attach_l2_anchor, diffusion_loss, dllm_jepa_losses,
                                jepa_loss, pool)
 
 MASK = 99
@@ -140,7 +140,7 @@ def test_per_row_rates_give_eq2_per_sequence_mean():
 
 
 def test_eos_padding_is_the_fill_after_the_first_eos_and_leaves_pooling():
-    from raydllm.objective import eos_padding, dllm_jepa_losses
+    from raydllm.core.objective import eos_padding, dllm_jepa_losses
 
     eos = 9
     x0 = torch.tensor([[5, 5, 1, 2, eos, eos, eos], [5, 1, 2, 3, 4, eos, eos]])
@@ -215,8 +215,8 @@ def test_jepa_gradient_reaches_online_and_predictor_not_target():
 
 
 def _tiny_backbone():
-    from raydllm.backbone import build_tiny
-    from raydllm.config import ModelConfig
+    from raydllm.engine.backbone import build_tiny
+    from raydllm.core.config import ModelConfig
 
     torch.manual_seed(0)
     model, _ = build_tiny(ModelConfig(d_model=32, n_layers=2, n_heads=2))
@@ -292,7 +292,7 @@ def test_ema_state_dict_round_trip_between_placements():
 
 
 def test_uniform_view_rates_cover_all_rates_and_keep_the_target_view_more_masked():
-    from raydllm.objective import view_rates
+    from raydllm.core.objective import view_rates
 
     assert view_rates(4, 0.2, 0.7) == (0.2, 0.7)  # the paper's fixed pair, untouched
     low, high = view_rates(20_000, 0.2, 0.7, "uniform", torch.Generator().manual_seed(0))
@@ -308,7 +308,7 @@ def test_uniform_view_rates_cover_all_rates_and_keep_the_target_view_more_masked
 
 
 def test_uniform_rate_sampling_masks_each_row_at_its_own_rate():
-    from raydllm.objective import dllm_jepa_losses, view_rates
+    from raydllm.core.objective import dllm_jepa_losses, view_rates
 
     torch.manual_seed(0)
     batch, length, vocab, width = 64, 400, 11, 8
@@ -336,7 +336,7 @@ def test_uniform_rate_sampling_masks_each_row_at_its_own_rate():
 def test_the_l2_space_sweeps_the_anchor_strength():
     """search_spaces/gsm8k-l2.yaml: the paper's L2 arm (anchor on, no JEPA term) with lambda_L2 searched over
     the range where it goes from barely acting to pinning the weights (README: L2-to-base anchor)."""
-    from raydllm.search_space import load_spec, trial_config
+    from raydllm.sweep.search_space import load_spec, trial_config
 
     spec = load_spec("search_spaces/gsm8k-l2.yaml")
     assert spec.space["loss.l2_lambda"].kind == "loguniform"
@@ -365,7 +365,7 @@ def _ema_motion_kept_in_bf16(step_size: float, updates: int = 1000) -> tuple[flo
 
 
 def test_bf16_ema_loses_most_of_its_motion_and_config_warns_with_the_figure():
-    from raydllm.config import load_config
+    from raydllm.core.config import load_config
 
     kept, frozen = _ema_motion_kept_in_bf16(1e-5)
     assert kept < 0.6 and frozen > 0.2  # the embedded model: 32% kept, 43% never move (config.BF16_EMA_WARNING)
@@ -376,7 +376,7 @@ def test_bf16_ema_loses_most_of_its_motion_and_config_warns_with_the_figure():
 
 
 def test_zero3_is_refused_in_one_line():
-    from raydllm.config import ConfigError, load_config
+    from raydllm.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"^train: train.zero_stage=3 is not supported yet: the EMA update, the L2 "
                                           r"anchor and rank-0 generation"):

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from raydllm.config import ConfigError
-from raydllm.pareto import (crowding_distance, dominates, hypervolume, non_dominated_sort, pareto_front,
+from raydllm.core.config import ConfigError
+from raydllm.sweep.pareto import (crowding_distance, dominates, hypervolume, non_dominated_sort, pareto_front,
                             rank_order, reference_point)
-from raydllm.pareto_asha import (COMPLETE, CONTINUE, STOP, Decision, ParetoASHA, TrialOutcome, milestones, replay,
+from raydllm.sweep.pareto_asha import (COMPLETE, CONTINUE, STOP, Decision, ParetoASHA, TrialOutcome, milestones, replay,
                                  simulate)
 
 # -- the Pareto math --------------------------------------------------------------------------------------------

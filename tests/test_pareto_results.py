@@ -8,9 +8,9 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from raydllm.cli import main
-from raydllm.pareto import hypervolume
-from raydllm.pareto_results import format_pareto_table, log_pareto_summary, pareto_report, plot_pareto
+from raydllm.cli.app import main
+from raydllm.sweep.pareto import hypervolume
+from raydllm.sweep.pareto_results import format_pareto_table, log_pareto_summary, pareto_report, plot_pareto
 
 OBJECTIVES = {"val_loss_diff": "min", "wikitext_delta": "min"}
 SELECTION, FRESH = 42, [123, 777]
@@ -221,7 +221,7 @@ def test_cli_pareto_json_and_single_objective_error(sweep_uri, tmp_path, capsys)
 
 
 def test_within_noise_rule_flags_indistinguishable_and_noise_dominated_pairs():
-    from raydllm.pareto_results import _within_noise
+    from raydllm.sweep.pareto_results import _within_noise
 
     def member(name, loss, loss_std, forgetting, forgetting_std):
         return {"id": name, "config_key": name,

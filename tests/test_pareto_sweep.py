@@ -9,8 +9,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from raydllm.config import ConfigError
-from raydllm.search_space import FORGETTING_PROBE_CHUNKS, load_spec
+from raydllm.core.config import ConfigError
+from raydllm.sweep.search_space import FORGETTING_PROBE_CHUNKS, load_spec
 from test_tune import TINY_SPACE, _children, _cli, _parents, kill_after_two_trials
 
 PARETO_SPACE = {
@@ -64,7 +64,7 @@ def test_pareto_sweep_killed_resumed_and_front_read_back(tmp_path):
     objectives at every report; the selection-seed front and the baseline's winner run on the fresh seed;
     `raydllm best --pareto` lists the front; the parent run holds the plot and the hypervolume at each rung."""
     space = _space(tmp_path)
-    command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
+    command = [sys.executable, "-m", "raydllm.cli.app", "tune", "gsm8k", "--space", str(space), "--json"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     kill_after_two_trials(command, tmp_path, client)
 
@@ -115,8 +115,8 @@ def test_pareto_sweep_killed_resumed_and_front_read_back(tmp_path):
 def test_multi_objective_searcher_survives_tunes_pickling(tmp_path, sampler):
     """Tune saves the search algorithm with pickle at every experiment checkpoint and restores it on a resume:
     NSGA-II's thread lock must not stop that, and the restored searcher must go on proposing configs."""
-    from raydllm.search_space import param_space
-    from raydllm.tune import _search_alg
+    from raydllm.sweep.search_space import param_space
+    from raydllm.sweep.tune import _search_alg
 
     search = {"algorithm": "optuna", "seed": 3, **({"sampler": sampler} if sampler else {})}
     spec = load_spec(_space(tmp_path, search=search))

@@ -5,10 +5,12 @@ import threading
 import pytest
 import torch
 
-from raydllm import corpora, pretrain
-from raydllm.cli import build_parser
-from raydllm.backbone import load_backbone
-from raydllm.config import ConfigError, ModelConfig
+from raydllm.data import corpora
+
+from raydllm.engine import pretrain
+from raydllm.cli.app import build_parser
+from raydllm.engine.backbone import load_backbone
+from raydllm.core.config import ConfigError, ModelConfig
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2)
 
@@ -38,7 +40,7 @@ def test_pretrain_loss_falls_and_shows_a_progress_bar(capsys):
 
 
 def test_fast_byte_encoding_matches_the_tokenizer():
-    from raydllm.tokenizer import byte_tokenizer
+    from raydllm.core.tokenizer import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     text = "Héllo, wörld ☃ \x00\x7f\t\n#### 42 <unk> = 3 " * 50
@@ -52,7 +54,7 @@ def test_text_is_wikitext_valid_when_shared_data_exists(shared_data):
 
 def test_fallback_text_without_shared_data(monkeypatch, caplog):
     monkeypatch.setattr(corpora, "shared_data_dir", lambda: None)
-    with caplog.at_level("WARNING", logger="raydllm.pretrain"):
+    with caplog.at_level("WARNING", logger="raydllm.engine.pretrain"):
         text, tag = corpora.corpus_text(None)
     assert tag == "builtin-docstrings" and len(text) > 100_000
     assert "built-in text" in caplog.text
@@ -128,7 +130,7 @@ def test_cli_pretrain(fast_defaults, tmp_path, capsys):
 
 
 def test_contrastive_term_is_infonce_between_two_views(monkeypatch):
-    from raydllm.model import build_tiny
+    from raydllm.core.model import build_tiny
 
     torch.manual_seed(0)
     model, tokenizer = build_tiny(ModelConfig(**SMALL))

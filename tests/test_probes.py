@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from raydllm.backbone import load_backbone
-from raydllm.config import ModelConfig
-from raydllm.probes import (collapse_stats, cosine_diversity, effective_rank, layer_drift, load_mmlu, mmlu_subset,
+from raydllm.engine.backbone import load_backbone
+from raydllm.core.config import ModelConfig
+from raydllm.evaluation.probes import (collapse_stats, cosine_diversity, effective_rank, layer_drift, load_mmlu, mmlu_subset,
                             run_probes, stratified_sample, thirds, view_embeddings, wikitext_chunks, wikitext_loss)
 
 SMALL = ModelConfig(d_model=32, n_layers=3, n_heads=2)
@@ -210,8 +210,8 @@ def test_mmlu_csv_layout(tiny, tmp_path):
 def test_final_evaluation_runs_probes_mmlu_and_logs_sampler_params(process_group, tmp_path, shared_data):
     from mlflow.tracking import MlflowClient
 
-    from raydllm.config import load_config
-    from raydllm.trial import TrialLoop
+    from raydllm.core.config import load_config
+    from raydllm.evaluation.trial import TrialLoop
 
     mmlu = tmp_path / "mmlu"
     mmlu.mkdir()
@@ -243,8 +243,8 @@ def test_forgetting_objective_at_every_report_against_the_base(process_group, tm
     import ray.train
     from mlflow.tracking import MlflowClient
 
-    from raydllm.config import load_config
-    from raydllm.trial import TrialLoop
+    from raydllm.core.config import load_config
+    from raydllm.evaluation.trial import TrialLoop
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raydllm import tracking
-from raydllm.cli import main
-from raydllm.results import best_configs
-from raydllm.search_space import baseline_point, config_key, load_spec
+from raydllm.sweep import tracking
+from raydllm.cli.app import main
+from raydllm.sweep.results import best_configs
+from raydllm.sweep.search_space import baseline_point, config_key, load_spec
 
 
 def _sweep(uri: str, trials: list[tuple], *, selection_seed: int = 42, fresh: list[int] = (123, 777)) -> str:
@@ -97,7 +97,7 @@ def test_stopped_trial_never_ranks_above_a_completed_one(tmp_path, capsys):
     assert stopped["selection_value"] == pytest.approx(0.2) and stopped["gain"] is None  # its value at the rung
     assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
     assert "rung 0 (step 30): 0.2000" in capsys.readouterr().out
-    from raydllm.results import plot_sweep
+    from raydllm.sweep.results import plot_sweep
 
     assert plot_sweep(report, ["jepa.lambda", "train.lr"], tmp_path / "plot.png").stat().st_size > 10_000
 
@@ -107,7 +107,7 @@ def test_student_t_without_scipy_matches_scipy(monkeypatch):
 
     from scipy.stats import t as student_t
 
-    from raydllm.results import student_t_sf
+    from raydllm.sweep.results import student_t_sf
 
     real_import = builtins.__import__
 
@@ -137,7 +137,7 @@ def test_baseline_point_and_config_key(tmp_path):
 
 def test_time_accounting_fraction_of_reserved_worker_time(tmp_path):
     """Reserved = (run end - run start) x workers; each phase = its time/*_s x workers; startup per trial."""
-    from raydllm.results import format_table, time_accounting
+    from raydllm.sweep.results import format_table, time_accounting
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -171,9 +171,9 @@ def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
     (repeat phase included); compute is the sum of the search trials' last steps. A finished arm is not re-run."""
     import json as _json
 
-    from raydllm.search_space import load_spec
-    from raydllm.tracking import experiment_name
-    from raydllm.bench import _sweep_finished, arm_figures
+    from raydllm.sweep.search_space import load_spec
+    from raydllm.sweep.tracking import experiment_name
+    from raydllm.bench.bench import _sweep_finished, arm_figures
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -211,8 +211,8 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     trials logged; the parent run records it, and a second look at test is refused unless forced."""
     import torch
 
-    from raydllm.backbone import load_backbone
-    from raydllm.config import load_config
+    from raydllm.engine.backbone import load_backbone
+    from raydllm.core.config import load_config
     from test_evaluation import SMALL, _hand_built_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"

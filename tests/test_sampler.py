@@ -1,4 +1,4 @@
-"""raydllm.sampler: parity with LLaDA's reference generate() and the sampler's own invariants.
+"""raydllm.core.sampler: parity with LLaDA's reference generate() and the sampler's own invariants.
 
 tests/data/llada_reference_outputs.json holds outputs of ML-GSAI/LLaDA `generate.py` (run unmodified,
 outside this repo) for a tiny deterministic model, `ToyMDM` below, rebuilt here from the seed and
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydllm.sampler import _select_top_k  # noqa: E402  (private: the varying-k path)
-from raydllm.sampler import (
+from raydllm.core.sampler import _select_top_k  # noqa: E402  (private: the varying-k path)
+from raydllm.core.sampler import (
     SamplerConfig,
     decode_generations,
     generate,

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from raydllm.tasks.base import DataError, Example
-from raydllm.tasks.django import DjangoTask, normalize
+from raydllm.data.tasks.base import DataError, Example
+from raydllm.data.tasks.django import DjangoTask, normalize
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "django"
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from raydllm.tasks import nlrx, regex_dfa
-from raydllm.tasks.base import DataError, Example
-from raydllm.tasks.nlrx import NlRxTask
+from raydllm.data.tasks import nlrx, regex_dfa
+from raydllm.data.tasks.base import DataError, Example
+from raydllm.data.tasks.nlrx import NlRxTask
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nl-rx-synth"
 

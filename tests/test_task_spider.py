@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from raydllm.tasks.base import DataError, Example
-from raydllm.tasks.spider import SpiderTask, first_statement, run_query
+from raydllm.data.tasks.base import DataError, Example
+from raydllm.data.tasks.spider import SpiderTask, first_statement, run_query
 
 QUESTIONS = [("How many singers are there?", "SELECT count(*) FROM singer"),
              ("List the names of all singers.", "SELECT name FROM singer"),

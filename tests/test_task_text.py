@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydllm.tasks.base import DataError, Example
-from raydllm.tasks.text import TextTask
+from raydllm.data.tasks.base import DataError, Example
+from raydllm.data.tasks.text import TextTask
 
 ROWS = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(40)]
 

@@ -18,7 +18,7 @@ TINY = ["--set", "model.init=random", "--set", "model.d_model=64", "--set", "mod
 
 
 def _train(workdir: Path, *args: str, timeout: int = 400, **popen) -> dict:
-    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY, *args]
+    cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY, *args]
     done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -96,7 +96,7 @@ def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
     steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=2"]
     reference = _train(tmp_path, *steps, "--name", "reference")
 
-    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY, *steps,
+    cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY, *steps,
            "--name", "victim"]
     victim = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -130,7 +130,7 @@ def test_killed_worker_process_restarts_from_last_checkpoint(tmp_path):
     last checkpoint (not from step 0) and its MLflow run shows one continuous curve."""
     import psutil
 
-    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY,
+    cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY,
            "--set", "train.max_steps=10", "--set", "train.eval_every=2", "--set", "train.max_failures=1",
            "--name", "worker-fault"]
     run = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -163,7 +163,7 @@ def test_killed_worker_process_restarts_from_last_checkpoint(tmp_path):
 
 
 def test_unwritable_storage_reported_before_training(tmp_path, capsys):
-    from raydllm.cli import main
+    from raydllm.cli.app import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -177,8 +177,8 @@ def test_full_disk_reported_before_training(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from raydllm.config import ConfigError
-    from raydllm.train import check_storage
+    from raydllm.core.config import ConfigError
+    from raydllm.sweep.train import check_storage
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
@@ -188,7 +188,7 @@ def test_full_disk_reported_before_training(tmp_path, monkeypatch):
 
 def test_nan_loss_fails_the_run_with_a_clear_status(tmp_path):
     """An exploding learning rate: the loss turns NaN, the run stops at once and MLflow says why."""
-    cmd = [sys.executable, "-m", "raydllm.cli", "train", "gsm8k", "--preset", "local", "--json", *TINY,
+    cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY,
            "--set", "train.max_steps=20", "--set", "train.eval_every=10", "--set", "train.lr=1e30",
            "--set", "train.grad_clip=0", "--set", "train.warmup_ratio=0", "--workers", "1"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)

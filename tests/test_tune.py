@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from raydllm.cli import main
+from raydllm.cli.app import main
 
 TINY_SPACE = {
     "task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
@@ -45,7 +45,7 @@ def _write_space(folder: Path, **changes) -> Path:
 
 
 def _cli(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raydllm.cli", *args], cwd=workdir, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "raydllm.cli.app", *args], cwd=workdir, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -115,7 +115,7 @@ def test_unreachable_tracking_server_reported_before_trials(tmp_path, capsys):
 @pytest.mark.ray
 def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
     space = _write_space(tmp_path)
-    command = [sys.executable, "-m", "raydllm.cli", "tune", "gsm8k", "--space", str(space), "--json"]
+    command = [sys.executable, "-m", "raydllm.cli.app", "tune", "gsm8k", "--space", str(space), "--json"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     finished_before = kill_after_two_trials(command, tmp_path, client)
 
@@ -214,8 +214,8 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
 
 def test_failed_trial_status_in_mlflow(tmp_path):
     """The driver-side callback marks an errored trial FAILED with its error, whatever killed the trial."""
-    from raydllm import tracking
-    from raydllm.tune import TrialStatusCallback
+    from raydllm.sweep import tracking
+    from raydllm.sweep.tune import TrialStatusCallback
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     run_id, _ = tracking.open_run(uri, "raydllm-gsm8k", key="raydllm.trial_id", name="abc_00001")
@@ -236,8 +236,8 @@ def test_failed_trial_status_in_mlflow(tmp_path):
 def test_optuna_accepts_the_paper_spaces(space_file):
     """The paper-scale spaces use Optuna TPE (their lambda = 0 baseline runs as its own phase, since Optuna
     cannot warm-start outside its space): the searcher sets up and suggests valid trial configs."""
-    from raydllm.search_space import load_spec, param_space, trial_config
-    from raydllm.tune import _search_alg
+    from raydllm.sweep.search_space import load_spec, param_space, trial_config
+    from raydllm.sweep.tune import _search_alg
 
     spec = load_spec(space_file, {"data.path": "/data"} if "nlrx" in space_file else None)
     assert spec.search.algorithm == "optuna"
@@ -251,7 +251,7 @@ def test_optuna_accepts_the_paper_spaces(space_file):
         assert config.jepa.t_low < config.jepa.t_high
     # The baseline arm's own TPE search: it suggests only the keys that change the lambda = 0 loss; Tune merges
     # in the space's constants (lambda = 0 and the pinned JEPA-only keys).
-    from raydllm.search_space import baseline_keys, baseline_space
+    from raydllm.sweep.search_space import baseline_keys, baseline_space
 
     space = baseline_space(spec)
     baseline = _search_alg(spec)
@@ -268,7 +268,7 @@ def test_asha_grid_reaches_tune_shuffled_and_seeded_fifo_grid_in_order(tmp_path)
     """Async ASHA promotes whoever reaches a rung first: Tune's nested grid order (ascending values) would feed
     it an improving sequence, so an ASHA sweep's grid arrives as one shuffled dimension of whole points (the
     same points, seeded: a resumed sweep sees the same order); a FIFO grid keeps Tune's own dimensions."""
-    from raydllm.search_space import GRID_POINT, flatten_trial_config, load_spec, param_space
+    from raydllm.sweep.search_space import GRID_POINT, flatten_trial_config, load_spec, param_space
 
     grid = {"jepa.lambda": {"grid": [0.25, 0.5, 1.0, 2.0]}, "train.lr": {"grid": [3.0e-4, 1.0e-3, 2.0e-3, 3.0e-3]},
             "jepa.k": {"randint": [1, 2]}}
@@ -287,7 +287,7 @@ def test_asha_grid_reaches_tune_shuffled_and_seeded_fifo_grid_in_order(tmp_path)
 
 
 def test_grace_period_inside_the_warmup_warns(tmp_path):
-    from raydllm.search_space import load_spec
+    from raydllm.sweep.search_space import load_spec
 
     # TINY_SPACE: 8 steps at the local preset's 5% warm-up = 1 step; 40 steps of 25% warm-up = 10 steps.
     with pytest.warns(UserWarning, match="grace_period=2 ends inside the learning-rate warm-up \\(10 steps\\)"):
@@ -298,7 +298,7 @@ def test_grace_period_inside_the_warmup_warns(tmp_path):
 def test_lora_space_is_one_gpu_per_trial_with_a_lora_baseline():
     """search_spaces/gsm8k-lora.yaml: LLaDA-8B LoRA trials on one GPU each, 8 at once, rank searched; its
     lambda = 0 arm is a LoRA baseline too (the fixed rank), not full fine-tuning."""
-    from raydllm.search_space import baseline_point, load_spec, trial_config
+    from raydllm.sweep.search_space import baseline_point, load_spec, trial_config
 
     spec = load_spec("search_spaces/gsm8k-lora.yaml")
     assert spec.resources.workers == 1 and spec.resources.use_gpu and spec.max_concurrent_trials == 8
@@ -312,7 +312,7 @@ def test_baseline_arm_searches_the_keys_that_change_its_loss(tmp_path):
     """Equal terms: the lambda = 0 arm searches every searched key that changes the lambda = 0 loss, with the
     DLLM-JEPA arm's distributions; the JEPA-only keys are pinned. With per-row rates t_low is JEPA-only; with
     the paper's fixed rates it sets L_diff's mask rate and is searched too."""
-    from raydllm.search_space import baseline_arm, baseline_keys, baseline_space, load_spec, param_space
+    from raydllm.sweep.search_space import baseline_arm, baseline_keys, baseline_space, load_spec, param_space
 
     uniform = load_spec(_write_space(tmp_path, fixed={**TINY_SPACE["fixed"], "jepa.rate_sampling": "uniform"},
                                      baseline={"mode": "searched", "num_samples": 3}))
@@ -331,8 +331,8 @@ def test_baseline_arm_searches_the_keys_that_change_its_loss(tmp_path):
 def test_baseline_pinned_only_where_the_space_fixes_its_keys(tmp_path):
     """The paper's protocol (lr and rates fixed, a lambda x k grid): the baseline is the one point at exactly
     those values. A pinned baseline beside a searched lr is refused before Ray starts."""
-    from raydllm.config import ConfigError
-    from raydllm.search_space import baseline_arm, baseline_point, load_spec
+    from raydllm.core.config import ConfigError
+    from raydllm.sweep.search_space import baseline_arm, baseline_point, load_spec
 
     grid = {"jepa.lambda": {"choice": [0.5, 1.0]}, "jepa.k": {"choice": [1, 2]}}
     spec = load_spec(_write_space(tmp_path, space=grid, fixed={**TINY_SPACE["fixed"], "train.lr": 2e-3},
@@ -340,7 +340,7 @@ def test_baseline_pinned_only_where_the_space_fixes_its_keys(tmp_path):
     assert baseline_arm(spec).mode == "pinned"
     point = baseline_point(spec)
     assert point == {"jepa.lambda": 0.0, "jepa.k": 1}
-    from raydllm.search_space import trial_config
+    from raydllm.sweep.search_space import trial_config
 
     cfg = trial_config(spec, point, 42)
     assert cfg.train.lr == 2e-3 and cfg.jepa.t_low == 0.2 and cfg.jepa.lam == 0.0
@@ -354,7 +354,7 @@ def test_baseline_pinned_only_where_the_space_fixes_its_keys(tmp_path):
 
 
 def test_trial_names_say_what_they_are(tmp_path):
-    from raydllm.search_space import baseline_point, load_spec, trial_label
+    from raydllm.sweep.search_space import baseline_point, load_spec, trial_label
 
     spec = load_spec(_write_space(tmp_path, fixed={**TINY_SPACE["fixed"], "jepa.rate_sampling": "uniform"}))
     jepa = {"jepa.lambda": 0.5, "jepa.k": 2, "jepa.t_low": 0.181, "jepa.t_high": 0.9, "train.lr": 2.9e-3,
@@ -375,9 +375,9 @@ def test_trial_names_say_what_they_are(tmp_path):
 def test_paper_spaces_select_on_the_task_metric(space_file, metric):
     """The paper spaces select on the task's own validation metric from generation (val_accuracy holds the
     task's primary metric), with the baseline searched over lr and t_low like the DLLM-JEPA arm."""
-    from raydllm.search_space import base_raw, baseline_arm, baseline_keys, load_spec
-    from raydllm.config import validate
-    from raydllm.tasks import get_task
+    from raydllm.sweep.search_space import base_raw, baseline_arm, baseline_keys, load_spec
+    from raydllm.core.config import validate
+    from raydllm.data.tasks import get_task
 
     spec = load_spec(space_file, None if "gsm8k" in space_file else {"data.path": "/data"})
     base = validate(base_raw(spec))

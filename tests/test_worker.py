@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from raydllm.config import load_config
-from raydllm.worker import WorkerLoop
+from raydllm.core.config import load_config
+from raydllm.engine.worker import WorkerLoop
 
 SMALL = ["model.init=random", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=400",
          "data.val_limit=16", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3"]
@@ -108,7 +108,7 @@ def test_checkpoints_at_rungs_and_the_end_only(process_group):
 def test_both_arms_on_one_seed_see_the_same_batches_and_context_views(process_group, monkeypatch):
     """The gain is paired by seed: at lambda = 0 and lambda = 1 the same seed gives the same micro-batches and
     the same context masks (the JEPA arm's target-view draws must not shift the next micro-batch's)."""
-    import raydllm.worker as worker
+    import raydllm.engine.worker as worker
 
     seen = []
 

@@ -1,0 +1,1 @@
+"""CLI layer: the `raydllm` command. Nothing else in the package imports it."""

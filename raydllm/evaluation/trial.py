@@ -1,0 +1,146 @@
+"""Evaluation layer: what each Ray Train worker of a trial runs: the engine's training loop (`worker.WorkerLoop`)
+with the task's generation evaluation and the probes plugged in (in-trial `val_accuracy`, end-of-run figures)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from raydllm.engine.backbone import BaseView, load_backbone
+from raydllm.core.config import validate
+from raydllm.evaluation.evaluate import default_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
+from raydllm.core.sampler import SamplerConfig
+from raydllm.data.tasks import get_task
+from raydllm.engine.worker import WorkerLoop
+
+
+class TrialLoop(WorkerLoop):
+    """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
+        self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
+                          if cfg.eval.mmlu and cfg.eval.final and self.rank == 0 else None)
+        self.forgetting_chunks, self.base_wikitext_loss = None, None
+        if cfg.eval.report_probe_chunks:
+            self._measure_base()
+
+    def _measure_base(self) -> None:
+        """Before step 1 the online weights are the base: its WikiText loss on the forgetting probe's chunks
+        (every start, resumes included, since reports subtract it), and once per run the base's values of the
+        per-report objectives as `base/*` metrics at step 0 (the base model's point on a sweep's Pareto plot)."""
+        cfg = self.cfg
+        if self.rank == 0:
+            self.forgetting_chunks = wikitext_chunks(
+                self.tokenizer, cfg.eval.wikitext_path, split=cfg.eval.probe_split,
+                seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
+            self.base_wikitext_loss = self._forgetting_loss()
+        if self._rank0_value(lambda: float(self.sink.has("base/val_loss_diff"))):
+            return  # a resumed run: logged by its first attempt
+        base = {"base/val_loss_diff": self.validation_loss(), "base/wikitext_delta": 0.0}
+        if cfg.eval.metric == "accuracy":
+            base["base/val_accuracy"] = self._rank0_value(self.validation_accuracy)
+        if self.rank == 0:
+            base["base/wikitext_loss"] = self.base_wikitext_loss
+        self.sink.add(0, base)
+        self.sink.flush()
+
+    def _forgetting_loss(self) -> float:
+        cfg = self.cfg
+        backbone = self.engine.module.backbone
+        return wikitext_loss(backbone, self.tokenizer, chunks=self.forgetting_chunks, seed=cfg.eval.probe_seed,
+                             batch_size=cfg.train.micro_batch_size)
+
+    def forgetting_probe(self) -> dict[str, float]:
+        """The forgetting objective at this report: WikiText loss now minus the base's, same chunks and masks."""
+        loss = self._forgetting_loss()
+        return {"wikitext_loss": loss, "wikitext_delta": loss - self.base_wikitext_loss}
+
+    def sampler(self, method: str = "exact") -> SamplerConfig:
+        """The resolved sampler settings of `method` (exact | fast), logged as the run's `sampler.*` params
+        (`sampler.fast.*` for the fast one): every evaluation of the run uses them."""
+        cfg = self.cfg
+        sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
+                                  steps=cfg.eval.sampler_steps, method=method, threshold=cfg.eval.threshold,
+                                  cache=cfg.eval.cache if method == "fast" else "none")
+        prefix = "sampler." if method == "exact" else "sampler.fast."
+        self.sink.params({prefix + k: v for k, v in dataclasses.asdict(sampler).items()})
+        return sampler
+
+    def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
+                          ) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        sampler = self.sampler(method)
+        backbone = self.engine.module.backbone
+        backbone.eval()
+        try:
+            return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
+                                 shots=shots, train_examples=self.train_examples, sampler=sampler,
+                                 batch_size=cfg.train.micro_batch_size, progress=False,
+                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots))
+        finally:
+            backbone.train()
+
+    def validation_accuracy(self) -> float:
+        """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
+        metrics, _ = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        return metrics[get_task(self.cfg.task).primary_metric]
+
+    def final_evaluation(self) -> dict[str, float]:
+        """Generation accuracy per shot count with the exact sampler, and with `eval.sampler=fast` the fast
+        sampler's on the same items too (`final_val_<metric>_fast`, for the rank agreement of the two over a
+        sweep's trials); the probes against the base model and MMLU (when eval.mmlu names the data); rank 0."""
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        primary = get_task(cfg.task).primary_metric
+        methods = ("exact", "fast") if cfg.eval.sampler == "fast" else ("exact",)
+        for shots in cfg.eval.final_shots:
+            for method in methods:
+                suffix = "" if method == "exact" else "/fast"
+                metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
+                out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
+                out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))
+        if cfg.eval.probes or self.mmlu_rows is not None:
+            finetuned = self.engine.module.backbone.eval()
+            if self.lora:  # the frozen base is right there: the same weights with the adapters off
+                base = BaseView(finetuned)
+            else:
+                torch.manual_seed(cfg.train.seed)  # the base = this run's starting weights, rebuilt the same way
+                # In the training dtype, as the online model: no float32 copy of an 8B base on a bf16 run.
+                base, _ = load_backbone(cfg.model.model_copy(update={"gradient_checkpointing": False}),
+                                        dtype=torch.bfloat16 if self.bf16 else torch.float32)
+                base.to(self.device).eval()
+            with torch.no_grad():
+                if cfg.eval.probes:
+                    out |= run_probes(base, finetuned, self.tokenizer, t_low=cfg.jepa.t_low, t_high=cfg.jepa.t_high,
+                                      wikitext_path=cfg.eval.wikitext_path, split=cfg.eval.probe_split,
+                                      seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)),
+                                      max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size,
+                                      seed=cfg.eval.probe_seed)
+                if self.mmlu_rows is not None:
+                    out |= mmlu_probe(base, finetuned, self.tokenizer, self.mmlu_rows)
+            finetuned.train()
+        return out
+
+
+def _max_len(cfg) -> int:
+    """The embedded model's length limit (a hub model's is not checked here)."""
+    return cfg.model.max_seq_len if cfg.model.name == "tiny" else 1 << 30
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point. loop_config = {"config": Config dict, "tracking": {tracking_uri, run_id},
+    "scheduled_at": epoch seconds}."""
+    entered_at = time.time()
+    import ray.train
+    import ray.train.torch
+
+    cfg = validate(loop_config["config"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    loop = TrialLoop(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
+                     device=ray.train.torch.get_device(), tracking=loop_config.get("tracking"))
+    loop.run(scheduled_at=loop_config.get("scheduled_at"), entered_at=entered_at)

@@ -1,0 +1,1 @@
+"""Sweep layer: one run's Ray Train driver, the search space, Ray Tune sweeps, results, reports and MLflow."""

@@ -1,0 +1,182 @@
+"""Sweep layer: `raydllm report`: the two arms' winners on the test split, once, as one table.
+
+The winners are the ones `raydllm best` names: each arm's best completed config on the selection seed's
+validation metric. Their checkpoints from the fresh seeds (never the seed that chose them) answer the test
+split with the task's protocol (the sampler and shots of the trials' own final evaluation), and the table holds
+per arm mean ± std over those seeds, the paired gain with its t-test, the forgetting (WikiText Δ), drift and
+collapse figures the trials logged at their end, the sampler settings and the hardware. It goes to stdout, to
+Markdown and JSON files, and to the sweep's parent run in MLflow. The parent run records that the test split
+was read for these winners: a second report on the same winners is refused unless forced, so the test split
+cannot quietly become a second validation split.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from raydllm.core.config import ConfigError
+from raydllm.sweep.results import best_configs, paired_test
+
+TEST_TAG = "raydllm.test_report"  # on the parent run: which winners were evaluated on test, and when
+
+# Figures each trial logged at its end (trial.TrialLoop.final_evaluation -> probes.run_probes).
+PROBES = {"wikitext_delta": "probe/wikitext_delta", "drift_early": "probe/drift_early",
+          "drift_middle": "probe/drift_middle", "drift_late": "probe/drift_late", "eff_rank": "probe/z_eff_rank",
+          "std_mean": "probe/z_std_mean", "cos_diversity": "probe/z_cos_diversity",
+          "eff_rank_base": "probe/z_base_eff_rank"}
+
+
+def evaluate_checkpoint(folder: Path, task_name: str, *, split: str, shots: int | None = None,
+                        limit: int | None = None, gen_length: int | None = None, block_length: int | None = None,
+                        steps: int | None = None, batch_size: int = 16) -> tuple[dict[str, float], list[dict], dict]:
+    """(metrics, predictions, protocol) of a trial's checkpoint on a split, as `raydllm eval` scores it: the
+    trial's own data source and, unless given, its sampler settings (eval.*) and its first final-evaluation
+    shot count."""
+    from raydllm.core.config import validate
+    from raydllm.data.sft import load_examples
+    from raydllm.evaluation.evaluate import default_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
+    from raydllm.data.tasks import get_task
+
+    backbone, tokenizer, cfg = load_checkpoint_backbone(folder)
+    eval_cfg = validate(cfg.to_dict() | {"task": task_name,
+                                         "data": cfg.data.model_copy(update={"val_limit": 10**9}).model_dump(mode="json")})
+    shots = cfg.eval.final_shots[0] if shots is None else shots
+    examples = load_examples(eval_cfg, split)
+    examples = examples[:limit] if limit else examples
+    sampler = default_sampler(cfg, gen_length=gen_length or cfg.eval.gen_length,
+                              block_length=block_length or cfg.eval.block_length, steps=steps or cfg.eval.sampler_steps)
+    metrics, predictions = evaluate_task(backbone, tokenizer, get_task(task_name), examples, shots=shots,
+                                         train_examples=load_examples(eval_cfg, "train") if shots else [],
+                                         sampler=sampler, batch_size=batch_size, progress=False,
+                                         max_prompt_tokens=prompt_budget(cfg, sampler, shots))
+    protocol = {"split": split, "shots": shots, "examples": len(examples), "gen_length": sampler.gen_length,
+                "block_length": sampler.block_length, "steps": sampler.steps, "temperature": sampler.temperature,
+                "remasking": sampler.remasking}
+    return metrics, predictions, protocol
+
+
+def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, force: bool = False,
+                 limit: int | None = None, shots: int | None = None, gen_length: int | None = None,
+                 block_length: int | None = None, steps: int | None = None, batch_size: int = 16,
+                 out_dir: str | Path = ".") -> dict[str, Any]:
+    """Evaluate both arms' winners on test across the fresh seeds; write and log the table; return it."""
+    from raydllm.data.tasks import get_task
+    from raydllm.sweep.tracking import log_to_run, resolve_target
+
+    client = MlflowClient(tracking_uri)
+    best = best_configs(task, tracking_uri=tracking_uri, top=1, sweep=sweep)
+    name = best["sweep"]
+    jepa, base = (best["best"][0] if best["best"] else None), best["baseline"]
+    if jepa is None or base is None:
+        missing = "DLLM-JEPA" if jepa is None else "baseline"
+        raise ConfigError(f"sweep {name}: the {missing} arm has no completed trial on the selection seed: no winner "
+                          f"to evaluate")
+    seeds = sorted(set(jepa["fresh_seeds"]) & set(base["fresh_seeds"]) - {best["selection_seed"]})
+    if not seeds:
+        raise ConfigError(f"sweep {name}: the winners have not run on any seed but {best['selection_seed']}, the one "
+                          f"that chose them; give the space more seeds and repeat.top >= 1 and re-run the sweep")
+    winners = {"dllm-jepa": jepa["config_key"], "baseline": base["config_key"], "seeds": seeds}
+    parent_id = best["parent_run_id"]
+    previous = client.get_run(parent_id).data.tags.get(TEST_TAG)
+    if previous and not force and json.loads(previous).get("winners") == winners:
+        raise ConfigError(f"sweep {name}: these winners were already evaluated on test "
+                          f"({json.loads(previous).get('at')}, tag {TEST_TAG} on run {parent_id[:8]}); the test "
+                          f"split is read once. Pass --force to evaluate them again")
+    # Recorded before the first test example is read: an interrupted report has looked at test all the same.
+    client.set_tag(parent_id, TEST_TAG, json.dumps({"winners": winners, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                    "forced": bool(previous and force)}))
+    primary = get_task(task).primary_metric
+    arms: dict[str, dict] = {}
+    protocol: dict = {}
+    for arm, row in (("dllm-jepa", jepa), ("baseline", base)):
+        by_seed = dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))
+        values, figures, devices = [], {k: [] for k in PROBES}, set()
+        for seed in seeds:
+            run_id = by_seed[seed]
+            folder, _ = resolve_target(run_id, tracking_uri)
+            metrics, predictions, protocol = evaluate_checkpoint(
+                folder, task, split="test", shots=shots, limit=limit, gen_length=gen_length,
+                block_length=block_length, steps=steps, batch_size=batch_size)
+            log_to_run(tracking_uri, run_id, metrics, predictions, split="test", shots=protocol["shots"], task=task)
+            values.append(float(metrics[primary]))
+            run = client.get_run(run_id)
+            for key, metric in PROBES.items():
+                if metric in run.data.metrics:
+                    figures[key].append(float(run.data.metrics[metric]))
+            devices.add(run.data.tags.get("raydllm.device", "unknown"))
+        arms[arm] = {"label": row["label"], "params": row["params"], "config_key": row["config_key"],
+                     "seeds": seeds, "run_ids": [by_seed[s] for s in seeds], "values": values,
+                     **_mean_std(values), "validation_selection_value": row["selection_value"],
+                     "probes": {k: _mean_std(v) | {"values": v} for k, v in figures.items() if v},
+                     "devices": sorted(devices)}
+    diffs = [j - b for j, b in zip(arms["dllm-jepa"]["values"], arms["baseline"]["values"])]  # higher is better
+    parent = client.get_run(parent_id)
+    report = {"sweep": name, "task": task, "metric": primary, "split": "test", "protocol": protocol,
+              "selection": {"seed": best["selection_seed"], "metric": best["metric"], "mode": best["mode"]},
+              "seeds": seeds, "arms": arms, "gain": {"seeds": seeds, "differences": diffs, **paired_test(diffs)},
+              "hardware": {"trials": sorted(set(arms["dllm-jepa"]["devices"]) | set(arms["baseline"]["devices"])),
+                           "driver": {k: v for k, v in parent.data.tags.items() if k.startswith("host.")}},
+              "parent_run_id": parent_id}
+    markdown = format_report(report)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"report-{name}.md").write_text(markdown + "\n")
+    (out / f"report-{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    client.log_text(parent_id, markdown + "\n", "report/test.md")
+    client.log_dict(parent_id, report, "report/test.json")
+    gain = report["gain"]
+    client.log_metric(parent_id, f"test/gain_{primary}", gain["mean"])
+    if gain["p_value"] is not None:
+        client.log_metric(parent_id, "test/gain_p_value", gain["p_value"])
+    report["files"] = [str(out / f"report-{name}.md"), str(out / f"report-{name}.json")]
+    return report
+
+
+def _mean_std(values: list[float]) -> dict[str, float | int | None]:
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def _pm(stats: dict | None, fmt: str = ".3f") -> str:
+    if not stats or stats.get("mean") is None:
+        return "–"
+    spread = fmt.replace("+", "")  # a spread has no sign
+    return f"{stats['mean']:{fmt}}" + (f" ± {stats['std']:{spread}}" if stats.get("std") is not None else " (n=1)")
+
+
+def format_report(report: dict) -> str:
+    """The report as one Markdown table with its context lines."""
+    p, sel, gain = report["protocol"], report["selection"], report["gain"]
+    lines = [f"### {report['task']}: test {report['metric']}, sweep `{report['sweep']}`", "",
+             f"Winners chosen on seed {sel['seed']}'s validation {sel['metric']} ({sel['mode']}), completed trials "
+             f"only; evaluated on test with the checkpoints of the fresh seeds {report['seeds']}.", "",
+             "| arm | config | test " + report["metric"] + " per seed | mean ± std | WikiText Δ | drift early / "
+             "middle / late | eff. rank (base) | pooled std | cos. diversity |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, title in (("dllm-jepa", "DLLM-JEPA"), ("baseline", "baseline (λ = 0)")):
+        a = report["arms"][arm]
+        pr = a["probes"]
+        drift = " / ".join(_pm(pr.get(f"drift_{part}")) for part in ("early", "middle", "late"))
+        rank = _pm(pr.get("eff_rank"), ".2f") + (f" ({pr['eff_rank_base']['mean']:.2f})" if "eff_rank_base" in pr else "")
+        lines.append(f"| {title} | {a['label']} | {', '.join(f'{v:.3f}' for v in a['values'])} | {_pm(a)} | "
+                     f"{_pm(pr.get('wikitext_delta'), '+.2f')} | {drift} | {rank} | {_pm(pr.get('std_mean'))} | "
+                     f"{_pm(pr.get('cos_diversity'))} |")
+    if gain["n"] >= 2:
+        p_text = f"paired t-test p = {gain['p_value']:.3g}" if gain["p_value"] is not None else "no test"
+        lines += ["", f"Paired gain (DLLM-JEPA − baseline) over seeds {gain['seeds']}: **{gain['mean']:+.3f} ± "
+                      f"{gain['std']:.3f}** (n = {gain['n']}, {p_text})."]
+    else:
+        lines += ["", f"Paired gain (DLLM-JEPA − baseline) on seed {gain['seeds'][0]}: {gain['mean']:+.3f} "
+                      f"(n = 1: no spread, no test)."]
+    lines += [f"Sampler: {p['gen_length']} answer tokens, blocks of {p['block_length']}, {p['steps']} steps, "
+              f"temperature {p['temperature']:g}, {p['remasking']} remasking; {p['shots']}-shot prompts; "
+              f"{p['examples']} test examples per checkpoint.",
+              f"Hardware: trials on {', '.join(report['hardware']['trials'])}; driver "
+              + ", ".join(f"{k.removeprefix('host.')} {v}" for k, v in sorted(report['hardware']['driver'].items()))
+              + "."]
+    return "\n".join(lines)
