@@ -54,6 +54,30 @@ WORKER_NODE_TYPE = "ray.worker.slot"
 MIB = 1024 * 1024
 
 
+# Ray Train 2.60 asks the autoscaler for a trial's workers with a request that expires 180 s after it was last
+# sent (AUTOSCALING_REQUESTS_EXPIRE_TIME_S, a module constant, re-sent every 20 s while the trial runs). A trial
+# whose actor Tune ends at max_t never withdraws it, so the nodes stay wanted for 180 s after the sweep. The
+# scale-down test shortens that wait by running this hook in every worker process of its job; the path
+# (request, expiry, idle timeout, termination) is Ray's own.
+SHORT_REQUEST_EXPIRY_S = 30
+
+
+def shorten_train_request_expiry() -> None:
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    client.AUTOSCALING_REQUESTS_EXPIRE_TIME_S = SHORT_REQUEST_EXPIRY_S
+
+
+def short_request_expiry_job_config() -> str:
+    """RAY_JOB_CONFIG_JSON_ENV_VAR for a driver whose job's workers run `shorten_train_request_expiry`."""
+    import json
+
+    here = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    return json.dumps({"runtime_env": {"worker_process_setup_hook": "fake_cluster.shorten_train_request_expiry",
+                                       "env_vars": {"PYTHONPATH": path}}})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

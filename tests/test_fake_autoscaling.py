@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fake_cluster import NodeTimeline, fake_autoscaling_cluster
+from fake_cluster import (SHORT_REQUEST_EXPIRY_S, NodeTimeline, fake_autoscaling_cluster,
+                          short_request_expiry_job_config)
 from raydllm.core.config import ConfigError
 
 NODE_RESOURCES = {"CPU": 1, "node_slot": 1}
@@ -35,7 +36,8 @@ IDLE_TIMEOUT_MIN = 0.25  # 15 s. With 0.1 (6 s) a freshly launched node was once
 
 
 def run_sweep(address: str, num_trials: int, resources_per_worker: dict, *, workers: int = 1,
-              overrides: dict | None = None, workdir: str | None = None) -> list[dict]:
+              overrides: dict | None = None, workdir: str | None = None,
+              short_request_expiry: bool = False) -> list[dict]:
     """raydllm's real sweep (`raydllm.sweep.tune.run_spec`: Tune + ASHA over TorchTrainer/DeepSpeed trials, MLflow)
     on the cluster at `address`. The node-sized request comes from the space's `resources`, exactly as on
     the real cluster; only the address differs."""
@@ -64,6 +66,8 @@ def run_sweep(address: str, num_trials: int, resources_per_worker: dict, *, work
         ray.shutdown()
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
+    if short_request_expiry:
+        os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = short_request_expiry_job_config()
     storage = None if workdir else tempfile.TemporaryDirectory(prefix="raydllm-fake-tune-")
     root = workdir or storage.name
     try:
@@ -79,6 +83,7 @@ def run_sweep(address: str, num_trials: int, resources_per_worker: dict, *, work
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None) if saved is None else os.environ.__setitem__("RAY_ADDRESS", saved)
+        os.environ.pop("RAY_JOB_CONFIG_JSON_ENV_VAR", None)
         if storage:
             storage.cleanup()
 
@@ -126,13 +131,15 @@ def test_tune_sweep_scales_workers_up_then_down():
         placements.start()
         try:
             t_sweep0 = time.monotonic()
-            results = run_sweep(cluster.address, NUM_TRIALS, PAIR_WORKER, workers=2)
+            results = run_sweep(cluster.address, NUM_TRIALS, PAIR_WORKER, workers=2, short_request_expiry=True)
             t_sweep = time.monotonic() - t_sweep0
             placements.done.set()
             # Scale-down: Ray Train's autoscaling request for a trial's workers outlives the trial until it
-            # expires (180 s, AUTOSCALING_REQUESTS_EXPIRE_TIME_S in Ray 2.60), then the idle timeout (15 s)
-            # + the autoscaler update interval + raylet shutdown.
-            cluster.wait_for_workers(lambda n: n == 0, timeout_s=300)
+            # expires (180 s in Ray 2.60, SHORT_REQUEST_EXPIRY_S here: fake_cluster.shorten_train_request_expiry),
+            # then the idle timeout (15 s) + the autoscaler update interval + raylet shutdown.
+            t_done = time.monotonic()
+            cluster.wait_for_workers(lambda n: n == 0, timeout_s=SHORT_REQUEST_EXPIRY_S + 120)
+            t_down = time.monotonic() - t_done
             time.sleep(1.0)  # one more sample at 0
         except BaseException:
             print(cluster.monitor_log_tail(40))
@@ -142,7 +149,7 @@ def test_tune_sweep_scales_workers_up_then_down():
             placements.done.set()
             print(f"\nTrain worker placement groups: {list(placements.seen.values())}")
             print(f"\nfake cluster: head up in {t_up:.1f}s; sweep of {NUM_TRIALS} trials ran"
-                  f" {locals().get('t_sweep', float('nan')):.1f}s")
+                  f" {locals().get('t_sweep', float('nan')):.1f}s; all workers gone {locals().get('t_down', float('nan')):.1f}s after it")
             print("alive worker nodes over time (t = seconds since the head came up; only changes shown):")
             print(timeline.render())
             events = cluster.autoscaler_events()
