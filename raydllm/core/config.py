@@ -207,9 +207,10 @@ class EvalConfig(_Section):
     final_limit: int = Field(64, gt=0)
     final_shots: list[int] = [0]
     probes: bool = True
-    # WikiText split the probes read: "validation" (the paper, WikiText-103 validation) or "test". The local
-    # preset uses test because its embedded base was pretrained on WikiText valid.
-    probe_split: Literal["validation", "test"] = "validation"
+    # WikiText split the final (reported) probes read: "test" (default) or "validation" (the paper's). The
+    # per-report forgetting objective, which selects, always reads validation (evaluation/trial.py), so a space
+    # that selects on wikitext_delta needs test here (search_space.py refuses validation).
+    probe_split: Literal["validation", "test"] = "test"
     wikitext_path: str | None = None  # None: ../shared/data/wikitext/<valid|test>.txt if present, else the hub
     # probe_chunks windows of probe_seq_len tokens: the WikiText loss, the drift, and the collapse statistics
     # (both views of each window; the paper uses 100 samples).
@@ -217,7 +218,7 @@ class EvalConfig(_Section):
     probe_seq_len: int = Field(256, gt=1)
     probe_seed: int = 0  # masks of the WikiText loss and of the two views, and the 5,000 cosine pairs
     # The forgetting objective of a Pareto sweep, at every report: the WikiText diffusion loss (50% masking,
-    # probe_seq_len tokens, probe_seed masks) on the first `report_probe_chunks` chunks of probe_split, reported
+    # probe_seq_len tokens, probe_seed masks) on the first `report_probe_chunks` chunks of WikiText validation, reported
     # as wikitext_delta = that loss - the base's on the same chunks (the base: these weights before step 1).
     # 0 = off. Its cost is bounded by the chunk count and logged as time/forgetting_probe_s.
     report_probe_chunks: int = Field(0, ge=0)

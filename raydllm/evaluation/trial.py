@@ -15,6 +15,11 @@ from raydllm.core.sampler import SamplerConfig
 from raydllm.data.tasks import get_task
 from raydllm.engine.worker import WorkerLoop
 
+# The per-report forgetting objective selects (ASHA rungs, NSGA-II, fronts), so it reads WikiText validation;
+# the final probes the report prints read eval.probe_split (test by default). WikiText's validation and test
+# are different articles, so the two never share text.
+SELECTION_PROBE_SPLIT = "validation"
+
 
 class TrialLoop(WorkerLoop):
     """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
@@ -35,7 +40,7 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         if self.rank == 0:
             self.forgetting_chunks = wikitext_chunks(
-                self.tokenizer, cfg.eval.wikitext_path, split=cfg.eval.probe_split,
+                self.tokenizer, cfg.eval.wikitext_path, split=SELECTION_PROBE_SPLIT,
                 seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
             self.base_wikitext_loss = self._forgetting_loss()
         if self._rank0_value(lambda: float(self.sink.has("base/val_loss_diff"))):

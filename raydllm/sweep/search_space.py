@@ -314,6 +314,9 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
                               f"only with fixed eval.metric: accuracy")
         if name == "wikitext_delta" and not base.eval.report_probe_chunks:
             raise ConfigError(f"{path}: objectives: wikitext_delta is reported only with eval.report_probe_chunks > 0")
+        if name == "wikitext_delta" and base.eval.probe_split == "validation":
+            raise ConfigError(f"{path}: eval.probe_split: validation is what wikitext_delta selects on; the "
+                              f"reported probes must read test")
     resolve_baseline(spec, base, path)
     warmup = math.ceil(base.train.warmup_ratio * (spec.scheduler.max_t or base.train.max_steps))
     if spec.scheduler.type == "asha" and spec.scheduler.grace_period < warmup:
@@ -484,3 +487,10 @@ def default_space_file(task: str) -> Path:
     if packaged.exists():
         return packaged
     raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")
+
+
+def searcher_sizes(budget: int) -> dict[str, int]:
+    """A searcher's settings from ITS arm's trial budget, so neither arm's searcher is sized by the other's:
+    NSGA-II's generation is half the budget (the evolution runs at least once), TPE's random start-up trials a
+    third of it (Optuna's default of 10 would leave an 8-trial arm all random), at least 1 and at most 10."""
+    return {"population_size": max(2, min(50, budget // 2)), "n_startup_trials": max(1, min(10, budget // 3))}

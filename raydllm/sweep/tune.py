@@ -34,8 +34,8 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.sweep.results import best_configs, format_table, plot_sweep, summary_metrics, trial_runs
 from raydllm.sweep.search_space import (GRID_POINT, SweepSpec, arm_of, baseline_arm, baseline_keys, baseline_point, baseline_space,
-                           config_key, flatten_trial_config, load_spec, max_steps, param_space, trial_config,
-                           trial_label)
+                           config_key, flatten_trial_config, load_spec, max_steps, param_space, searcher_sizes,
+                           trial_config, trial_label)
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -569,7 +569,8 @@ def arm_tags(spec: SweepSpec) -> dict[str, str]:
             "raydllm.max_steps": str(max_steps(spec)),
             "raydllm.baseline_mode": arm.mode if arm else "none",
             "raydllm.baseline_keys": json.dumps(baseline_keys(spec) if arm else []),
-            "raydllm.baseline_num_samples": str(arm.num_samples or 1) if arm else "0"}
+            "raydllm.baseline_num_samples": str(arm.num_samples or 1) if arm else "0",
+            "raydllm.jepa_num_samples": str(spec.num_samples)}
 
 
 def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, num_samples: int | None,
@@ -613,7 +614,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                 # the search phase's generator limits concurrency itself (Tune ignores this with it)
                 max_concurrent_trials=None if search else spec.max_concurrent_trials,
                 scheduler=_scheduler(spec, steps) if asha else FIFOScheduler(),
-                search_alg=_search_alg(spec) if search else None),
+                search_alg=_search_alg(spec, num_samples) if search else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
@@ -669,7 +670,8 @@ def _scheduler(spec: SweepSpec, steps: int):
     return ASHAScheduler(**settings)
 
 
-def _search_alg(spec: SweepSpec):
+def _search_alg(spec: SweepSpec, num_samples: int | None = None):
+    sizes = searcher_sizes(num_samples or spec.num_samples)  # each arm's searcher sized by its own budget
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if spec.search.algorithm == "optuna":
@@ -678,13 +680,11 @@ def _search_alg(spec: SweepSpec):
         import optuna
 
         if spec.search.sampler == "nsga2" or (spec.objectives and spec.search.sampler is None):
-            # A generation of half the trial budget, so the evolution runs at least once within the sweep.
             from raydllm.sweep.searchers import PicklableNSGAIISampler
 
-            sampler = PicklableNSGAIISampler(seed=spec.search.seed,
-                                             population_size=max(2, min(50, spec.num_samples // 2)))
-        else:
-            sampler = optuna.samplers.TPESampler(seed=spec.search.seed)  # multi-objective TPE too
+            sampler = PicklableNSGAIISampler(seed=spec.search.seed, population_size=sizes["population_size"])
+        else:  # multi-objective TPE too
+            sampler = optuna.samplers.TPESampler(seed=spec.search.seed, n_startup_trials=sizes["n_startup_trials"])
         searcher = (OptunaSearch(sampler=sampler, metric=list(spec.objectives), mode=list(spec.objectives.values()))
                     if spec.objectives else OptunaSearch(sampler=sampler))
         return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)
