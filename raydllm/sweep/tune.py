@@ -36,6 +36,7 @@ from raydllm.sweep.results import best_configs, format_table, plot_sweep, summar
 from raydllm.sweep.search_space import (GRID_POINT, SweepSpec, arm_of, baseline_arm, baseline_keys, baseline_point, baseline_space,
                            config_key, flatten_trial_config, load_spec, max_steps, param_space, searcher_sizes,
                            trial_config, trial_label)
+from raydllm.sweep.verdict import write_description
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -645,6 +646,7 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
         client.log_metric(parent_run_id, key, value)
     client.log_text(parent_run_id, table, "summary/best.txt")
     client.log_dict(parent_run_id, report, "summary/best.json")
+    write_description(client, parent_run_id, best=report)  # the verdict in the run's Description
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_sweep(report, sorted(spec.space), Path(tmp) / "metric_vs_params.png")
         if plot:
