@@ -67,3 +67,32 @@ def test_shipped_spaces_give_both_arms_equal_trials(name):
 
     space = yaml.safe_load((Path(__file__).parent.parent / "search_spaces" / f"{name}.yaml").read_text())
     assert space["baseline"].get("num_samples", space["num_samples"]) == space["num_samples"]
+
+
+def test_compute_matched_baseline_trains_four_thirds_of_the_steps(tmp_path):
+    """`baseline: {match: compute}`: the baseline arm's trials carry 4/3 of the steps (120 -> 160), their
+    rungs at the same FLOPs (grace 30 -> 40), and the repeat phase runs its winner both ways."""
+    import yaml
+
+    from raydllm.sweep.compute_match import match_of, repeat_points, trial_steps
+    from raydllm.sweep.search_space import baseline_arm, baseline_space, load_spec
+
+    space = {"task": "gsm8k", "preset": "local", "metric": "val_loss_diff",
+             "fixed": {"train.max_steps": 120, "data.synthetic_size": 300},
+             "space": {"jepa.lambda": {"choice": [0.5, 1.0]}, "train.lr": {"loguniform": [3.0e-4, 3.0e-3]}},
+             "baseline": {"match": "compute"}, "seeds": [42, 123], "repeat": {"top": 1},
+             "scheduler": {"grace_period": 30, "reduction_factor": 3}, "num_samples": 4}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    spec = load_spec(path)
+    assert baseline_arm(spec).match == "compute" and baseline_arm(spec).num_samples == 4
+    config = baseline_space(spec)
+    assert config["train.max_steps"] == 160 and config["jepa.lambda"] == 0.0
+    assert trial_steps(config, 120, 30) == (160, 40) and trial_steps({}, 120, 30) == (120, 30)
+    assert match_of(config) == "compute" and match_of({"train.lr": 1e-3}) == "steps"
+    winner = {"jepa.lambda": 0.0, "train.lr": 1e-3, "train.max_steps": 160}
+    assert repeat_points(spec, winner) == [winner, {"jepa.lambda": 0.0, "train.lr": 1e-3}]
+    space["baseline"] = {"mode": "searched"}
+    path.write_text(yaml.safe_dump(space))
+    plain = load_spec(path)
+    assert "train.max_steps" not in baseline_space(plain) and repeat_points(plain, winner) == [winner]

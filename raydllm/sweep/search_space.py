@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raydllm.sweep.compute_match import with_match
 from raydllm.core.config import ConfigError, Config, deep_merge, parse_overrides, preset_dict, validate
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -134,6 +135,8 @@ class BaselineSettings(_Strict):
     of the two the space calls for (`baseline: true`)."""
     mode: Literal["searched", "pinned"] | None = None
     num_samples: int | None = Field(None, gt=0)
+    # steps: the DLLM-JEPA arm's step count; compute: its FLOPs (4/3 of the steps, rungs alike; compute_match.py)
+    match: Literal["steps", "compute"] = "steps"
 
 
 class SweepSpec(_Strict):
@@ -405,7 +408,7 @@ def resolve_baseline(spec: SweepSpec, base: Config, path: Path | str = "space") 
         raise ConfigError(f"{path}: baseline.mode: searched, but the space searches no key that changes the "
                           f"lambda = 0 loss (only {', '.join(sorted(spec.space))}); use mode: pinned")
     spec.baseline = BaselineSettings(mode=mode, num_samples=(spec.baseline.num_samples or spec.num_samples)
-                                     if mode == "searched" else None)
+                                     if mode == "searched" else None, match=spec.baseline.match)
 
 
 def baseline_arm(spec: SweepSpec) -> BaselineSettings | None:
@@ -431,7 +434,7 @@ def baseline_space(spec: SweepSpec) -> dict[str, Any]:
     with the DLLM-JEPA arm's own distribution."""
     keys = baseline_keys(spec)
     point = {k: v for k, v in baseline_point(spec).items() if k not in keys}
-    return param_space(spec, {k: spec.space[k] for k in keys}) | point
+    return with_match(spec, param_space(spec, {k: spec.space[k] for k in keys}) | point, max_steps(spec))
 
 
 def arm_of(config: dict[str, Any]) -> str:

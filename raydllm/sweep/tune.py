@@ -37,6 +37,8 @@ from raydllm.sweep.search_space import (GRID_POINT, SweepSpec, arm_of, baseline_
                            config_key, flatten_trial_config, load_spec, max_steps, param_space, searcher_sizes,
                            trial_config, trial_label)
 from raydllm.sweep.verdict import write_description
+from raydllm.sweep.compute_match import (MATCH_KEY, MATCH_TAG, compute_matched, match_of, matched, repeat_points,
+                                         trial_steps, with_match)
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -60,16 +62,17 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
     context = tune.get_context()
     trial_id = context.get_trial_id()
     cfg = trial_config(sweep, config, int(config["train.seed"]))
-    cfg.train.max_steps = max_steps(sweep)
+    # A compute-matched baseline trial carries its own step count; its rungs scale with it (compute_match.py).
+    cfg.train.max_steps, grace = trial_steps(config, max_steps(sweep), sweep.scheduler.grace_period)
     if cfg.train.checkpoint_steps is None and cfg.train.checkpoint_every is None:
         # Checkpoints where ASHA decides and at the end: a resumed trial loses at most one rung of work.
-        cfg.train.checkpoint_steps = rung_steps(sweep.scheduler.grace_period, sweep.scheduler.reduction_factor,
-                                                cfg.train.max_steps)
+        cfg.train.checkpoint_steps = rung_steps(grace, sweep.scheduler.reduction_factor, cfg.train.max_steps)
     run_id, resumed = tracking.open_run(
         tracking_uri, experiment, key="raydllm.trial_id", name=trial_id, params=cfg.flat() | sampler_params(cfg),
         run_name=trial_label(sweep, config, phase),
         tags={"mlflow.parentRunId": parent_run_id, "raydllm.kind": "trial", "raydllm.phase": phase, "raydllm.status": "running",
               "raydllm.arm": arm_of(cfg.flat()), "raydllm.config_key": config_key(sweep, config),
+              **({MATCH_TAG: match_of(config)} if arm_of(cfg.flat()) == "baseline" else {}),
               "raydllm.searched": json.dumps({k: v for k, v in config.items() if "." in k}, sort_keys=True,
                                              default=str)})
     client = MlflowClient(tracking_uri)
@@ -468,7 +471,8 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
                    num_samples=arm.num_samples, **common)
     elif arm:  # the space fixes every key that changes the lambda = 0 loss: one trial at those values, to max_t
         _fit_phase(spec=spec, name=f"{name}-baseline", phase="baseline", asha=False, num_samples=None, **common,
-                   param_space={**baseline_point(spec), "train.seed": spec.selection_seed})
+                   param_space={**with_match(spec, baseline_point(spec), max_steps(spec)),
+                                "train.seed": spec.selection_seed})
     if spec.repeat.top and spec.fresh_seeds:
         # The winners (chosen on the selection seed's validation metric, completed trials only) on the fresh
         # seeds: the same seeds for both arms, so each pair shares its data order and masks.
@@ -476,7 +480,10 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
         # A Pareto sweep repeats the search's front (on the selection seed) instead of the top configs of one metric.
         winners = (selection_front(spec, tracking_uri=common["tracking_uri"], sweep=name) if spec.objectives
                    else [r["params"] for r in report["best"]])
-        points = winners + ([report["baseline"]["params"]] if report["baseline"] else [])
+        # The baseline arm's own front in a Pareto sweep; under match: compute its winner both ways.
+        baselines = (selection_front(spec, tracking_uri=common["tracking_uri"], sweep=name, phase="baseline")
+                     if spec.objectives else [report["baseline"]["params"]] if report["baseline"] else [])
+        points = winners + [p for params in baselines for p in repeat_points(spec, params)]
         if points:
             from ray import tune
 
@@ -486,8 +493,8 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
     return restored
 
 
-def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> list[dict[str, Any]]:
-    """The searched values of the DLLM-JEPA arm's Pareto front on the selection seed: its completed search trials'
+def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str, phase: str = "search") -> list[dict[str, Any]]:
+    """The searched values of one arm's Pareto front (phase "search": DLLM-JEPA; "baseline": the baseline's) on the selection seed: its completed search trials'
     final objective vectors, non-dominated, best spread first (pareto.rank_order: the front's extremes, then by
     crowding distance), at most `repeat.top` of them. Only selection-seed results: a resumed sweep repeats the
     same configs whatever the repeat phase has already run."""
@@ -496,7 +503,7 @@ def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> list[d
 
     client = MlflowClient(tracking_uri)
     runs = [r for r in trial_runs(client, find_sweep(client, spec.task, sweep))
-            if r.data.tags.get("raydllm.phase") == "search" and r.data.tags.get("raydllm.status") == "completed"
+            if r.data.tags.get("raydllm.phase") == phase and r.data.tags.get("raydllm.status") == "completed"
             and all(name in r.data.metrics for name in spec.objectives)]
     modes = list(spec.objectives.values())
     points = [[float(r.data.metrics[name]) for name in spec.objectives] for r in runs]
@@ -571,7 +578,8 @@ def arm_tags(spec: SweepSpec) -> dict[str, str]:
             "raydllm.baseline_mode": arm.mode if arm else "none",
             "raydllm.baseline_keys": json.dumps(baseline_keys(spec) if arm else []),
             "raydllm.baseline_num_samples": str(arm.num_samples or 1) if arm else "0",
-            "raydllm.jepa_num_samples": str(spec.num_samples)}
+            "raydllm.jepa_num_samples": str(spec.num_samples),
+            MATCH_TAG: arm.match if arm else "none"}
 
 
 def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, num_samples: int | None,
@@ -581,7 +589,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    steps = max_steps(spec)
+    steps = matched(max_steps(spec)) if phase == "baseline" and compute_matched(spec) else max_steps(spec)
     train_storage = f"{storage.rstrip('/')}/{name}/train"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec.model_dump(), tracking_uri=tracking_uri, experiment=experiment,
@@ -661,7 +669,8 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 
 def _scheduler(spec: SweepSpec, steps: int):
     """ASHA on the sweep's metric, or on all its objectives at once (a Pareto sweep: pareto_asha)."""
-    settings = dict(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
+    settings = dict(time_attr="step", max_t=steps, grace_period=trial_steps(
+                        {} if steps == max_steps(spec) else {MATCH_KEY: steps}, max_steps(spec), spec.scheduler.grace_period)[1],
                     reduction_factor=spec.scheduler.reduction_factor)
     if spec.objectives:
         from raydllm.sweep.pareto_asha import ParetoASHA
