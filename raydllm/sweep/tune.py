@@ -36,7 +36,7 @@ from raydllm.sweep.results import best_configs, format_table, plot_sweep, summar
 from raydllm.sweep.search_space import (GRID_POINT, SweepSpec, arm_of, baseline_arm, baseline_keys, baseline_point, baseline_space,
                            config_key, flatten_trial_config, load_spec, max_steps, param_space, searcher_sizes,
                            trial_config, trial_label)
-from raydllm.sweep.verdict import write_description
+from raydllm.sweep.verdict import ui_hint, write_description
 from raydllm.sweep.compute_match import (MATCH_KEY, MATCH_TAG, compute_matched, match_of, matched, repeat_points,
                                          trial_steps, with_match)
 
@@ -664,7 +664,7 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 
         pareto = pareto_report(spec.task, tracking_uri=tracking_uri, sweep=name)
         table += "\n\n" + log_pareto_summary(tracking_uri, parent_run_id, pareto)
-    return table
+    return table + "\n" + ui_hint(client, parent_run_id)
 
 
 def _scheduler(spec: SweepSpec, steps: int):

@@ -51,7 +51,8 @@ def _winner(row: dict | None) -> str:
 def best_markdown(best: dict) -> str:
     """The validation verdict from `best_configs`' JSON."""
     budgets = best.get("budgets") or {}
-    lines = [f"## Verdict: sweep {best.get('sweep')}",
+    lines = [headline(best.get("gain"), budgets, best.get("metric"), "validation"), "",
+             f"## Verdict: sweep {best.get('sweep')}",
              f"Selected on **{best.get('metric')}** ({best.get('mode')}) at seed {best.get('selection_seed')}; "
              f"gains measured on fresh seeds {best.get('fresh_seeds')}.", "",
              "| arm | trials | winner | selection value | fresh mean |", "|---|---|---|---|---|"]
@@ -68,7 +69,8 @@ def best_markdown(best: dict) -> str:
 
 def report_markdown(report: dict) -> str:
     """The test verdict from `final_report`'s JSON."""
-    lines = [f"## Test verdict ({report.get('metric')}, seeds {report.get('seeds')})", "",
+    lines = [headline(report.get("gain"), report.get("budgets"), report.get("metric"), "test"), "",
+             f"## Test verdict ({report.get('metric')}, seeds {report.get('seeds')})", "",
              "| arm | config | test mean | std | n |", "|---|---|---|---|---|"]
     for arm, row in (report.get("arms") or {}).items():
         lines.append(f"| {arm} | {row.get('label')} | {_fmt(row.get('mean'))} | {_fmt(row.get('std'))} | "
@@ -79,6 +81,17 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(gain: dict | None, budgets: dict | None, metric: str | None, split: str) -> str:
+    """One line first in the Description (the MLflow UI shows its first lines before "Show more")."""
+    budget = (budgets or {}).get("line") or (f"{budgets['dllm-jepa']} trials per arm" if budgets else "")
+    if not gain or gain.get("mean") is None:
+        return f"**{split}: no gain measured** · {budget}"
+    extra = ", ".join(f"{k} {_fmt(v)}" for k, v in gain.items()
+                      if k not in ("mean", "differences", "seeds", "label", "config_key", "t", "df")
+                      and isinstance(v, (int, float, str)) and v is not None)
+    return f"**{split} {metric}: gain (DLLM-JEPA − baseline) {gain['mean']:+.4g}** ({extra}) · {budget}"
+
+
 def write_description(client, parent_run_id: str, *, best: dict | None = None, report: dict | None = None) -> str:
     """Set the parent run's Description to the verdict; a report's test verdict goes above the validation
     verdict (recomputed from `best` when given, else kept from the note already there)."""
@@ -87,3 +100,12 @@ def write_description(client, parent_run_id: str, *, best: dict | None = None, r
     text = (report_markdown(report) + "\n\n---\n\n" + validation) if report is not None else validation
     client.set_tag(parent_run_id, NOTE_TAG, text)
     return text
+
+
+def ui_hint(client, parent_run_id: str) -> str:
+    """Where the verdict is in the MLflow UI. MLflow 3.17's UI picks its GenAI or model-training view per browser
+    (localStorage `mlflow.workflowType`, default GenAI) unless the URL says `workflowType=machine_learning`; the
+    experiment tag `mlflow.experimentKind` is read only where that toggle is off. So the link carries it."""
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    return (f"MLflow UI (`mlflow ui`, then): #/experiments/{experiment}/runs/{parent_run_id}"
+            f"?workflowType=machine_learning  (the verdict is the run's Description)")
