@@ -37,7 +37,7 @@ from raydllm.sweep.search_space import (GRID_POINT, SweepSpec, arm_of, baseline_
                            config_key, flatten_trial_config, load_spec, max_steps, param_space, searcher_sizes,
                            trial_config, trial_label)
 from raydllm.sweep.verdict import ui_hint, write_description
-from raydllm.sweep.compute_match import (MATCH_KEY, MATCH_TAG, compute_matched, match_of, matched, repeat_points,
+from raydllm.sweep.compute_match import (MATCH_TAG, compute_matched, match_of, matched, repeat_points,
                                          trial_steps, with_match)
 
 log = logging.getLogger(__name__)
@@ -669,8 +669,9 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 
 def _scheduler(spec: SweepSpec, steps: int):
     """ASHA on the sweep's metric, or on all its objectives at once (a Pareto sweep: pareto_asha)."""
-    settings = dict(time_attr="step", max_t=steps, grace_period=trial_steps(
-                        {} if steps == max_steps(spec) else {MATCH_KEY: steps}, max_steps(spec), spec.scheduler.grace_period)[1],
+    # A compute-matched baseline phase runs more steps: its rungs at the same FLOPs (compute_match.py).
+    settings = dict(time_attr="step", max_t=steps, grace_period=max(1, round(spec.scheduler.grace_period * steps
+                                                                             / max_steps(spec))),
                     reduction_factor=spec.scheduler.reduction_factor)
     if spec.objectives:
         from raydllm.sweep.pareto_asha import ParetoASHA
