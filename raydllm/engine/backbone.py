@@ -117,7 +117,7 @@ class Backbone(nn.Module):
         for row in range(input_ids.shape[0]):
             if keep[row].any():
                 groups.setdefault(keep[row].cpu().numpy().tobytes(), []).append(row)
-        logits = hidden = None
+        logits = states = None
         for rows in groups.values():
             index = torch.tensor(rows, device=input_ids.device)
             positions = keep[rows[0]].nonzero().squeeze(1)
@@ -193,9 +193,9 @@ class BaseView(Backbone):
     def __init__(self, lora: Backbone):
         super().__init__(lora.model, lora.ids, shift_logits=lora.shift_logits)
 
-    def _run(self, input_ids, attention_mask):
+    def _run(self, input_ids, attention_mask, hidden: bool = True):
         with self.model.disable_adapter():
-            return super()._run(input_ids, attention_mask)
+            return super()._run(input_ids, attention_mask, hidden)
 
     def _cached_run(self, input_ids, attention_mask, cache, start: int, end: int):
         with self.model.disable_adapter():
