@@ -54,7 +54,7 @@ __all__ = [
 LogitsFn = Callable[[torch.LongTensor, Optional[torch.Tensor]], torch.Tensor]
 
 REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
-SAMPLER_METHODS = ("exact", "fast")
+SAMPLER_METHODS = ("exact", "fast", "dream")
 CACHE_MODES = ("none", "prefix", "dual")
 
 # (input_ids [B, L], attention_mask [B, L] or None, *, cache, start, end) -> (logits, cache): with cache=None a
@@ -81,6 +81,11 @@ class SamplerConfig:
     method: str = "exact"
     threshold: float = 0.9
     cache: str = "none"
+    # method "dream": Dream's own diffusion_generate (raydllm.core.dream_sampler): one block, `steps` steps along
+    # linspace(1, dream_eps, steps + 1), remasking by `dream_algorithm` (see DREAM_ALGORITHMS).
+    dream_algorithm: str = "entropy"
+    dream_alg_temp: float = 0.0
+    dream_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps)
@@ -109,6 +114,19 @@ class SamplerConfig:
         if self.method == "exact" and self.cache != "none":
             raise ValueError(f"SamplerConfig.cache={self.cache!r} needs method='fast' (the exact sampler "
                              "recomputes every position at every step)")
+        if self.method == "dream":
+            from raydllm.core.dream_sampler import DREAM_ALGORITHMS
+            if self.dream_algorithm not in DREAM_ALGORITHMS:
+                raise ValueError(f"SamplerConfig.dream_algorithm must be one of {DREAM_ALGORITHMS}, "
+                                 f"got {self.dream_algorithm!r}")
+            if self.block_length != self.gen_length or self.cache != "none":
+                raise ValueError("SamplerConfig: method='dream' decodes the whole answer as one block without a "
+                                 f"cache (block_length={self.block_length}, gen_length={self.gen_length}, "
+                                 f"cache={self.cache!r})")
+            if not 0.0 < self.dream_eps < 1.0:
+                raise ValueError(f"SamplerConfig.dream_eps must be in (0, 1), got {self.dream_eps!r}")
+            if not self.dream_alg_temp >= 0.0:
+                raise ValueError(f"SamplerConfig.dream_alg_temp must be >= 0, got {self.dream_alg_temp!r}")
         if self.method == "fast" and self.remasking != "low_confidence":
             raise ValueError("SamplerConfig.remasking: the fast sampler thresholds low_confidence "
                              f"probabilities, got {self.remasking!r}")
@@ -361,7 +379,11 @@ def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask:
 def sample(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
            mask_id: int, config: SamplerConfig, cached_forward: Optional[CachedForward] = None,
            generator: Optional[torch.Generator] = None) -> torch.LongTensor:
-    """`generate` or `generate_fast`, as ``config.method`` says."""
+    """`generate`, `generate_fast` or Dream's `generate_dream`, as ``config.method`` says."""
+    if config.method == "dream":
+        from raydllm.core.dream_sampler import generate_dream
+        return generate_dream(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config,
+                              generator=generator)
     if config.method == "fast":
         return generate_fast(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config,
                              cached_forward=cached_forward, generator=generator)
