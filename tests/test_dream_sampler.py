@@ -115,3 +115,15 @@ def test_dream_sampler_rejects_bad_settings():
         SamplerConfig(steps=4, gen_length=8, block_length=8, method="dream", dream_algorithm="maskgit")
     with pytest.raises(ValueError, match="one block"):
         SamplerConfig(steps=4, gen_length=8, block_length=4, method="dream")
+
+
+def test_eval_sampler_dream_resolves_to_dreams_sampler():
+    from raydllm.core.config import load_config
+    from raydllm.evaluation.evaluate import default_sampler
+
+    cfg = load_config("gsm8k", "local", ["eval.sampler=dream", "eval.dream_algorithm=topk_margin"])
+    sampler = default_sampler(cfg, method=cfg.eval.sampler, dream_algorithm=cfg.eval.dream_algorithm)
+    assert sampler.method == "dream" and sampler.dream_algorithm == "topk_margin"
+    assert sampler.block_length == sampler.gen_length
+    with pytest.raises(Exception, match="dream_algorithm"):
+        load_config("gsm8k", "local", ["eval.sampler=dream", "eval.dream_algorithm=maskgit"])
