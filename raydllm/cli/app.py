@@ -575,7 +575,13 @@ def _add_bench_command(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydllm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="raydllm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Find the best DLLM-JEPA fine-tuning configuration for a masked-diffusion LM:\ntune a search "
+                    "space with Ray Tune, read the winners back from MLflow,\nreport them on the test split.",
+        epilog="examples:\n  raydllm tune gsm8k --preset local   # embedded tiny model, local Ray and MLflow\n"
+               "  raydllm best gsm8k\n  raydllm report gsm8k\n\n"
+               "exit codes: 0 done, 1 failed, 2 bad input, 130 interrupted (re-run to resume)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
