@@ -262,7 +262,9 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     assert client.get_run(jepa["run_ids"][0]).data.metrics["eval/test/0shot/n"] == 3
     assert {a.path for a in client.list_artifacts(parent, "report")} == {"report/test.md", "report/test.json"}
     markdown = (tmp_path / "report-s1.md").read_text()
-    assert "| DLLM-JEPA |" in markdown and "Paired gain" in markdown and "p = " in markdown
+    assert "| DLLM-JEPA |" in markdown and "Pre-specified comparison" in markdown and "95% CI" in markdown
+    assert report["gain"]["n_items"] == 3 and report["gain"]["method"].startswith("paired two-level bootstrap")
+    assert report["trial_counts"]["baseline"] == {"search": 1, "repeat": 2}
     assert main(args) == 2  # the same winners on test again: refused
     assert "already evaluated on test" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
