@@ -234,7 +234,11 @@ class EvalConfig(_Section):
     # Sampler of the in-trial val_accuracy: "exact" (LLaDA's) or "fast" (Fast-dLLM: commit every position of
     # the block above `threshold`, at least one a step; block KV cache `cache` where the backbone has one).
     # Final reports always use the exact sampler; with "fast" they also score the fast one on the same items.
-    sampler: Literal["exact", "fast"] = "exact"
+    # "dream": Dream's own diffusion_generate (raydllm.core.dream_sampler) for Dream-family models, in-trial and in
+    # the final reports (its scores are comparable with Dream's published ones; the exact sampler is LLaDA's).
+    sampler: Literal["exact", "fast", "dream"] = "exact"
+    dream_algorithm: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
+    dream_alg_temp: float = Field(0.0, ge=0)
     threshold: float = Field(0.9, ge=0)
     cache: Literal["none", "prefix", "dual"] = "none"
 

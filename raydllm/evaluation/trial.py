@@ -66,8 +66,9 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
                                   steps=cfg.eval.sampler_steps, method=method, threshold=cfg.eval.threshold,
-                                  cache=cfg.eval.cache if method == "fast" else "none")
-        prefix = "sampler." if method == "exact" else "sampler.fast."
+                                  cache=cfg.eval.cache if method == "fast" else "none",
+                                  dream_algorithm=cfg.eval.dream_algorithm, dream_alg_temp=cfg.eval.dream_alg_temp)
+        prefix = "sampler.fast." if method == "fast" else "sampler."
         self.sink.params({prefix + k: v for k, v in dataclasses.asdict(sampler).items()})
         return sampler
 
@@ -100,10 +101,10 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         out: dict[str, float] = {}
         primary = get_task(cfg.task).primary_metric
-        methods = ("exact", "fast") if cfg.eval.sampler == "fast" else ("exact",)
+        methods = {"fast": ("exact", "fast"), "dream": ("dream",)}.get(cfg.eval.sampler, ("exact",))
         for shots in cfg.eval.final_shots:
             for method in methods:
-                suffix = "" if method == "exact" else "/fast"
+                suffix = "/fast" if method == "fast" else ""
                 metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
                 out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
                 out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))
