@@ -324,3 +324,15 @@ def test_a_rung_is_decided_at_the_first_result_past_it_and_skipped_rungs_stay_sk
     assert scheduler.on_trial_result(None, _T("B"), {"step": 5, "loss": 9.0}) == CONTINUE  # rung 1 stays skipped
     assert scheduler.decisions == [Decision("A", 1, 0, 1, CONTINUE), Decision("B", 3, 0, 1, CONTINUE)]
     assert scheduler.rung_records() == {1: {"A": (1.0,)}, 3: {"B": (9.0,)}, 9: {}}
+
+
+def test_a_constant_objective_gives_no_member_infinite_crowding():
+    """Three objectives, the third constant across the front: only the ends of the two that vary are infinite;
+    the middle members get finite distances (hand-computed: (3-1)/4 + (3-1)/4 = 1.0 for the middle one)."""
+    from raydllm.sweep.pareto import crowding_distance
+
+    # listed middle first: a tie-broken sort of the constant objective would make (2, 2) and (4, 0) its "ends"
+    points = [(2.0, 2.0, 7.0), (1.0, 3.0, 7.0), (3.0, 1.0, 7.0), (0.0, 4.0, 7.0), (4.0, 0.0, 7.0)]
+    distance = crowding_distance(points, ["min", "min", "min"])
+    assert distance[3] == distance[4] == float("inf")
+    assert distance[:3] == [1.0, 1.0, 1.0]

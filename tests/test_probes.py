@@ -276,3 +276,36 @@ def test_forgetting_objective_at_every_report_against_the_base(process_group, tm
     # A resumed attempt (a new loop on the same run) measures the base again but does not log it twice.
     TrialLoop(cfg, rank=0, world=1, device=torch.device("cpu"), tracking=tracking)
     assert len(client.get_metric_history(run_id, "base/val_loss_diff")) == 1
+
+
+def test_effective_rank_hand_computed_unequal_singular_values():
+    """diag(3, 1): singular values 3 and 1, r_eff = (3 + 1)^2 / (9 + 1) = 1.6 (the participation ratio
+    (9 + 1)^2 / (81 + 1) = 1.2195 would be wrong; equal singular values cannot tell the two apart)."""
+    z = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert effective_rank(z) == pytest.approx(1.6, abs=1e-12)
+    # rotate it: the rank is a property of the singular values, not of the basis
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    assert effective_rank(rotation @ z @ rotation.T) == pytest.approx(1.6, abs=1e-9)
+
+
+def test_run_probes_masks_wikitext_at_half(tiny, shared_data, monkeypatch):
+    """The forgetting probe's WikiText loss masks each token with probability 0.5: observed as the rate passed to
+    the masking and the fraction of tokens it actually masked."""
+    import raydllm.evaluation.probes as probes
+
+    seen = []
+    original = probes.mask_tokens
+
+    def spy(x0, rate, *args, **kwargs):
+        x_t, masked = original(x0, rate, *args, **kwargs)
+        seen.append((float(rate) if not torch.is_tensor(rate) else None, int(masked.sum()), masked.numel()))
+        return x_t, masked
+
+    monkeypatch.setattr(probes, "mask_tokens", spy)
+    backbone, tokenizer = tiny
+    run_probes(backbone, backbone, tokenizer, t_low=0.2, t_high=0.7, split="test", seq_len=32, max_chunks=12,
+               batch_size=4)
+    wikitext = [(m, n) for rate, m, n in seen if rate == 0.5]
+    assert wikitext, f"no masking at rate 0.5; rates seen: {sorted({r for r, _, _ in seen if r is not None})}"
+    masked, total = map(sum, zip(*wikitext))
+    assert total == 2 * 12 * 32 and 0.4 < masked / total < 0.6  # base and fine-tuned, 384 tokens each

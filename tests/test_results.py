@@ -1,21 +1,25 @@
 """`raydllm best` arithmetic on a real (SQLite) MLflow store: seeds aggregated, gain over the baseline."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raydllm.evaluation.item_scores import log_item_scores
 from raydllm.sweep import tracking
 from raydllm.cli.app import main
 from raydllm.sweep.results import best_configs
 from raydllm.sweep.search_space import baseline_point, config_key, load_spec
 
 
-def _sweep(uri: str, trials: list[tuple], *, selection_seed: int = 42, fresh: list[int] = (123, 777)) -> str:
-    """A synthetic sweep in MLflow: trials (params, seed, value, status[, rung, {step: value}])."""
+def _sweep(uri: str, trials: list[tuple], *, selection_seed: int = 42, fresh: list[int] = (123, 777),
+           metric: str = "val_loss_diff", mode: str = "min", items: dict | None = None) -> str:
+    """A synthetic sweep in MLflow: trials (params, seed, value, status[, rung, {step: value}]); `items` =
+    {trial index: per-item scores} logged as the evaluation layer logs them."""
     parent, _ = tracking.open_run(uri, "raydllm-gsm8k", key="raydllm.sweep", name="s1",
-                                  tags={"raydllm.kind": "sweep", "raydllm.metric": "val_loss_diff",
-                                        "raydllm.mode": "min", "raydllm.selection_seed": str(selection_seed),
+                                  tags={"raydllm.kind": "sweep", "raydllm.metric": metric,
+                                        "raydllm.mode": mode, "raydllm.selection_seed": str(selection_seed),
                                         "raydllm.fresh_seeds": json.dumps(list(fresh)),
                                         "raydllm.baseline_mode": "searched",
                                         "raydllm.baseline_keys": json.dumps(["train.lr"]),
@@ -35,8 +39,14 @@ def _sweep(uri: str, trials: list[tuple], *, selection_seed: int = 42, fresh: li
                                    run_name=f"{arm} {params} seed={seed}",
                                    params={**params, "train.seed": seed, "loss.anchor": "none"}, tags=tags)
         for step, v in (rest[1] if len(rest) > 1 else {}).items():
-            client.log_metric(run, "val_loss_diff", v, step=step)
-        client.log_metric(run, "val_loss_diff", value, step=int(tags["raydllm.last_step"]))
+            client.log_metric(run, metric, v, step=step)
+        client.log_metric(run, metric, value, step=int(tags["raydllm.last_step"]))
+        if items and i in items:
+            sink = SimpleNamespace(client=client, run_id=run, add=lambda step, values, run=run: [
+                client.log_metric(run, k, v, step=step) for k, v in values.items()])
+            examples = [SimpleNamespace(prompt=f"q{j}") for j in range(len(items[i]))]
+            log_item_scores(sink, metric, examples, [{"scores": {"acc": v}} for v in items[i]], "acc",
+                            int(tags["raydllm.last_step"]))
     return parent
 
 
@@ -60,12 +70,17 @@ def test_gain_on_fresh_seeds_only_paired_with_a_test(tmp_path, capsys):
     assert gain["std"] == pytest.approx(0.1414, abs=1e-4) and gain["n"] == 2
     from scipy.stats import ttest_rel
 
-    assert gain["p_value"] == pytest.approx(ttest_rel([1.7, 1.4], [1.2, 1.1]).pvalue)
+    # the seed-level t-test is kept, apart; on two seeds without per-item scores the headline has no p
+    assert gain["seed_t_test"]["p_value"] == pytest.approx(ttest_rel([1.7, 1.4], [1.2, 1.1]).pvalue)
+    assert gain["p_value"] is None and gain["method"].startswith("paired bootstrap over seeds")
+    assert gain["ci_low"] == pytest.approx(0.3) and gain["ci_high"] == pytest.approx(0.5) and gain["effect"] == pytest.approx(0.4)
+    assert report["trial_counts"] == {"dllm-jepa": {"search": 2, "repeat": 2}, "baseline": {"search": 2, "repeat": 2}}
     assert report["baseline"]["params"] == BASE and [r["params"] for r in report["baselines"]] == [BASE, BASE2]
     assert [r["params"] for r in report["best"]] == [GOOD]  # the failed trial is not ranked
     assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
     table = capsys.readouterr().out
-    assert "gain +0.4000 ± 0.1414 (n=2, seeds [123, 777], paired t p=" in table
+    assert "pre-specified comparison (each arm's winner on seed 42): gain +0.4000 [95% CI +0.3000, +0.5000], no p" \
+        in table
     assert "searched over train.lr" in table
 
 
@@ -250,7 +265,9 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     assert client.get_run(jepa["run_ids"][0]).data.metrics["eval/test/0shot/n"] == 3
     assert {a.path for a in client.list_artifacts(parent, "report")} == {"report/test.md", "report/test.json"}
     markdown = (tmp_path / "report-s1.md").read_text()
-    assert "| DLLM-JEPA |" in markdown and "Paired gain" in markdown and "p = " in markdown
+    assert "| DLLM-JEPA |" in markdown and "Pre-specified comparison" in markdown and "95% CI" in markdown
+    assert report["gain"]["n_items"] == 3 and report["gain"]["method"].startswith("paired two-level bootstrap")
+    assert report["trial_counts"]["baseline"] == {"search": 1, "repeat": 2}
     assert main(args) == 2  # the same winners on test again: refused
     assert "already scored" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
@@ -269,3 +286,25 @@ def test_a_config_proposed_twice_is_judged_by_the_trial_that_went_furthest(tmp_p
         assert [(r["params"], r["selection_value"]) for r in report["best"]] == [(GOOD, 0.5), (BAD, 0.7)]
         assert report["stopped"] == []
         uri = f"sqlite:///{tmp_path / 'm2.db'}"
+
+
+def test_max_mode_gain_sign_and_item_level_interval(tmp_path, capsys):
+    """val_accuracy (max): DLLM-JEPA solves more problems than the baseline on both fresh seeds, so the gain is
+    positive; with per-item scores the interval and p come from the two-level bootstrap over seeds and items."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    n = 40
+    ours = [1.0] * 30 + [0.0] * 10  # 0.75
+    theirs = [1.0] * 20 + [0.0] * 20  # 0.50
+    _sweep(uri, [(GOOD, 42, 0.8, "completed"), (GOOD, 123, 0.75, "completed"), (GOOD, 777, 0.75, "completed"),
+                 (BASE, 42, 0.5, "completed"), (BASE, 123, 0.5, "completed"), (BASE, 777, 0.5, "completed")],
+           metric="val_accuracy", mode="max", items={1: ours, 2: ours, 4: theirs, 5: theirs})
+    report = best_configs("gsm8k", tracking_uri=uri)
+    gain = report["gain"]
+    assert gain["mean"] == pytest.approx(0.25) and gain["effect"] == pytest.approx(0.25)
+    assert gain["n_items"] == n and gain["method"].startswith("paired two-level bootstrap")
+    assert 0.0 < gain["ci_low"] < 0.25 < gain["ci_high"] < 0.5
+    assert gain["p_value"] is not None and gain["p_value"] < 0.05 and gain["p_holm"] == pytest.approx(gain["p_value"])
+    assert gain["mde"] is not None and gain["mde_plus_one_seed"] < gain["mde"]
+    assert report["within_noise"] == {"dllm-jepa": None, "baseline": None}  # no `val_accuracy_se` on seed 42
+    assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
+    assert "gain +0.2500 [95% CI +" in capsys.readouterr().out

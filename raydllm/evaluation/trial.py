@@ -10,6 +10,7 @@ import torch
 from raydllm.engine.backbone import BaseView, load_backbone
 from raydllm.core.config import validate
 from raydllm.evaluation.evaluate import default_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.item_scores import log_item_scores
 from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
 from raydllm.core.sampler import SamplerConfig
 from raydllm.data.tasks import get_task
@@ -92,8 +93,11 @@ class TrialLoop(WorkerLoop):
 
     def validation_accuracy(self) -> float:
         """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
-        metrics, _ = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
-        return metrics[get_task(self.cfg.task).primary_metric]
+        metrics, predictions = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        primary = get_task(self.cfg.task).primary_metric
+        log_item_scores(self.sink, "val_accuracy", self.val_examples[:self.cfg.eval.gen_limit], predictions, primary,
+                        self.step)
+        return metrics[primary]
 
     def final_evaluation(self) -> dict[str, float]:
         """Generation accuracy per shot count with the exact sampler, and with `eval.sampler=fast` the fast

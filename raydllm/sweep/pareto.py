@@ -74,7 +74,8 @@ def pareto_front(points: Sequence[Point], modes: Sequence[str]) -> list[int]:
 def crowding_distance(points: Sequence[Point], modes: Sequence[str]) -> list[float]:
     """NSGA-II's crowding distance of each point within the set given (normally one front): per objective,
     the gap between its two neighbours in that objective's order over the objective's range, summed; the two
-    ends of each objective get infinity, so a front's extremes are kept first."""
+    ends of each objective get infinity, so a front's extremes are kept first; an objective constant over the
+    set has no ends and adds nothing."""
     pts = _check(points, modes)
     n = len(pts)
     distance = [0.0] * n
@@ -83,9 +84,9 @@ def crowding_distance(points: Sequence[Point], modes: Sequence[str]) -> list[flo
     for m in range(len(modes)):
         order = sorted(range(n), key=lambda i: pts[i][m])
         low, high = pts[order[0]][m], pts[order[-1]][m]
-        distance[order[0]] = distance[order[-1]] = math.inf
         if high == low:
-            continue
+            continue  # constant across the set: no extremes, nothing to spread (its ends are arbitrary ties)
+        distance[order[0]] = distance[order[-1]] = math.inf
         for position in range(1, n - 1):
             i = order[position]
             if distance[i] != math.inf:

@@ -296,10 +296,9 @@ def _pm(stat: dict) -> str:
 def _gain_text(gain: dict | None) -> str:
     if not gain:
         return "not measured"
-    if gain["n"] < 2:
-        return f"{gain['mean']:+.4f} (n=1)"
-    p = f", p={gain['p_value']:.2g}" if gain.get("p_value") is not None else ""
-    return f"{gain['mean']:+.4f} ± {gain['std']:.4f}{p}"
+    from raydllm.sweep.stats import format_effect
+
+    return format_effect({**gain, "mean": gain["effect"]})
 
 
 def format_pareto_table(report: dict) -> str:

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.core.config import ConfigError
 from raydllm.sweep.ledger import claim, entry, require_finished
-from raydllm.sweep.results import best_configs, paired_test
+from raydllm.sweep.results import best_configs, effect_with_interval, paired_test
 from raydllm.sweep.verdict import write_description
 
 TEST_TAG = "raydllm.test_report"  # on the parent run: which winners were evaluated on test, and when
@@ -100,7 +100,7 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
     protocol: dict = {}
     for arm, row in (("dllm-jepa", jepa), ("baseline", base)):
         by_seed = dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))
-        values, figures, devices = [], {k: [] for k in PROBES}, set()
+        values, figures, devices, item_scores = [], {k: [] for k in PROBES}, set(), []
         for seed in seeds:
             run_id, folder = by_seed[seed], folders[arm, seed]
             metrics, predictions, protocol = evaluate_checkpoint(
@@ -108,6 +108,7 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
                 block_length=block_length, steps=steps, batch_size=batch_size)
             log_to_run(tracking_uri, run_id, metrics, predictions, split="test", shots=protocol["shots"], task=task)
             values.append(float(metrics[primary]))
+            item_scores.append([float(p["scores"][primary]) for p in predictions])
             run = client.get_run(run_id)
             for key, metric in PROBES.items():
                 if metric in run.data.metrics:
@@ -117,12 +118,13 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
                      "seeds": seeds, "run_ids": [by_seed[s] for s in seeds], "values": values,
                      **_mean_std(values), "validation_selection_value": row["selection_value"],
                      "probes": {k: _mean_std(v) | {"values": v} for k, v in figures.items() if v},
-                     "devices": sorted(devices)}
+                     "devices": sorted(devices), "item_scores": item_scores}
     diffs = [j - b for j, b in zip(arms["dllm-jepa"]["values"], arms["baseline"]["values"])]  # higher is better
     parent = client.get_run(parent_id)
     report = {"sweep": name, "task": task, "metric": primary, "split": "test", "protocol": protocol,
               "selection": {"seed": best["selection_seed"], "metric": best["metric"], "mode": best["mode"]},
-              "seeds": seeds, "arms": arms, "gain": {"seeds": seeds, "differences": diffs, **paired_test(diffs)},
+              "seeds": seeds, "arms": arms, "gain": test_gain(seeds, diffs, arms),
+              "trial_counts": best.get("trial_counts"),
               "hardware": {"trials": sorted(set(arms["dllm-jepa"]["devices"]) | set(arms["baseline"]["devices"])),
                            "driver": {k: v for k, v in parent.data.tags.items() if k.startswith("host.")}},
               "budgets": best.get("budgets"), "parent_run_id": parent_id}
@@ -136,10 +138,22 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
     client.log_dict(parent_id, report, "report/test.json")
     gain = report["gain"]
     client.log_metric(parent_id, f"test/gain_{primary}", gain["mean"])
-    if gain["p_value"] is not None:
-        client.log_metric(parent_id, "test/gain_p_value", gain["p_value"])
+    for key in ("ci_low", "ci_high", "p_value", "mde"):
+        if gain.get(key) is not None:
+            client.log_metric(parent_id, f"test/gain_{key}", gain[key])
     report["files"] = [str(out / f"report-{name}.md"), str(out / f"report-{name}.json")]
     return report
+
+
+def test_gain(seeds: list[int], diffs: list[float], arms: dict) -> dict:
+    """The paired test gain: per seed, the per-problem differences (DLLM-JEPA - baseline, same test problems in
+    the same order), through the two-level bootstrap; the seed-level t-test kept apart, never the headline."""
+    per_seed = {}
+    for s, d, ours, theirs in zip(seeds, diffs, arms["dllm-jepa"].pop("item_scores"), arms["baseline"].pop("item_scores")):
+        per_seed[s] = [a - b for a, b in zip(ours, theirs)] if len(ours) == len(theirs) and len(ours) > 1 else [d]
+    seed_test = paired_test(diffs)
+    return {"seeds": seeds, "differences": diffs, "mean": seed_test["mean"], "std": seed_test["std"],
+            "n": len(seeds), **effect_with_interval(per_seed), "seed_t_test": seed_test}
 
 
 def _mean_std(values: list[float]) -> dict[str, float | int | None]:
@@ -171,13 +185,17 @@ def format_report(report: dict) -> str:
         lines.append(f"| {title} | {a['label']} | {', '.join(f'{v:.3f}' for v in a['values'])} | {_pm(a)} | "
                      f"{_pm(pr.get('wikitext_delta'), '+.2f')} | {drift} | {rank} | {_pm(pr.get('std_mean'))} | "
                      f"{_pm(pr.get('cos_diversity'))} |")
-    if gain["n"] >= 2:
-        p_text = f"paired t-test p = {gain['p_value']:.3g}" if gain["p_value"] is not None else "no test"
-        lines += ["", f"Paired gain (DLLM-JEPA − baseline) over seeds {gain['seeds']}: **{gain['mean']:+.3f} ± "
-                      f"{gain['std']:.3f}** (n = {gain['n']}, {p_text})."]
-    else:
-        lines += ["", f"Paired gain (DLLM-JEPA − baseline) on seed {gain['seeds'][0]}: {gain['mean']:+.3f} "
-                      f"(n = 1: no spread, no test)."]
+    from raydllm.sweep.stats import format_effect
+
+    mde = (f" Minimum detectable effect (80% power, α = 0.05): {gain['mde']:.3f}; with one more seed "
+           f"{gain['mde_plus_one_seed']:.3f}, with twice the problems {gain['mde_double_items']:.3f}."
+           if gain.get("mde") is not None else "")
+    counts = report.get("trial_counts") or {}
+    budget = (" Trials: " + ", ".join(f"{arm} {c['search']} searched + {c['repeat']} repeats"
+                                      for arm, c in sorted(counts.items())) + ".") if counts else ""
+    lines += ["", f"Pre-specified comparison (each arm's winner on seed {sel['seed']}), paired gain "
+                  f"(DLLM-JEPA − baseline) over seeds {gain['seeds']}: "
+                  f"**{format_effect({**gain, 'mean': gain['effect']}, digits=3)}**.{mde}{budget}"]
     lines += [f"Sampler: {p['gen_length']} answer tokens, blocks of {p['block_length']}, {p['steps']} steps, "
               f"temperature {p['temperature']:g}, {p['remasking']} remasking; {p['shots']}-shot prompts; "
               f"{p['examples']} test examples per checkpoint.",

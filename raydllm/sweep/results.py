@@ -11,6 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raydllm.sweep.verdict import arm_budgets
@@ -39,6 +40,7 @@ class ConfigResult:
     fresh_mean: float | None = None
     fresh_std: float | None = None  # None for fewer than two seeds: one value has no spread
     gain: dict | None = None  # paired over the fresh seeds both arms completed; None = not measured
+    selection_se: float | None = None  # the standard error of selection_value (`<metric>_se`), None if not logged
 
     @property
     def baseline(self) -> bool:
@@ -133,6 +135,8 @@ def summarize(runs, metric: str, mode: str, *, selection_seed: int, client: Mlfl
             if metric in run.data.metrics and result.status != "failed":
                 step = result.selection_step if result.status == "stopped_early" else None
                 result.selection_value = _value_at(client, run, metric, step)
+                if f"{metric}_se" in run.data.metrics:
+                    result.selection_se = _value_at(client, run, f"{metric}_se", step)
         results.append(result)
     sign = 1 if mode == "min" else -1
     order = {"completed": 0, "stopped_early": 1, "running": 2}
@@ -146,10 +150,14 @@ def _label(run) -> str:
     return " ".join(part for part in name.split() if not part.startswith("seed="))
 
 
-def paired_gain(config: ConfigResult, baseline: ConfigResult, mode: str) -> dict | None:
+def paired_gain(config: ConfigResult, baseline: ConfigResult, mode: str,
+                item_scores: dict[str, dict[str, float]] | None = None) -> dict | None:
     """The config's gain over the baseline on the fresh seeds both completed (positive = better): per seed
-    differences, their mean, standard deviation and a two-sided paired t-test. The selection seed never
-    counts (it chose both winners). None when no fresh seed is shared."""
+    differences, their mean and standard deviation, and the headline: a paired two-level bootstrap over seeds
+    and the items both arms scored (`item_scores[run_id]` = {item id: score}, from `load_item_scores`; with
+    none, seeds only), its 95% interval, p where meaningful, and the minimum detectable effect. The old
+    seed-level t-test stays as `seed_t_test`, never the headline. The selection seed never counts (it chose
+    both winners). None when no fresh seed is shared."""
     sign = 1 if mode == "min" else -1
     theirs = dict(zip(baseline.fresh_seeds, baseline.fresh_values))
     seeds = [s for s in config.fresh_seeds if s in theirs and s != config.selection_seed]
@@ -157,7 +165,46 @@ def paired_gain(config: ConfigResult, baseline: ConfigResult, mode: str) -> dict
         return None
     ours = dict(zip(config.fresh_seeds, config.fresh_values))
     diffs = [sign * (theirs[s] - ours[s]) for s in seeds]
-    return {"seeds": seeds, "differences": diffs, **paired_test(diffs)}
+    our_runs = dict(zip(config.fresh_seeds, config.fresh_run_ids))
+    their_runs = dict(zip(baseline.fresh_seeds, baseline.fresh_run_ids))
+    per_seed = {}
+    for s, d in zip(seeds, diffs):
+        a, b = (item_scores or {}).get(our_runs.get(s)), (item_scores or {}).get(their_runs.get(s))
+        shared = sorted(set(a) & set(b)) if a and b else []
+        per_seed[s] = [sign * (b[k] - a[k]) for k in shared] if len(shared) > 1 else [d]
+    seed_test = paired_test(diffs)
+    return {"seeds": seeds, "differences": diffs, "mean": seed_test["mean"], "std": seed_test["std"],
+            "n": len(seeds), **effect_with_interval(per_seed), "seed_t_test": seed_test}
+
+
+def effect_with_interval(per_seed: dict) -> dict:
+    """The bootstrap effect (mean, ci_low, ci_high, p_value, method, n_seeds, n_items, note) and the
+    detectability (mde, mde_plus_one_seed, mde_double_items, sigma2_seed, sigma2_item) of paired per-item
+    differences by seed."""
+    from raydllm.sweep import stats
+
+    boot = stats.paired_bootstrap(per_seed)
+    det = stats.detectability(per_seed)
+    return {**{k: boot[k] for k in ("ci_low", "ci_high", "confidence", "p_value", "method", "n_seeds", "n_items",
+                                    "note")},
+            "effect": boot["mean"],
+            **{k: det[k] for k in ("mde", "mde_plus_one_seed", "mde_double_items", "sigma2_seed", "sigma2_item")}}
+
+
+def load_item_scores(client: MlflowClient, run_ids, metric: str) -> dict[str, dict[str, float]]:
+    """{run id: {item id: score}} from each run's `items/<metric>.json` artifact (logged by the evaluation
+    layer's `item_scores.log_item_scores`); runs without it are left out."""
+    import tempfile
+
+    out = {}
+    for run_id in run_ids:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = client.download_artifacts(run_id, f"items/{metric}.json", tmp)
+                out[run_id] = {str(k): float(v) for k, v in json.loads(Path(path).read_text())["scores"].items()}
+        except (MlflowException, OSError, KeyError, ValueError):  # no artifact: the seed-level analysis
+            continue
+    return out
 
 
 def paired_test(diffs: list[float]) -> dict:
@@ -265,8 +312,10 @@ def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | Non
     baseline = baselines[0] if baselines else None
     ranked = [r for r in completed if not r.baseline]
     if baseline is not None:
+        items = load_item_scores(client, {i for r in ranked[:top] + [baseline] for i in r.fresh_run_ids}, metric)
         for r in ranked:
-            r.gain = paired_gain(r, baseline, mode)
+            r.gain = paired_gain(r, baseline, mode, items if r in ranked[:top] else None)
+        _holm_adjust([r.gain for r in ranked[:top]])
     tags = parent.data.tags
     fresh = json.loads(tags.get("raydllm.fresh_seeds", "null") or "null")
     if fresh is None:
@@ -289,7 +338,44 @@ def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | Non
             "stopped": [asdict(r) for r in results if r.status == "stopped_early"],
             "running": [asdict(r) for r in results if r.status in ("running", "missing")],
             "failed": sum(r.data.tags.get("raydllm.status") == "failed" for r in runs),
+            "trial_counts": trial_counts(runs),
+            "within_noise": {"dllm-jepa": within_noise(ranked), "baseline": within_noise(baselines)},
+            "pre_specified": "each arm's winner on the selection seed, gain on the fresh seeds",
             "time": time_accounting(runs)}
+
+
+def _holm_adjust(gains: list[dict | None]) -> None:
+    """Set `p_holm` on each gain: Holm over the gains printed together (the top-N)."""
+    from raydllm.sweep.stats import holm
+
+    present = [g for g in gains if g]
+    for g, adjusted in zip(present, holm([g.get("p_value") for g in present])):
+        g["p_holm"] = adjusted
+
+
+def trial_counts(runs) -> dict[str, dict[str, int]]:
+    """Per arm, the trials in MLflow: on the selection phase (searched) and on the fresh-seed repeats."""
+    out: dict[str, dict[str, int]] = {}
+    for run in runs:
+        row = out.setdefault(run_arm(run), {"search": 0, "repeat": 0})
+        row["repeat" if run.data.tags.get("raydllm.phase") == "repeat" else "search"] += 1
+    return out
+
+
+def within_noise(ranked: list[ConfigResult], z: float = 1.959963984540054) -> list[str] | None:
+    """The labels of configs whose selection value is within the 95% interval of the difference from the
+    arm's winner (|d| <= z * sqrt(se_w^2 + se_c^2), each trial's `<metric>_se`); None where the SEs were not
+    logged."""
+    if not ranked or ranked[0].selection_se is None:
+        return None
+    winner = ranked[0]
+    out = []
+    for r in ranked[1:]:
+        if r.selection_se is None or r.selection_value is None:
+            continue
+        if abs(winner.selection_value - r.selection_value) <= z * math.hypot(winner.selection_se, r.selection_se):
+            out.append(r.label or r.config_key)
+    return out
 
 
 def summary_metrics(report: dict) -> dict[str, float]:
@@ -306,17 +392,19 @@ def summary_metrics(report: dict) -> dict[str, float]:
             out[f"fresh/{arm}/{metric}_std"] = row["fresh_std"]
     gain = report.get("gain")
     if gain:
-        out |= {f"gain/{k}": gain[k] for k in ("mean", "std", "p_value", "n") if gain.get(k) is not None}
+        out |= {f"gain/{k}": gain[k] for k in ("mean", "ci_low", "ci_high", "p_value", "p_holm", "mde", "n")
+                if gain.get(k) is not None}
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
 def format_gain(gain: dict | None) -> str:
+    """'gain +0.0167 [95% CI -0.003, +0.036], p=0.21 (Holm 0.6) (method, seeds x items); MDE 0.04' """
     if not gain:
         return "gain not measured (no fresh seeds ran for it and the baseline)"
-    if gain["n"] < 2:
-        return f"gain {gain['mean']:+.4f} (n=1, seed {gain['seeds'][0]}: no spread, no test)"
-    p = f"p={gain['p_value']:.3g}" if gain.get("p_value") is not None else "p n/a"
-    return f"gain {gain['mean']:+.4f} ± {gain['std']:.4f} (n={gain['n']}, seeds {gain['seeds']}, paired t {p})"
+    from raydllm.sweep.stats import format_effect
+
+    mde = f"; MDE {gain['mde']:.4f} (80% power, alpha 0.05)" if gain.get("mde") is not None else ""
+    return f"gain {format_effect({**gain, 'mean': gain['effect']})}, seeds {gain['seeds']}{mde}"
 
 
 def format_table(report: dict) -> str:
@@ -355,7 +443,16 @@ def format_table(report: dict) -> str:
     if not report.get("baseline"):
         lines.append("         (none completed yet)")
     gain = report.get("gain")
-    lines.append(f"  winner vs baseline: {format_gain(gain)}")
+    lines.append(f"  pre-specified comparison (each arm's winner on seed {report.get('selection_seed')}): "
+                 f"{format_gain(gain)}")
+    counts = report.get("trial_counts") or {}
+    if counts:
+        lines.append("  trials: " + ", ".join(f"{arm} {c['search']} searched + {c['repeat']} repeats"
+                                              for arm, c in sorted(counts.items())))
+    for arm, labels in (report.get("within_noise") or {}).items():
+        if labels is not None:
+            lines.append(f"  within noise of the {arm} winner on the selection seed: "
+                         + (", ".join(labels) if labels else "none"))
     if report.get("stopped"):
         lines.append("  stopped early (not ranked, no gain):")
         for r in report["stopped"]:
