@@ -230,9 +230,12 @@ def test_dream_logits_and_hidden_states_match_the_hub_code(dream_hub_folder, dty
     for ours_mask, hub_kwargs in ((None, {}), (attention, dict(attention_mask=mask4, position_ids=positions))):
         ours = backbone.model(ids, attention_mask=ours_mask, output_hidden_states=True)
         theirs = hub(ids, output_hidden_states=True, **hub_kwargs)
-        assert _same(ours.logits, theirs.logits, dtype)  # pad rows too: both zero-attention rows
+        # Real tokens only: raydllm's pad queries attend to themselves (the hub's attend to nothing, which some
+        # kernels turn into NaN), so pad rows differ by design; real rows are bitwise the hub's.
+        real = torch.ones_like(ids, dtype=torch.bool) if ours_mask is None else attention.bool()
+        assert _same(ours.logits[real], theirs.logits[real], dtype)
         assert len(ours.hidden_states) == len(theirs.hidden_states) == LAYERS + 1
-        assert all(_same(a, b, dtype) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+        assert all(_same(a[real], b[real], dtype) for a, b in zip(ours.hidden_states, theirs.hidden_states))
 
 
 def test_dream_shift_is_undone_by_the_adapter(dream_own):

@@ -204,10 +204,10 @@ def test_cli_eval_by_run_id_logs_to_mlflow(tmp_path, capsys):
     assert result["run_id"] == run_id and result["metrics"]["n"] == 3 and result["step"] == 7
     assert result["sampler"] == {"sampler": "exact", "gen_length": 8, "block_length": 8, "steps": 8}
     logged = client.get_run(run_id).data.metrics
-    assert logged["eval/test/0shot/n"] == 3 and "eval/test/0shot/accuracy" in logged
+    assert logged["eval/validation/0shot/n"] == 3 and "eval/validation/0shot/accuracy" in logged
     artifacts = [a.path for a in client.list_artifacts(run_id, "eval")]
-    assert artifacts == ["eval/predictions-gsm8k-test-0shot.jsonl"]
-    lines = (tmp_path / "artifacts").rglob("predictions-gsm8k-test-0shot.jsonl").__next__().read_text().splitlines()
+    assert artifacts == ["eval/predictions-gsm8k-validation-0shot.jsonl"]
+    lines = (tmp_path / "artifacts").rglob("predictions-gsm8k-validation-0shot.jsonl").__next__().read_text().splitlines()
     assert len(lines) == 3 and {"prompt", "generation", "extracted"} <= set(json.loads(lines[0]))
 
     # A checkpoint path evaluates without MLflow; an unknown id is a one-line user error.
@@ -252,13 +252,41 @@ def test_cli_eval_base_scores_the_model_the_run_started_from(tmp_path, capsys):
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["weights"] == "base" and result["step"] == 0
-    assert client.get_run(run_id).data.metrics["eval/test/0shot/base/n"] == 2
+    assert client.get_run(run_id).data.metrics["eval/validation/0shot/base/n"] == 2
     # The fast sampler's figures get their own names: they never overwrite the exact sampler's.
     args = _eval_parser().parse_args(["eval", run_id, "gsm8k", "--limit", "3", "--gen-length", "8", "--sampler",
                                       "fast", "--tracking-uri", uri, "--json", "--no-progress"])
     assert args.func(args) == 0
     logged = client.get_run(run_id).data.metrics
-    assert logged["eval/test/0shot/fast/n"] == 3 and "eval/test/0shot/n" not in logged
+    assert logged["eval/validation/0shot/fast/n"] == 3 and "eval/validation/0shot/n" not in logged
     args = _eval_parser().parse_args(["eval", run_id, "gsm8k", "--base", "--ema", "--tracking-uri", uri])
     with pytest.raises(ConfigError, match="--base and --ema"):
         args.func(args)
+
+
+def test_cli_eval_test_split_of_a_sweep_trial_goes_through_the_ledger(tmp_path, capsys):
+    """`raydllm eval <trial> gsm8k --split test` twice: the second is refused (the sweep's test ledger), --force
+    scores it again; a validation evaluation is never refused."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config("gsm8k", "local", SMALL)
+    torch.manual_seed(0)
+    backbone, _ = load_backbone(cfg.model)
+    checkpoint = tmp_path / "run" / "checkpoint_000007"
+    _hand_built_checkpoint(checkpoint, cfg, backbone.model.state_dict())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("raydllm-gsm8k", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    run_id = client.create_run(experiment, tags={"raydllm.checkpoint": str(checkpoint), "mlflow.parentRunId": parent,
+                                                 "raydllm.config_key": "abc"}).info.run_id
+    base = ["eval", run_id, "gsm8k", "--limit", "2", "--gen-length", "8", "--tracking-uri", uri, "--no-progress"]
+    for _ in range(2):
+        args = _eval_parser().parse_args(base)
+        assert args.func(args) == 0
+    args = _eval_parser().parse_args(base + ["--split", "test"])
+    assert args.func(args) == 0
+    with pytest.raises(ConfigError, match="already scored for config abc"):
+        args.func(args)
+    args = _eval_parser().parse_args(base + ["--split", "test", "--force"])
+    assert args.func(args) == 0

@@ -235,6 +235,9 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
         client.log_metric(run.info.run_id, "probe/drift_late", 0.01 * i, step=120)
     args = ["report", "gsm8k", "--tracking-uri", uri, "--limit", "3", "--gen-length", "8", "--out", str(tmp_path),
             "--json"]
+    assert main(args) == 2  # an unfinished sweep: refused
+    assert "not FINISHED" in capsys.readouterr().err
+    client.set_terminated(parent)
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     jepa, base = report["arms"]["dllm-jepa"], report["arms"]["baseline"]
@@ -249,8 +252,10 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     markdown = (tmp_path / "report-s1.md").read_text()
     assert "| DLLM-JEPA |" in markdown and "Paired gain" in markdown and "p = " in markdown
     assert main(args) == 2  # the same winners on test again: refused
-    assert "already evaluated on test" in capsys.readouterr().err
+    assert "already scored" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+    note = client.get_run(parent).data.tags["mlflow.note.content"]  # the verdict in the run's Description
+    assert "## Test verdict" in note and "## Verdict: sweep s1" in note and "| dllm-jepa |" in note
 
 
 def test_a_config_proposed_twice_is_judged_by_the_trial_that_went_furthest(tmp_path):

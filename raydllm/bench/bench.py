@@ -706,6 +706,7 @@ def sampler_bench(*, checkpoint: str | None = None, model: str | None = None, ta
     from raydllm.data.sft import load_examples
     from raydllm.evaluation.evaluate import default_sampler, effective_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
     from raydllm.data.tasks import get_task
+    from raydllm.bench.peak_memory import PeakMemory
 
     if threads:
         torch.set_num_threads(threads)
@@ -743,12 +744,14 @@ def sampler_bench(*, checkpoint: str | None = None, model: str | None = None, ta
                 counter = _CountingBackbone(backbone)
                 start = time.perf_counter()
                 try:
-                    metrics, predictions = evaluate_task(
-                        backbone, tokenizer, task_obj, chunk, sampler=sampler, batch_size=batch_size,
-                        progress=False, max_prompt_tokens=prompt_budget(cfg, sampler, 0))
+                    with PeakMemory(next(backbone.parameters()).device) as peak:
+                        metrics, predictions = evaluate_task(
+                            backbone, tokenizer, task_obj, chunk, sampler=sampler, batch_size=batch_size,
+                            progress=False, max_prompt_tokens=prompt_budget(cfg, sampler, 0))
                 finally:
                     counter.remove()
                 t = tally[method]
+                t["peak_bytes"], figures["peak_memory_method"] = max(t.get("peak_bytes", 0), peak.bytes), peak.method
                 t["seconds"] += time.perf_counter() - start
                 t["correct"] += metrics[task_obj.primary_metric] * len(chunk)
                 t["forwards"] += counter.forwards
@@ -766,6 +769,7 @@ def sampler_bench(*, checkpoint: str | None = None, model: str | None = None, ta
                            "forwards": t["forwards"],
                            "forwards_per_token": round(t["forwards"] / (len(chunks) * length), 4),
                            "positions_computed": t["positions"],
+                           "peak_memory_mib": round(t.get("peak_bytes", 0) / 2**20, 1),
                            "settings": {"block_length": sampler.block_length,
                                         **({"steps": sampler.steps} if method == "exact" else
                                            {"threshold": sampler.threshold, "cache": sampler.cache})},
@@ -794,6 +798,10 @@ def format_sampler_report(r: dict[str, Any]) -> str:
         lines.append(f"{length:>6} {e['accuracy']:>9.3f} {f['accuracy']:>8.3f} {row['accuracy_delta_points']:>6.1f} "
                      f"{e['forwards_per_token']:>13.3f} {f['forwards_per_token']:>12.3f} {e['tokens_per_s']:>11.1f} "
                      f"{f['tokens_per_s']:>10.1f} {row['speedup']:>7.2f}x {row['identical_answers']:>5.2f}")
+    if r["lengths"]:
+        lines.append("peak memory (MiB, exact / fast, " + r.get("peak_memory_method", "-") + "): " + ", ".join(
+            f"{length}: {row['exact']['peak_memory_mib']} / {row['fast']['peak_memory_mib']}"
+            for length, row in r["lengths"].items()))
     lines.append(f"cache: {next(iter(r['lengths'].values()))['fast']['settings']['cache'] if r['lengths'] else '-'}"
                  + (f"; LLaDA: {r['llada']}" if "llada" in r else ""))
     return "\n".join(lines)

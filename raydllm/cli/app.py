@@ -266,6 +266,9 @@ def cmd_eval(args) -> int:
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     folder, run_id = resolve_target(args.checkpoint, tracking_uri)
+    if args.split == "test" and run_id is not None:  # a sweep's trial: the test split is read once (ledger.py)
+        from raydllm.sweep.ledger import claim_trial
+        claim_trial(tracking_uri, run_id, folder, force=args.force)
     if args.base and args.ema:
         raise ConfigError("--base and --ema: choose one set of weights")
     backbone, tokenizer, cfg = load_checkpoint_backbone(folder, ema=args.ema, base=args.base, device=args.device)
@@ -323,7 +326,9 @@ def _add_eval_command(subparsers) -> None:
     p.add_argument("task", help="task name, e.g. gsm8k")
     p.add_argument("--shots", type=int, choices=(0, 4), default=0, help="few-shot exemplars from train (default 0)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--split", choices=("validation", "test"), default="test")
+    p.add_argument("--split", choices=("validation", "test"), default="validation",
+                   help="default validation; test on a sweep's trial goes through the sweep's test ledger")
+    p.add_argument("--force", action="store_true", help="score a trial on test again despite the ledger")
     p.add_argument("--steps", type=int, help="denoising steps (default: gen-length, one token per step)")
     p.add_argument("--gen-length", type=int, help="answer tokens (default: data.answer_tokens rounded up to the block)")
     p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the whole answer "
@@ -570,7 +575,13 @@ def _add_bench_command(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydllm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="raydllm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Find the best DLLM-JEPA fine-tuning configuration for a masked-diffusion LM:\ntune a search "
+                    "space with Ray Tune, read the winners back from MLflow,\nreport them on the test split.",
+        epilog="examples:\n  raydllm tune gsm8k --preset local   # embedded tiny model, local Ray and MLflow\n"
+               "  raydllm best gsm8k\n  raydllm report gsm8k\n\n"
+               "exit codes: 0 done, 1 failed, 2 bad input, 130 interrupted (re-run to resume)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -207,9 +207,10 @@ class EvalConfig(_Section):
     final_limit: int = Field(64, gt=0)
     final_shots: list[int] = [0]
     probes: bool = True
-    # WikiText split the probes read: "validation" (the paper, WikiText-103 validation) or "test". The local
-    # preset uses test because its embedded base was pretrained on WikiText valid.
-    probe_split: Literal["validation", "test"] = "validation"
+    # WikiText split the final (reported) probes read: "test" (default) or "validation" (the paper's). The
+    # per-report forgetting objective, which selects, always reads validation (evaluation/trial.py), so a space
+    # that selects on wikitext_delta needs test here (search_space.py refuses validation).
+    probe_split: Literal["validation", "test"] = "test"
     wikitext_path: str | None = None  # None: ../shared/data/wikitext/<valid|test>.txt if present, else the hub
     # probe_chunks windows of probe_seq_len tokens: the WikiText loss, the drift, and the collapse statistics
     # (both views of each window; the paper uses 100 samples).
@@ -217,7 +218,7 @@ class EvalConfig(_Section):
     probe_seq_len: int = Field(256, gt=1)
     probe_seed: int = 0  # masks of the WikiText loss and of the two views, and the 5,000 cosine pairs
     # The forgetting objective of a Pareto sweep, at every report: the WikiText diffusion loss (50% masking,
-    # probe_seq_len tokens, probe_seed masks) on the first `report_probe_chunks` chunks of probe_split, reported
+    # probe_seq_len tokens, probe_seed masks) on the first `report_probe_chunks` chunks of WikiText validation, reported
     # as wikitext_delta = that loss - the base's on the same chunks (the base: these weights before step 1).
     # 0 = off. Its cost is bounded by the chunk count and logged as time/forgetting_probe_s.
     report_probe_chunks: int = Field(0, ge=0)
@@ -234,7 +235,11 @@ class EvalConfig(_Section):
     # Sampler of the in-trial val_accuracy: "exact" (LLaDA's) or "fast" (Fast-dLLM: commit every position of
     # the block above `threshold`, at least one a step; block KV cache `cache` where the backbone has one).
     # Final reports always use the exact sampler; with "fast" they also score the fast one on the same items.
-    sampler: Literal["exact", "fast"] = "exact"
+    # "dream": Dream's own diffusion_generate (raydllm.core.dream_sampler) for Dream-family models, in-trial and in
+    # the final reports (its scores are comparable with Dream's published ones; the exact sampler is LLaDA's).
+    sampler: Literal["exact", "fast", "dream"] = "exact"
+    dream_algorithm: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
+    dream_alg_temp: float = Field(0.0, ge=0)
     threshold: float = Field(0.9, ge=0)
     cache: Literal["none", "prefix", "dual"] = "none"
 

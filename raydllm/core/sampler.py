@@ -19,8 +19,9 @@ Behaviour kept from the reference on purpose, for parity:
 * a proposal that is itself [MASK] is "committed" as [MASK], so the position stays masked; it remains a
   candidate in later steps (also in later blocks) and may be left masked at the end;
 * the per-block transfer count uses the masks inside the block at its start only;
-* the Gumbel noise is drawn for the full [B, L, V] logits every step (that is what keeps the RNG stream
-  aligned with the reference); only the current window is used afterwards.
+* the Gumbel noise consumes the RNG as a full [B, L, V] float64 draw every step (that is what keeps the
+  stream aligned with the reference), but only the current window's numbers are held: the rest are drawn
+  in bounded chunks and dropped (`_window_uniform`), so memory is the window's, not [B, L, V] float64.
 Greedy steps that commit nothing (``steps_per_block > block_length``) skip the forward pass; that
 changes nothing in the output.
 """
@@ -53,7 +54,7 @@ __all__ = [
 LogitsFn = Callable[[torch.LongTensor, Optional[torch.Tensor]], torch.Tensor]
 
 REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
-SAMPLER_METHODS = ("exact", "fast")
+SAMPLER_METHODS = ("exact", "fast", "dream")
 CACHE_MODES = ("none", "prefix", "dual")
 
 # (input_ids [B, L], attention_mask [B, L] or None, *, cache, start, end) -> (logits, cache): with cache=None a
@@ -75,11 +76,16 @@ class SamplerConfig:
     temperature: float = 0.0  # 0: greedy argmax; > 0: Gumbel-max sampling (float64)
     remasking: str = "low_confidence"  # which proposals to commit first: see REMASKING_RULES
     # "exact": LLaDA's schedule (above); "fast": Fast-dLLM's confidence-threshold parallel decoding (each step
-    # commits every masked position of the block whose confidence exceeds `threshold`, at least one), with
+    # commits every masked position of the block whose float64 confidence is >= `threshold`, at least one), with
     # the block KV cache `cache` ("prefix": the positions before the block; "dual": before and after it).
     method: str = "exact"
     threshold: float = 0.9
     cache: str = "none"
+    # method "dream": Dream's own diffusion_generate (raydllm.core.dream_sampler): one block, `steps` steps along
+    # linspace(1, dream_eps, steps + 1), remasking by `dream_algorithm` (see DREAM_ALGORITHMS).
+    dream_algorithm: str = "entropy"
+    dream_alg_temp: float = 0.0
+    dream_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps)
@@ -108,6 +114,19 @@ class SamplerConfig:
         if self.method == "exact" and self.cache != "none":
             raise ValueError(f"SamplerConfig.cache={self.cache!r} needs method='fast' (the exact sampler "
                              "recomputes every position at every step)")
+        if self.method == "dream":
+            from raydllm.core.dream_sampler import DREAM_ALGORITHMS
+            if self.dream_algorithm not in DREAM_ALGORITHMS:
+                raise ValueError(f"SamplerConfig.dream_algorithm must be one of {DREAM_ALGORITHMS}, "
+                                 f"got {self.dream_algorithm!r}")
+            if self.block_length != self.gen_length or self.cache != "none":
+                raise ValueError("SamplerConfig: method='dream' decodes the whole answer as one block without a "
+                                 f"cache (block_length={self.block_length}, gen_length={self.gen_length}, "
+                                 f"cache={self.cache!r})")
+            if not 0.0 < self.dream_eps < 1.0:
+                raise ValueError(f"SamplerConfig.dream_eps must be in (0, 1), got {self.dream_eps!r}")
+            if not self.dream_alg_temp >= 0.0:
+                raise ValueError(f"SamplerConfig.dream_alg_temp must be >= 0, got {self.dream_alg_temp!r}")
         if self.method == "fast" and self.remasking != "low_confidence":
             raise ValueError("SamplerConfig.remasking: the fast sampler thresholds low_confidence "
                              f"probabilities, got {self.remasking!r}")
@@ -148,27 +167,57 @@ def model_logits_fn(model: Any) -> LogitsFn:
     return fn
 
 
+# Elements drawn at a time when skipping through the Gumbel stream: 2**22 float64 = 32 MiB.
+_NOISE_CHUNK = 1 << 22
+
+
+def _skip_uniform(count: int, generator: Optional[torch.Generator], device: torch.device) -> None:
+    """Advance the RNG by ``count`` float64 uniforms, drawing them in bounded chunks and discarding them."""
+    while count > 0:
+        n = min(count, _NOISE_CHUNK)
+        torch.rand(n, dtype=torch.float64, device=device, generator=generator)
+        count -= n
+
+
+def _window_uniform(full_shape: torch.Size, lo: int, hi: int, generator: Optional[torch.Generator],
+                    device: torch.device) -> torch.Tensor:
+    """``torch.rand(full_shape, float64)[:, lo:hi]`` ([B, L, V] -> [B, hi - lo, V]) without holding the
+    [B, L, V] tensor: row by row, the numbers before and after the window are drawn in bounded chunks and
+    dropped, so the window receives the same numbers (the CPU generator fills a tensor serially, in order)
+    and the stream ends where the full draw would end. Memory: the window plus one chunk."""
+    batch, length, vocab = full_shape
+    rows = []
+    for _ in range(batch):
+        _skip_uniform(lo * vocab, generator, device)
+        rows.append(torch.rand((hi - lo, vocab), dtype=torch.float64, device=device, generator=generator))
+        _skip_uniform((length - hi) * vocab, generator, device)
+    return torch.stack(rows)
+
+
 def _propose(logits: torch.Tensor, lo: int, hi: int, config: SamplerConfig,
-             generator: Optional[torch.Generator], forbid: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: Optional[torch.Generator], forbid: Optional[int] = None,
+             confidence_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Proposed tokens and their confidence for positions [lo, hi) -> ([B, W], [B, W]). ``forbid``: a token
-    id never proposed (its confidence is still read from the unmodified distribution)."""
+    id never proposed (its confidence is still read from the unmodified distribution). ``confidence_dtype``:
+    the dtype the low_confidence softmax runs in (None: the logits' own, as LLaDA's generate.py; Fast-dLLM
+    takes it in float64)."""
     window = logits[:, lo:hi]
     proposal_logits = window
     if forbid is not None:
         proposal_logits = window.clone()
         proposal_logits[..., forbid] = float("-inf")
     if config.temperature > 0:
-        # Gumbel-max in float64 as in the reference: exp(l) / (-log U) ** T, argmax. The noise is drawn
-        # for the whole logits tensor so the RNG stream matches the reference step for step.
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        u = u[:, lo:hi]
+        # Gumbel-max in float64 as in the reference: exp(l) / (-log U) ** T, argmax. The reference draws U for
+        # the whole [B, L, V] logits every step; only the window's numbers are kept (same stream, see
+        # `_window_uniform`).
+        u = _window_uniform(logits.shape, lo, hi, generator, logits.device)
         x0 = torch.argmax(proposal_logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature, dim=-1)
     else:
         x0 = torch.argmax(proposal_logits, dim=-1)
 
     rule = config.remasking
     if rule == "low_confidence":  # probability of the chosen token under the noise-free model
-        p = F.softmax(window, dim=-1)
+        p = F.softmax(window if confidence_dtype is None else window.to(confidence_dtype), dim=-1)
         conf = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
     elif rule == "random":  # same draw shape/dtype as the reference: [B, L] in the default dtype
         conf = torch.rand(logits.shape[:2], device=logits.device, generator=generator)[:, lo:hi]
@@ -279,8 +328,8 @@ def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask:
     """Fast-dLLM's sampler (arXiv 2505.22618), same blocks and output shape as `generate`.
 
     Parallel decoding: a block is decoded until it holds no [MASK]; each step commits, per row, every masked
-    position of the block whose confidence (probability of the proposed token) exceeds ``config.threshold``,
-    and at least the most confident one, ranked as `generate` ranks (whole row, ties as the reference).
+    position of the block whose confidence (probability of the proposed token, from a float64 softmax as
+    Fast-dLLM takes it) is >= ``config.threshold`` (Fast-dLLM's rule), and at least the most confident one, ranked as `generate` ranks (whole row, ties as the reference).
     [MASK] is never proposed, so every step fills at least one position and a block takes at most
     ``block_length`` steps; ``config.steps`` is not used. Rows whose block is done wait for the others.
 
@@ -289,7 +338,7 @@ def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask:
     the keys/values of the prompt and finished blocks are reused) or only the block ("dual": those after it
     too). The cache is refreshed at every block, so it is stale only by what the block's own steps change.
 
-    Equal to `generate` when ``threshold >= 1`` (no confidence exceeds it: one token a step), no cache,
+    Equal to `generate` when ``threshold > 1`` (no confidence reaches it: one token a step), no cache,
     ``steps == gen_length`` (the exact sampler's one token a step) and the model never proposes [MASK].
     """
     if not isinstance(config, SamplerConfig):
@@ -316,8 +365,11 @@ def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask:
             else:
                 stop = total if config.cache == "prefix" else end
                 logits = cached_forward(x, attention_mask, cache=cache, start=start, end=stop)[0][:, :end - start]
-            x0, conf = _propose(logits, 0, end - start, config, generator, forbid=mask_id)
-            above = ((conf > config.threshold) & masked).sum(dim=1)
+            # Fast-dLLM's rule: confidence from a float64 softmax; commit the most confident masked position
+            # and every other one whose confidence is >= threshold.
+            x0, conf = _propose(logits, 0, end - start, config, generator, forbid=mask_id,
+                                confidence_dtype=torch.float64)
+            above = ((conf >= config.threshold) & masked).sum(dim=1)
             k = torch.where(masked.any(dim=1), above.clamp(min=1), torch.zeros_like(above)).cpu()
             commit = _select_top_k(_whole_row(conf, masked, start, total), k)[:, start:end] & masked
             x[:, start:end] = torch.where(commit, x0, x[:, start:end])
@@ -327,7 +379,11 @@ def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask:
 def sample(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
            mask_id: int, config: SamplerConfig, cached_forward: Optional[CachedForward] = None,
            generator: Optional[torch.Generator] = None) -> torch.LongTensor:
-    """`generate` or `generate_fast`, as ``config.method`` says."""
+    """`generate`, `generate_fast` or Dream's `generate_dream`, as ``config.method`` says."""
+    if config.method == "dream":
+        from raydllm.core.dream_sampler import generate_dream
+        return generate_dream(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config,
+                              generator=generator)
     if config.method == "fast":
         return generate_fast(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config,
                              cached_forward=cached_forward, generator=generator)

@@ -51,15 +51,14 @@ def load_examples(cfg: Config, split: str) -> list[Example]:
     data = cfg.data
     if data.source == "synthetic":
         from raydllm.data.tasks.gsm8k import to_example
-        from raydllm.data.tasks.synthetic import gsm8k_format_problems
+        from raydllm.data.tasks.synthetic import split_problems
 
         if cfg.task != "gsm8k":
             from raydllm.data.tasks.base import DataError
             raise DataError(f"data.source=synthetic generates GSM8K-format problems; task is {cfg.task!r}")
-        if split == "test":  # a disjoint seed: generated test problems are never train problems' twins
-            rows = gsm8k_format_problems(max(data.synthetic_size // 10, 50), seed=data.split_seed + 10_007)
-            return [to_example(r) for r in rows]
-        examples = [to_example(r) for r in gsm8k_format_problems(data.synthetic_size, seed=data.split_seed)]
+        if split == "test":  # disjoint by question from train, validation and the base's pretraining problems
+            return [to_example(r) for r in split_problems("test", data.synthetic_size, data.split_seed)]
+        examples = [to_example(r) for r in split_problems("train", data.synthetic_size, data.split_seed)]
         examples = carve_validation(examples, split, seed=data.split_seed, val_fraction=data.val_fraction)
     else:
         examples = task.load(split, data.path if data.source == "local" else None, seed=data.split_seed,

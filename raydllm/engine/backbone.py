@@ -97,17 +97,19 @@ class Backbone(nn.Module):
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
-    def _run(self, input_ids, attention_mask):
+    def _run(self, input_ids, attention_mask, hidden: bool = True):
+        """(logits, every layer's hidden states, or None when ``hidden`` is False: sampling needs only the
+        logits, and at 8B the stack is GBs the forward would otherwise keep alive)."""
         if self.padding == "rows" and attention_mask is not None and not bool(attention_mask.all()):
-            return self._run_rows(input_ids, attention_mask)
+            return self._run_rows(input_ids, attention_mask, hidden)
         out = self.model(input_ids=input_ids, attention_mask=_mask_for(self.padding, attention_mask),
-                         output_hidden_states=True)
+                         output_hidden_states=hidden)
         logits = out.logits
         if self.shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits, out.hidden_states
+        return logits, out.hidden_states if hidden else None
 
-    def _run_rows(self, input_ids, attention_mask):
+    def _run_rows(self, input_ids, attention_mask, hidden: bool = True):
         """For a backbone that ignores its attention mask: each group of rows with the same real positions
         runs alone with its padding cut off; pad positions get zero logits and hidden states."""
         keep = attention_mask.bool()
@@ -115,18 +117,19 @@ class Backbone(nn.Module):
         for row in range(input_ids.shape[0]):
             if keep[row].any():
                 groups.setdefault(keep[row].cpu().numpy().tobytes(), []).append(row)
-        logits = hidden = None
+        logits = states = None
         for rows in groups.values():
             index = torch.tensor(rows, device=input_ids.device)
             positions = keep[rows[0]].nonzero().squeeze(1)
-            sub_logits, sub_hidden = self._run(input_ids[index][:, positions], None)
+            sub_logits, sub_hidden = self._run(input_ids[index][:, positions], None, hidden)
             if logits is None:
                 batch, length = input_ids.shape
                 logits = sub_logits.new_zeros(batch, length, sub_logits.shape[-1])
-                hidden = [h.new_zeros(batch, length, h.shape[-1]) for h in sub_hidden]
+                states = [h.new_zeros(batch, length, h.shape[-1]) for h in sub_hidden] if hidden else None
             logits = logits.index_put((index[:, None], positions[None, :]), sub_logits)
-            hidden = [h.index_put((index[:, None], positions[None, :]), s) for h, s in zip(hidden, sub_hidden)]
-        return logits, tuple(hidden)
+            if hidden:
+                states = [h.index_put((index[:, None], positions[None, :]), s) for h, s in zip(states, sub_hidden)]
+        return logits, tuple(states) if hidden else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +138,7 @@ class Backbone(nn.Module):
         return logits, hidden_states[-1]
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(input_ids, attention_mask)[0]
+        return self._run(input_ids, attention_mask, hidden=False)[0]
 
     @property
     def supports_kv_cache(self) -> bool:
@@ -190,9 +193,9 @@ class BaseView(Backbone):
     def __init__(self, lora: Backbone):
         super().__init__(lora.model, lora.ids, shift_logits=lora.shift_logits)
 
-    def _run(self, input_ids, attention_mask):
+    def _run(self, input_ids, attention_mask, hidden: bool = True):
         with self.model.disable_adapter():
-            return super()._run(input_ids, attention_mask)
+            return super()._run(input_ids, attention_mask, hidden)
 
     def _cached_run(self, input_ids, attention_mask, cache, start: int, end: int):
         with self.model.disable_adapter():

@@ -16,7 +16,7 @@ Recipe (all plain torch, in-process, no DeepSpeed or Ray):
   valid.txt`; never the test split, which the preservation probe scores); 1 row in 4 is a generated
   GSM8K-format problem laid out as in fine-tuning (`Question: ...\\nAnswer: <work>\\n#### n` then EOS fill),
   so the base knows the answer format a little. The problems come from their own seed
-  (`PROBLEM_SEED + seed`), not the fine-tuning train (seed 0) or test (seed 10007) streams;
+  (`PRETRAIN_PROBLEM_SEED + seed`); fine-tuning train/validation/test skip every one of them (synthetic.py);
 * when no WikiText copy is found (a fresh install without the shared data), the prose rows come from text
   the package produces itself: the docstrings of ~90 Python standard-library modules and of raydllm (about
   0.4 MB of English). A log line says which text was used; the choice is part of the cache key;
@@ -57,7 +57,6 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_LR = 1.5e-3
 PROBLEM_FRACTION = 0.25
-PROBLEM_SEED = 7_000_003
 T_MIN = 0.05
 CONTRAST_WEIGHT = 0.2
 CONTRAST_TEMPERATURE = 0.1
@@ -69,14 +68,14 @@ class _Mixture:
 
     def __init__(self, tokenizer, text: str, *, seq_len: int, seed: int, eos_id: int, n_problems: int = 20_000):
         from raydllm.data.tasks.gsm8k import Gsm8kTask, to_example
-        from raydllm.data.tasks.synthetic import gsm8k_format_problems
+        from raydllm.data.tasks.synthetic import PRETRAIN_PROBLEM_SEED, gsm8k_format_problems
 
         self.seq_len, self.eos_id = seq_len, eos_id
         self.stream = encode_text(tokenizer, text)
         if self.stream.numel() <= seq_len:
             raise ValueError(f"pretrain text has {self.stream.numel()} tokens; need more than seq_len={seq_len}")
         task = Gsm8kTask()
-        rows = [to_example(r) for r in gsm8k_format_problems(n_problems, seed=PROBLEM_SEED + seed)]
+        rows = [to_example(r) for r in gsm8k_format_problems(n_problems, seed=PRETRAIN_PROBLEM_SEED + seed)]
         texts = [task.format_prompt(ex) + " " + ex.answer for ex in rows]
         self.problems = [ids[-(seq_len - 1):] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         self.generator = torch.Generator().manual_seed(seed)

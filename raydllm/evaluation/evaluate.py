@@ -132,19 +132,26 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
 
 def default_sampler(cfg: Config, *, gen_length: int | None = None, block_length: int | None = None,
                     steps: int | None = None, temperature: float = 0.0, method: str = "exact",
-                    threshold: float = 0.9, cache: str = "none") -> SamplerConfig:
+                    threshold: float = 0.9, cache: str = "none", dream_algorithm: str = "entropy",
+                    dream_alg_temp: float = 0.0) -> SamplerConfig:
     """Sampler settings for a checkpoint: answer length = data.answer_tokens rounded up to a multiple of the
     block length; block length = the whole answer when it is at most 64 tokens (the embedded default),
     else 32 (LLaDA's semi-autoregressive GSM8K setting); steps = gen_length (one token per step).
-    method/threshold/cache: the fast sampler's (`sampler.generate_fast`)."""
+    method/threshold/cache: the fast sampler's (`sampler.generate_fast`); method "dream": Dream's sampler, one
+    block over the whole answer (`dream_sampler.generate_dream`)."""
     answer = cfg.data.answer_tokens
+    dream = {}
+    if method == "dream":
+        gen_length = gen_length or answer
+        block_length = gen_length
+        dream = dict(dream_algorithm=dream_algorithm, dream_alg_temp=dream_alg_temp)
     if block_length is None:
         block_length = gen_length if gen_length is not None and gen_length <= 64 else (answer if answer <= 64 else 32)
     if gen_length is None:
         gen_length = math.ceil(answer / block_length) * block_length
     try:
         return SamplerConfig(steps=steps or gen_length, gen_length=gen_length, block_length=block_length,
-                             temperature=temperature, method=method, threshold=threshold, cache=cache)
+                             temperature=temperature, method=method, threshold=threshold, cache=cache, **dream)
     except ValueError as exc:
         raise ConfigError(str(exc).replace("SamplerConfig.", "--").replace("_", "-")) from None
 

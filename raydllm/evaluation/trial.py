@@ -15,6 +15,11 @@ from raydllm.core.sampler import SamplerConfig
 from raydllm.data.tasks import get_task
 from raydllm.engine.worker import WorkerLoop
 
+# The per-report forgetting objective selects (ASHA rungs, NSGA-II, fronts), so it reads WikiText validation;
+# the final probes the report prints read eval.probe_split (test by default). WikiText's validation and test
+# are different articles, so the two never share text.
+SELECTION_PROBE_SPLIT = "validation"
+
 
 class TrialLoop(WorkerLoop):
     """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
@@ -35,7 +40,7 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         if self.rank == 0:
             self.forgetting_chunks = wikitext_chunks(
-                self.tokenizer, cfg.eval.wikitext_path, split=cfg.eval.probe_split,
+                self.tokenizer, cfg.eval.wikitext_path, split=SELECTION_PROBE_SPLIT,
                 seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
             self.base_wikitext_loss = self._forgetting_loss()
         if self._rank0_value(lambda: float(self.sink.has("base/val_loss_diff"))):
@@ -65,8 +70,9 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         sampler = default_sampler(cfg, gen_length=cfg.eval.gen_length, block_length=cfg.eval.block_length,
                                   steps=cfg.eval.sampler_steps, method=method, threshold=cfg.eval.threshold,
-                                  cache=cfg.eval.cache if method == "fast" else "none")
-        prefix = "sampler." if method == "exact" else "sampler.fast."
+                                  cache=cfg.eval.cache if method == "fast" else "none",
+                                  dream_algorithm=cfg.eval.dream_algorithm, dream_alg_temp=cfg.eval.dream_alg_temp)
+        prefix = "sampler.fast." if method == "fast" else "sampler."
         self.sink.params({prefix + k: v for k, v in dataclasses.asdict(sampler).items()})
         return sampler
 
@@ -96,10 +102,10 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         out: dict[str, float] = {}
         primary = get_task(cfg.task).primary_metric
-        methods = ("exact", "fast") if cfg.eval.sampler == "fast" else ("exact",)
+        methods = {"fast": ("exact", "fast"), "dream": ("dream",)}.get(cfg.eval.sampler, ("exact",))
         for shots in cfg.eval.final_shots:
             for method in methods:
-                suffix = "" if method == "exact" else "/fast"
+                suffix = "/fast" if method == "fast" else ""
                 metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
                 out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
                 out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))

@@ -6,8 +6,9 @@ split with the task's protocol (the sampler and shots of the trials' own final e
 per arm mean ± std over those seeds, the paired gain with its t-test, the forgetting (WikiText Δ), drift and
 collapse figures the trials logged at their end, the sampler settings and the hardware. It goes to stdout, to
 Markdown and JSON files, and to the sweep's parent run in MLflow. The parent run records that the test split
-was read for these winners: a second report on the same winners is refused unless forced, so the test split
-cannot quietly become a second validation split.
+was read for these winners, and its test ledger (sweep/ledger.py) every (config, seed, checkpoint) ever scored:
+scoring any of them again is refused unless forced, so the test split cannot quietly become a second validation
+split; a sweep that has not finished is refused.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from raydllm.core.config import ConfigError
+from raydllm.sweep.ledger import claim, entry, require_finished
 from raydllm.sweep.results import best_configs, paired_test
+from raydllm.sweep.verdict import write_description
 
 TEST_TAG = "raydllm.test_report"  # on the parent run: which winners were evaluated on test, and when
 
@@ -82,12 +85,14 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
                           f"that chose them; give the space more seeds and repeat.top >= 1 and re-run the sweep")
     winners = {"dllm-jepa": jepa["config_key"], "baseline": base["config_key"], "seeds": seeds}
     parent_id = best["parent_run_id"]
+    require_finished(client, parent_id, name)
+    folders = {(arm, seed): resolve_target(dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))[seed], tracking_uri)[0]
+               for arm, row in (("dllm-jepa", jepa), ("baseline", base)) for seed in seeds}
+    # The ledger, before the first test example is read: an interrupted report has looked at test all the same.
+    claim(client, parent_id, [entry(row["config_key"], seed, folders[arm, seed])
+                              for arm, row in (("dllm-jepa", jepa), ("baseline", base)) for seed in seeds],
+          force=force, by="report")
     previous = client.get_run(parent_id).data.tags.get(TEST_TAG)
-    if previous and not force and json.loads(previous).get("winners") == winners:
-        raise ConfigError(f"sweep {name}: these winners were already evaluated on test "
-                          f"({json.loads(previous).get('at')}, tag {TEST_TAG} on run {parent_id[:8]}); the test "
-                          f"split is read once. Pass --force to evaluate them again")
-    # Recorded before the first test example is read: an interrupted report has looked at test all the same.
     client.set_tag(parent_id, TEST_TAG, json.dumps({"winners": winners, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                     "forced": bool(previous and force)}))
     primary = get_task(task).primary_metric
@@ -97,8 +102,7 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
         by_seed = dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))
         values, figures, devices = [], {k: [] for k in PROBES}, set()
         for seed in seeds:
-            run_id = by_seed[seed]
-            folder, _ = resolve_target(run_id, tracking_uri)
+            run_id, folder = by_seed[seed], folders[arm, seed]
             metrics, predictions, protocol = evaluate_checkpoint(
                 folder, task, split="test", shots=shots, limit=limit, gen_length=gen_length,
                 block_length=block_length, steps=steps, batch_size=batch_size)
@@ -121,8 +125,9 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
               "seeds": seeds, "arms": arms, "gain": {"seeds": seeds, "differences": diffs, **paired_test(diffs)},
               "hardware": {"trials": sorted(set(arms["dllm-jepa"]["devices"]) | set(arms["baseline"]["devices"])),
                            "driver": {k: v for k, v in parent.data.tags.items() if k.startswith("host.")}},
-              "parent_run_id": parent_id}
+              "budgets": best.get("budgets"), "parent_run_id": parent_id}
     markdown = format_report(report)
+    write_description(client, parent_id, best=best, report=report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"report-{name}.md").write_text(markdown + "\n")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from raydllm.sweep.verdict import arm_budgets
 from raydllm.core.config import ConfigError
 from raydllm.sweep.tracking import experiment_name
 
@@ -278,6 +279,8 @@ def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | Non
                              "searched_keys": json.loads(tags.get("raydllm.baseline_keys", "[]")),
                              "num_samples": int(tags.get("raydllm.baseline_num_samples", len(baselines)))},
             "searched_keys": json.loads(tags.get("raydllm.searched_keys", "[]")),
+            "budgets": arm_budgets(tags, len({r.config_key for r in results if r.arm != "baseline"}),
+                                   len({r.config_key for r in results if r.arm == "baseline"})),
             "best": [asdict(r) for r in ranked][:top],
             "baseline": asdict(baseline) if baseline else None,
             "baselines": [asdict(r) for r in baselines][:top],
@@ -323,6 +326,8 @@ def format_table(report: dict) -> str:
     lines = [f"sweep {report['sweep']} ({report['status'].lower()}), {metric} ({report['mode']}); selected on "
              f"seed {report.get('selection_seed')}, "
              + (f"gains on fresh seeds {fresh}" if fresh else "no fresh seeds: gains not measured")]
+    if (report.get("budgets") or {}).get("line"):
+        lines.append(report["budgets"]["line"])
     if base_arm.get("mode") == "searched":
         lines.append(f"baseline arm (λ = 0): searched over {', '.join(base_arm['searched_keys'])} "
                      f"({base_arm['num_samples']} trials), as the DLLM-JEPA arm searches them")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raydllm.sweep.compute_match import with_match
 from raydllm.core.config import ConfigError, Config, deep_merge, parse_overrides, preset_dict, validate
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -134,6 +135,8 @@ class BaselineSettings(_Strict):
     of the two the space calls for (`baseline: true`)."""
     mode: Literal["searched", "pinned"] | None = None
     num_samples: int | None = Field(None, gt=0)
+    # steps: the DLLM-JEPA arm's step count; compute: its FLOPs (4/3 of the steps, rungs alike; compute_match.py)
+    match: Literal["steps", "compute"] = "steps"
 
 
 class SweepSpec(_Strict):
@@ -314,6 +317,9 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
                               f"only with fixed eval.metric: accuracy")
         if name == "wikitext_delta" and not base.eval.report_probe_chunks:
             raise ConfigError(f"{path}: objectives: wikitext_delta is reported only with eval.report_probe_chunks > 0")
+        if name == "wikitext_delta" and base.eval.probe_split == "validation":
+            raise ConfigError(f"{path}: eval.probe_split: validation is what wikitext_delta selects on; the "
+                              f"reported probes must read test")
     resolve_baseline(spec, base, path)
     warmup = math.ceil(base.train.warmup_ratio * (spec.scheduler.max_t or base.train.max_steps))
     if spec.scheduler.type == "asha" and spec.scheduler.grace_period < warmup:
@@ -402,7 +408,7 @@ def resolve_baseline(spec: SweepSpec, base: Config, path: Path | str = "space") 
         raise ConfigError(f"{path}: baseline.mode: searched, but the space searches no key that changes the "
                           f"lambda = 0 loss (only {', '.join(sorted(spec.space))}); use mode: pinned")
     spec.baseline = BaselineSettings(mode=mode, num_samples=(spec.baseline.num_samples or spec.num_samples)
-                                     if mode == "searched" else None)
+                                     if mode == "searched" else None, match=spec.baseline.match)
 
 
 def baseline_arm(spec: SweepSpec) -> BaselineSettings | None:
@@ -428,7 +434,7 @@ def baseline_space(spec: SweepSpec) -> dict[str, Any]:
     with the DLLM-JEPA arm's own distribution."""
     keys = baseline_keys(spec)
     point = {k: v for k, v in baseline_point(spec).items() if k not in keys}
-    return param_space(spec, {k: spec.space[k] for k in keys}) | point
+    return with_match(spec, param_space(spec, {k: spec.space[k] for k in keys}) | point, max_steps(spec))
 
 
 def arm_of(config: dict[str, Any]) -> str:
@@ -484,3 +490,10 @@ def default_space_file(task: str) -> Path:
     if packaged.exists():
         return packaged
     raise ConfigError(f"--space: no search_spaces/{task}.yaml here; pass --space FILE")
+
+
+def searcher_sizes(budget: int) -> dict[str, int]:
+    """A searcher's settings from ITS arm's trial budget, so neither arm's searcher is sized by the other's:
+    NSGA-II's generation is half the budget (the evolution runs at least once), TPE's random start-up trials a
+    third of it (Optuna's default of 10 would leave an 8-trial arm all random), at least 1 and at most 10."""
+    return {"population_size": max(2, min(50, budget // 2)), "n_startup_trials": max(1, min(10, budget // 3))}

@@ -53,15 +53,23 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"--tracking-uri {uri}: folder {folder} does not exist or is not writable")
 
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it holds model training
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT = "custom_model_development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
 
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in whatever cwd the UI runs in
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
 
 
 def find_run(client: MlflowClient, experiment_id: str, key: str, value: str):

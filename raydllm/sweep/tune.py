@@ -34,8 +34,11 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.sweep.results import best_configs, format_table, plot_sweep, summary_metrics, trial_runs
 from raydllm.sweep.search_space import (GRID_POINT, SweepSpec, arm_of, baseline_arm, baseline_keys, baseline_point, baseline_space,
-                           config_key, flatten_trial_config, load_spec, max_steps, param_space, trial_config,
-                           trial_label)
+                           config_key, flatten_trial_config, load_spec, max_steps, param_space, searcher_sizes,
+                           trial_config, trial_label)
+from raydllm.sweep.verdict import ui_hint, write_description
+from raydllm.sweep.compute_match import (MATCH_TAG, compute_matched, match_of, matched, repeat_points,
+                                         trial_steps, with_match)
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
@@ -59,16 +62,17 @@ def run_trial(config: dict[str, Any], *, spec: dict, tracking_uri: str, experime
     context = tune.get_context()
     trial_id = context.get_trial_id()
     cfg = trial_config(sweep, config, int(config["train.seed"]))
-    cfg.train.max_steps = max_steps(sweep)
+    # A compute-matched baseline trial carries its own step count; its rungs scale with it (compute_match.py).
+    cfg.train.max_steps, grace = trial_steps(config, max_steps(sweep), sweep.scheduler.grace_period)
     if cfg.train.checkpoint_steps is None and cfg.train.checkpoint_every is None:
         # Checkpoints where ASHA decides and at the end: a resumed trial loses at most one rung of work.
-        cfg.train.checkpoint_steps = rung_steps(sweep.scheduler.grace_period, sweep.scheduler.reduction_factor,
-                                                cfg.train.max_steps)
+        cfg.train.checkpoint_steps = rung_steps(grace, sweep.scheduler.reduction_factor, cfg.train.max_steps)
     run_id, resumed = tracking.open_run(
         tracking_uri, experiment, key="raydllm.trial_id", name=trial_id, params=cfg.flat() | sampler_params(cfg),
         run_name=trial_label(sweep, config, phase),
         tags={"mlflow.parentRunId": parent_run_id, "raydllm.kind": "trial", "raydllm.phase": phase, "raydllm.status": "running",
               "raydllm.arm": arm_of(cfg.flat()), "raydllm.config_key": config_key(sweep, config),
+              **({MATCH_TAG: match_of(config)} if arm_of(cfg.flat()) == "baseline" else {}),
               "raydllm.searched": json.dumps({k: v for k, v in config.items() if "." in k}, sort_keys=True,
                                              default=str)})
     client = MlflowClient(tracking_uri)
@@ -479,7 +483,8 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
                    num_samples=arm.num_samples, **common)
     elif arm:  # the space fixes every key that changes the lambda = 0 loss: one trial at those values, to max_t
         _fit_phase(spec=spec, name=f"{name}-baseline", phase="baseline", asha=False, num_samples=None, **common,
-                   param_space={**baseline_point(spec), "train.seed": spec.selection_seed})
+                   param_space={**with_match(spec, baseline_point(spec), max_steps(spec)),
+                                "train.seed": spec.selection_seed})
     if spec.repeat.top and spec.fresh_seeds:
         # The winners (chosen on the selection seed's validation metric, completed trials only) on the fresh
         # seeds: the same seeds for both arms, so each pair shares its data order and masks.
@@ -487,7 +492,10 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
         # A Pareto sweep repeats the search's front (on the selection seed) instead of the top configs of one metric.
         winners = (selection_front(spec, tracking_uri=common["tracking_uri"], sweep=name) if spec.objectives
                    else [r["params"] for r in report["best"]])
-        points = winners + ([report["baseline"]["params"]] if report["baseline"] else [])
+        # The baseline arm's own front in a Pareto sweep; under match: compute its winner both ways.
+        baselines = (selection_front(spec, tracking_uri=common["tracking_uri"], sweep=name, phase="baseline")
+                     if spec.objectives else [report["baseline"]["params"]] if report["baseline"] else [])
+        points = winners + [p for params in baselines for p in repeat_points(spec, params)]
         if points:
             from ray import tune
 
@@ -497,8 +505,8 @@ def _run_phases(spec: SweepSpec, *, name: str, **common) -> bool:
     return restored
 
 
-def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> list[dict[str, Any]]:
-    """The searched values of the DLLM-JEPA arm's Pareto front on the selection seed: its completed search trials'
+def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str, phase: str = "search") -> list[dict[str, Any]]:
+    """The searched values of one arm's Pareto front (phase "search": DLLM-JEPA; "baseline": the baseline's) on the selection seed: its completed search trials'
     final objective vectors, non-dominated, best spread first (pareto.rank_order: the front's extremes, then by
     crowding distance), at most `repeat.top` of them. Only selection-seed results: a resumed sweep repeats the
     same configs whatever the repeat phase has already run."""
@@ -507,7 +515,7 @@ def selection_front(spec: SweepSpec, *, tracking_uri: str, sweep: str) -> list[d
 
     client = MlflowClient(tracking_uri)
     runs = [r for r in trial_runs(client, find_sweep(client, spec.task, sweep))
-            if r.data.tags.get("raydllm.phase") == "search" and r.data.tags.get("raydllm.status") == "completed"
+            if r.data.tags.get("raydllm.phase") == phase and r.data.tags.get("raydllm.status") == "completed"
             and all(name in r.data.metrics for name in spec.objectives)]
     modes = list(spec.objectives.values())
     points = [[float(r.data.metrics[name]) for name in spec.objectives] for r in runs]
@@ -581,7 +589,9 @@ def arm_tags(spec: SweepSpec) -> dict[str, str]:
             "raydllm.max_steps": str(max_steps(spec)),
             "raydllm.baseline_mode": arm.mode if arm else "none",
             "raydllm.baseline_keys": json.dumps(baseline_keys(spec) if arm else []),
-            "raydllm.baseline_num_samples": str(arm.num_samples or 1) if arm else "0"}
+            "raydllm.baseline_num_samples": str(arm.num_samples or 1) if arm else "0",
+            "raydllm.jepa_num_samples": str(spec.num_samples),
+            MATCH_TAG: arm.match if arm else "none"}
 
 
 def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, asha: bool, num_samples: int | None,
@@ -591,7 +601,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    steps = max_steps(spec)
+    steps = matched(max_steps(spec)) if phase == "baseline" and compute_matched(spec) else max_steps(spec)
     train_storage = f"{storage.rstrip('/')}/{name}/train"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec.model_dump(), tracking_uri=tracking_uri, experiment=experiment,
@@ -625,7 +635,7 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                 # the search phase's generator limits concurrency itself (Tune ignores this with it)
                 max_concurrent_trials=None if search else spec.max_concurrent_trials,
                 scheduler=_scheduler(spec, steps) if asha else FIFOScheduler(),
-                search_alg=_search_alg(spec) if search else None),
+                search_alg=_search_alg(spec, num_samples) if search else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=_callbacks(status, reporter),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
@@ -656,6 +666,7 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
         client.log_metric(parent_run_id, key, value)
     client.log_text(parent_run_id, table, "summary/best.txt")
     client.log_dict(parent_run_id, report, "summary/best.json")
+    write_description(client, parent_run_id, best=report)  # the verdict in the run's Description
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_sweep(report, sorted(spec.space), Path(tmp) / "metric_vs_params.png")
         if plot:
@@ -665,12 +676,14 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 
         pareto = pareto_report(spec.task, tracking_uri=tracking_uri, sweep=name)
         table += "\n\n" + log_pareto_summary(tracking_uri, parent_run_id, pareto)
-    return table
+    return table + "\n" + ui_hint(client, parent_run_id)
 
 
 def _scheduler(spec: SweepSpec, steps: int):
     """ASHA on the sweep's metric, or on all its objectives at once (a Pareto sweep: pareto_asha)."""
-    settings = dict(time_attr="step", max_t=steps, grace_period=spec.scheduler.grace_period,
+    # A compute-matched baseline phase runs more steps: its rungs at the same FLOPs (compute_match.py).
+    settings = dict(time_attr="step", max_t=steps, grace_period=max(1, round(spec.scheduler.grace_period * steps
+                                                                             / max_steps(spec))),
                     reduction_factor=spec.scheduler.reduction_factor)
     if spec.objectives:
         from raydllm.sweep.pareto_asha import ParetoASHA
@@ -681,7 +694,8 @@ def _scheduler(spec: SweepSpec, steps: int):
     return ASHAScheduler(**settings)
 
 
-def _search_alg(spec: SweepSpec):
+def _search_alg(spec: SweepSpec, num_samples: int | None = None):
+    sizes = searcher_sizes(num_samples or spec.num_samples)  # each arm's searcher sized by its own budget
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if spec.search.algorithm == "optuna":
@@ -690,13 +704,11 @@ def _search_alg(spec: SweepSpec):
         import optuna
 
         if spec.search.sampler == "nsga2" or (spec.objectives and spec.search.sampler is None):
-            # A generation of half the trial budget, so the evolution runs at least once within the sweep.
             from raydllm.sweep.searchers import PicklableNSGAIISampler
 
-            sampler = PicklableNSGAIISampler(seed=spec.search.seed,
-                                             population_size=max(2, min(50, spec.num_samples // 2)))
-        else:
-            sampler = optuna.samplers.TPESampler(seed=spec.search.seed)  # multi-objective TPE too
+            sampler = PicklableNSGAIISampler(seed=spec.search.seed, population_size=sizes["population_size"])
+        else:  # multi-objective TPE too
+            sampler = optuna.samplers.TPESampler(seed=spec.search.seed, n_startup_trials=sizes["n_startup_trials"])
         searcher = (OptunaSearch(sampler=sampler, metric=list(spec.objectives), mode=list(spec.objectives.values()))
                     if spec.objectives else OptunaSearch(sampler=sampler))
         return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)

@@ -103,10 +103,13 @@ class DreamBaseModel(nn.Module):
         batch, length = input_ids.shape
         end = block_start + length
         if attention_mask is not None and not attention_mask.bool().all():
-            # What Dream's generation code passes for left-padded rows: pads neither attend nor are attended
-            # (their rows come out as zeros); real tokens keep positions 0, 1, ... (pads sit at position 1).
+            # What Dream's generation code passes for left-padded rows (keep[i] & keep[j]: pads are never
+            # attended, real tokens keep positions 0, 1, ...; pads sit at position 1), except that a pad query
+            # attends to itself: a fully masked row is NaN in some attention kernels, and 0 * NaN would carry it
+            # into real tokens. Real query rows are unchanged (their diagonal is already kept).
             real = attention_mask.bool()
-            keep = (real[:, None, None, :] & real[:, None, :, None])[:, :, block_start:end]
+            self_only = torch.eye(real.shape[-1], dtype=torch.bool, device=real.device)[None, None]
+            keep = ((real[:, None, None, :] & real[:, None, :, None]) | self_only)[:, :, block_start:end]
             positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)[:, block_start:end]
         else:
             keep, positions = None, torch.arange(block_start, end, device=x.device)[None]
