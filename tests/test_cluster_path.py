@@ -59,14 +59,60 @@ def test_check_resources_refuses_with_one_line(monkeypatch):
     from raydllm.sweep.tune import check_resources
 
     spec = SweepSpec.model_validate(yaml.safe_load((REPO / "search_spaces" / "gsm8k.yaml").read_text()))
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_types_recorded", lambda: True)
     monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _aws_shapes())
     check_resources(spec)  # 8 x A100-80G: a gpu_a100_80gb node holds it
-    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _aws_shapes()[:1])  # no node types reported
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _aws_shapes()[:1])  # record without them
     with pytest.raises(ConfigError, match=r"^resources: a trial needs 8 worker\(s\) of \{CPU: 8, "
                                           r"accelerator_type:A100-80G: 0.001, GPU: 1\}.*head \{CPU: 0, GPU: 0, "
                                           r"trial_slot: 4\}") as err:
         check_resources(spec)
     assert "\n" not in str(err.value)
+
+
+def _slurm_nodes(gpus: int) -> list[NodeShape]:
+    """Two nodes of a fixed allocation, as ray.nodes() shows them: no node-type record."""
+    return [NodeShape(f"node {i}abcdef0", {"CPU": 64, "GPU": gpus, "accelerator_type:A100-80G": 1}, 1)
+            for i in range(2)]
+
+
+def test_fixed_allocation_is_checked_against_the_nodes_up(monkeypatch):
+    """Slurm (SLURM_JOB_ID) or RAYDLLM_FIXED_CLUSTER=1, no node-type record: a trial that fits the nodes up
+    passes; one that none can ever hold is refused in one line naming the largest node."""
+    from raydllm.sweep.search_space import SweepSpec
+    from raydllm.sweep.tune import check_resources
+
+    spec = SweepSpec.model_validate(yaml.safe_load((REPO / "search_spaces" / "gsm8k.yaml").read_text()))
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_types_recorded", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _slurm_nodes(8))
+    check_resources(spec)  # 8 GPUs per node: not refused for lack of the record
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _slurm_nodes(2))
+    with pytest.raises(ConfigError, match=r"^resources: a trial needs 8 worker\(s\) .*fixed allocation holds "
+                                          r"\(largest: node 0abcdef0 \{CPU: 64, GPU: 2, ") as err:
+        check_resources(spec)  # 2 nodes x 2 GPUs: 4 of the 8 workers at most
+    assert "\n" not in str(err.value)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("RAYDLLM_FIXED_CLUSTER", "1")
+    with pytest.raises(ConfigError, match="largest: node 0abcdef0"):
+        check_resources(spec)
+
+
+def test_unknown_cluster_warns_and_goes_on(monkeypatch, caplog):
+    """No record, not a fixed allocation (KubeRay, a hand-started Ray): an autoscaler may still add a node."""
+    from raydllm.sweep.search_space import SweepSpec
+    from raydllm.sweep.tune import check_resources
+
+    spec = SweepSpec.model_validate(yaml.safe_load((REPO / "search_spaces" / "gsm8k.yaml").read_text()))
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_types_recorded", lambda: False)
+    monkeypatch.setattr(raydllm.sweep.cluster, "node_shapes", lambda: _aws_shapes()[:1])  # a CPU head alone
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("RAYDLLM_FIXED_CLUSTER", raising=False)
+    with caplog.at_level("WARNING", logger="raydllm.sweep.tune"):
+        check_resources(spec)
+    assert "no autoscaler node-type record" in caplog.text and "going on" in caplog.text
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "django", "nlrx", "spider"])

@@ -10,6 +10,7 @@ not against the head alone: an autoscaling cluster starts with no GPU node at al
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,26 @@ def node_shapes() -> list[NodeShape]:
     return shapes
 
 
+def node_types_recorded() -> bool:
+    """Whether the connected cluster's GCS holds an autoscaler node-type record (none on Slurm, on a hand-started
+    `ray start`, on KubeRay without it)."""
+    from ray._private.state import state
+
+    return state.get_cluster_config() is not None
+
+
+def fixed_allocation() -> bool:
+    """Whether the nodes that are up are all the cluster will ever have: inside a Slurm job (SLURM_JOB_ID), or
+    where the launcher says so (RAYDLLM_FIXED_CLUSTER=1, e.g. a hand-started Ray without an autoscaler)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) or os.environ.get("RAYDLLM_FIXED_CLUSTER", "") in ("1", "true")
+
+
+def largest(bundle: dict[str, float], shapes: list[NodeShape]) -> NodeShape | None:
+    """The node holding the most workers of `bundle`; ties broken by GPUs, then CPUs."""
+    return max(shapes, default=None, key=lambda s: (per_node(bundle, s.resources), s.resources.get("GPU", 0),
+                                                    s.resources.get("CPU", 0)))
+
+
 def per_node(bundle: dict[str, float], resources: dict[str, float]) -> int:
     """How many workers asking for `bundle` one node with `resources` holds."""
     fits = [math.floor(resources.get(key, 0) / need + 1e-9) for key, need in bundle.items() if need > 0]
@@ -83,13 +104,19 @@ def placement(bundle: dict[str, float], workers: int, shapes: list[NodeShape]) -
     return None
 
 
+def _res(r: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(r.items())
+                           if not k.startswith(("node:", "memory", "object_store"))) + "}"
+
+
 def describe(shapes: list[NodeShape]) -> str:
     """One line: what the cluster's nodes and node types offer (for a refusal message)."""
-    def res(r):
-        return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(r.items())
-                               if not k.startswith(("node:", "memory", "object_store"))) + "}"
-    return "; ".join(f"{s.name}{'' if s.count == 1 else f' (up to {s.count})'} {res(s.resources)}"
+    return "; ".join(f"{s.name}{'' if s.count == 1 else f' (up to {s.count})'} {_res(s.resources)}"
                      for s in shapes) or "no nodes"
+
+
+def describe_node(shape: NodeShape | None) -> str:
+    return f"{shape.name} {_res(shape.resources)}" if shape else "no nodes"
 
 
 if __name__ == "__main__":  # python -m raydllm.sweep.cluster <autoscaling config> [gcs address], on the head

@@ -364,19 +364,31 @@ def ensure_ray_for_sweep(spec: SweepSpec) -> None:
 
 def check_resources(spec: SweepSpec) -> None:
     """Refuse, before any trial starts, a trial that no node of this cluster can ever hold: neither a node
-    that is up nor a node type its autoscaler can launch (Ray's record of them: raydllm.sweep.cluster)."""
-    from raydllm.sweep.cluster import describe, node_shapes, placement
+    that is up nor a node type its autoscaler can launch (Ray's record of them: raydllm.sweep.cluster).
+    Without that record: on a fixed allocation (Slurm, a local Ray, RAYDLLM_FIXED_CLUSTER=1) the nodes that are
+    up are all there is; elsewhere (KubeRay, a hand-started Ray) an autoscaler may still add a node that fits,
+    so the check warns and goes on."""
+    from raydllm.sweep import cluster
     from raydllm.core.config import validate
     from raydllm.sweep.search_space import base_raw
     from raydllm.sweep.train import worker_bundle
 
     workers = spec.resources.workers
     bundle = worker_bundle(validate(base_raw(spec)), spec.resources.use_gpu)
-    shapes = node_shapes()
-    if placement(bundle, workers, shapes) is None:
-        need = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
-        raise ConfigError(f"resources: a trial needs {workers} worker(s) of {{{need}}}, more than this cluster "
-                          f"can ever hold ({describe(shapes)}); lower resources or add a node type that fits")
+    shapes = cluster.node_shapes()
+    if cluster.placement(bundle, workers, shapes) is not None:
+        return
+    need = f"a trial needs {workers} worker(s) of {{{', '.join(f'{k}: {v:g}' for k, v in bundle.items())}}}"
+    if cluster.node_types_recorded():
+        raise ConfigError(f"resources: {need}, more than this cluster can ever hold ({cluster.describe(shapes)}); "
+                          f"lower resources or add a node type that fits")
+    if cluster.fixed_allocation() or not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"resources: {need}, more than any node of this fixed allocation holds (largest: "
+                          f"{cluster.describe_node(cluster.largest(bundle, shapes))}); lower resources or "
+                          f"allocate larger nodes")
+    log.warning("resources: %s, more than the nodes that are up hold (%s) and this cluster has no autoscaler "
+                "node-type record, so whether a node that fits can still be added is unknown; going on (set "
+                "RAYDLLM_FIXED_CLUSTER=1 to refuse instead)", need, cluster.describe(shapes))
 
 
 def _trial_resources() -> dict[str, float]:
