@@ -34,7 +34,11 @@ SPACE = {
     "resources": {"workers": 1, "cpus_per_worker": 1},
 }
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(os.geteuid() != 0, reason="a one-machine Slurm runs as root")]
+# Opt-in until the resume case is shown passing inside CI's time (it ran past 10 minutes here; issue 26):
+# RAYDLLM_SLURM_TESTS=1 python -m pytest tests/test_slurm.py
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(os.geteuid() != 0, reason="a one-machine Slurm runs as root"),
+              pytest.mark.skipif(os.environ.get("RAYDLLM_SLURM_TESTS") != "1",
+                                 reason="opt-in: RAYDLLM_SLURM_TESTS=1 (installs and starts a one-machine Slurm)")]
 
 
 def _free_ports(n: int) -> list[int]:
