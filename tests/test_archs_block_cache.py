@@ -169,7 +169,7 @@ def test_remote_code_without_the_api_falls_back(folder, caplog):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_bench_sampler_uses_the_cache_on_a_tiny_architecture(folder, arch):
-    from raydllm.bench.bench import sampler_bench
+    from raydllm.bench.sampler import sampler_bench
 
     result = sampler_bench(model=str(folder(arch, 1)), items=2, lengths=(16,), batch_size=2, threads=1)
     row = result["lengths"]["16"]

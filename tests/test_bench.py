@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from raydllm.bench.bench import GIB, estimate_memory, format_report, llada_memory_table, predictor_params, run_bench
+from raydllm.bench.memory import GIB, estimate_memory, llada_memory_table, predictor_params
+
+from raydllm.bench.step import format_report, run_bench
 from raydllm.cli.app import build_parser, cmd_bench
 from raydllm.core.config import load_config
 
@@ -130,7 +132,7 @@ def test_json_stdout_is_the_result_line_only(tmp_path):
 def test_llada_8b_lora_table():
     """LoRA on one GPU: the frozen bf16 base (16 GB) dominates; DLLM-JEPA's EMA is the adapters in fp32 (under 1%
     of the baseline at rank 8), and rank 8 / k = 1 fits 24 GiB."""
-    from raydllm.bench.bench import GIB, estimate_lora_memory, llada_lora_memory_table, lora_adapter_params
+    from raydllm.bench.memory import GIB, estimate_lora_memory, llada_lora_memory_table, lora_adapter_params
 
     # LLaDA-8B, rank 8: 32 layers x 8 x (2(d+d) + 2(d+kv) + 3(d+m)) with d = kv = 4096, m = 12288.
     assert lora_adapter_params(8, hidden_size=4096, mlp_hidden_size=12288, kv_width=4096, n_layers=32) == 20_971_520
@@ -162,7 +164,7 @@ def test_lora_bench_charges_the_target_pass_to_the_target(process_group):
     assert r["ema_extra_mb"] == pytest.approx(r["n_params_backbone_trainable"] * 4 / 2 ** 20)
     assert r["peak_memory_mb"]["jepa"] - r["peak_memory_mb"]["baseline"] == pytest.approx(r["ema_extra_mb"])
 def test_l2_strength_bench_and_the_8b_figures(process_group):
-    from raydllm.bench.bench import l2_anchor_strength
+    from raydllm.bench.l2_anchor import l2_anchor_strength
 
     cfg = load_config("gsm8k", "local", TINY + ["train.lr=3e-3"])
     result = l2_anchor_strength(cfg, lambdas=(0.0, 10.0), steps=3)

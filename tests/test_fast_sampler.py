@@ -224,7 +224,7 @@ def test_backbone_kv_capability():
 
 
 def test_kendall_tau():
-    from raydllm.bench.bench import kendall_tau
+    from raydllm.bench.fidelity import kendall_tau
 
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
@@ -241,7 +241,7 @@ def test_kendall_tau():
 def test_fidelity_agreement_reads_trials_with_both_figures():
     from types import SimpleNamespace as NS
 
-    from raydllm.bench.bench import fidelity_agreement
+    from raydllm.bench.fidelity import fidelity_agreement
 
     def run(metrics):
         return NS(data=NS(metrics=metrics))
@@ -302,7 +302,7 @@ def test_bench_sampler_on_a_hugging_face_folder(tmp_path):
     """The hook for other architectures (e.g. a tiny LLaDA): any HF folder; its KV cache is used when the
     loaded code offers `forward_kv` (here the embedded model's own code, saved with its weights)."""
     from raydllm.engine.backbone import build_tiny
-    from raydllm.bench.bench import sampler_bench
+    from raydllm.bench.sampler import sampler_bench
 
     torch.manual_seed(0)
     model, tokenizer = build_tiny(ModelConfig(d_model=32, n_layers=2, n_heads=2))

@@ -198,7 +198,7 @@ def test_load_peak_host_memory_in_the_training_dtype(arch, tmp_path):
     moves); in float32 the peak is a private float32 copy and more."""
     from safetensors.torch import load_file, save_file
 
-    from raydllm.bench.bench import measure_load_memory
+    from raydllm.bench.memory import measure_load_memory
 
     name, _ = arch
     wide = {"llada": dict(d_model=512, n_layers=4, mlp_hidden_size=1536),

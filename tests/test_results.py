@@ -188,7 +188,8 @@ def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
 
     from raydllm.sweep.search_space import load_spec
     from raydllm.sweep.tracking import experiment_name
-    from raydllm.bench.bench import _sweep_finished, arm_figures
+    from raydllm.bench.fidelity import arm_figures
+    from raydllm.bench.sweep import _sweep_finished
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)

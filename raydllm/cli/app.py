@@ -432,7 +432,7 @@ def cmd_bench(args) -> int:
     if args.mode == "gpu":
         return _cmd_bench_gpu(args)
     if args.mode == "l2":
-        from raydllm.bench.bench import format_l2_report, l2_anchor_strength
+        from raydllm.bench.l2_anchor import format_l2_report, l2_anchor_strength
 
         cfg = load_config(args.task, args.preset, args.overrides)
         lambdas = [float(x) for x in args.lambdas.split(",")]
@@ -444,7 +444,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.mode == "sampler":
         return _cmd_bench_sampler(args)
-    from raydllm.bench.bench import format_report, run_bench
+    from raydllm.bench.step import format_report, run_bench
 
     cfg = load_config(args.task, args.preset, args.overrides)
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup,
@@ -462,7 +462,7 @@ def cmd_bench(args) -> int:
 
 def _cmd_bench_sweep(args) -> int:
     """`raydllm bench sweep`: bench.bench_sweep (grid vs ASHA over one search space; starts Ray)."""
-    from raydllm.bench.bench import bench_pareto, bench_sweep, format_pareto_bench
+    from raydllm.bench.sweep import bench_pareto, bench_sweep, format_pareto_bench
     from raydllm.sweep.search_space import default_space_file
 
     if args.pareto:
@@ -485,7 +485,7 @@ def _cmd_bench_gpu(args) -> int:
     """`raydllm bench gpu --llada FOLDER --dream FOLDER`: bench.bench_gpu; a CPU-only machine skips it."""
     import torch
 
-    from raydllm.bench.bench import bench_gpu, format_gpu_report
+    from raydllm.bench.gpu import bench_gpu, format_gpu_report
 
     folders = {name: path for name, path in (("llada", args.llada), ("dream", args.dream)) if path}
     if not folders:
@@ -506,7 +506,7 @@ def _cmd_bench_gpu(args) -> int:
 
 def _cmd_bench_sampler(args) -> int:
     """`raydllm bench sampler`: bench.sampler_bench (exact vs fast sampler, one process, no Ray)."""
-    from raydllm.bench.bench import format_sampler_report, sampler_bench
+    from raydllm.bench.sampler import format_sampler_report, sampler_bench
 
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
