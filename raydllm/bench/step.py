@@ -196,6 +196,68 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2, target_prob: float | Non
         torch.set_num_threads(saved_threads)
 
 
+def _timed_phases(loop, ema, instrument, phases, device, *, steps, warmup):
+    """Interleaved untouched `train_step`s of every phase (step i of each sees batch i): per-phase times,
+    tokens, positions, CUDA peak bytes, and how many jepa_dropout steps ran the target branch."""
+    times: dict[str, list[float]] = {name: [] for name in phases}
+    tokens: dict[str, list[float]] = {name: [] for name in phases}
+    positions: dict[str, list[int]] = {name: [] for name in phases}
+    peak_alloc: dict[str, int] = {name: 0 for name in phases}
+    target_runs = 0
+    target_counter = {"n": 0}
+    ema_hook = ema.module.register_forward_hook(lambda *_: target_counter.__setitem__("n", target_counter["n"] + 1))
+    names = list(phases)
+    for i in range(warmup + steps):
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate: no phase always goes first
+        for name in order:
+            with _phase(loop, ema, phases[name]):
+                loop.step = i  # every phase sees batch i and the masks of step i
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                before_pos, before_tgt = instrument.positions, target_counter["n"]
+                sync(device)
+                t0 = time.perf_counter()
+                metrics = loop.train_step()
+                sync(device)
+                elapsed = time.perf_counter() - t0
+            if i < warmup:
+                continue
+            times[name].append(elapsed)
+            tokens[name].append(metrics["tokens"])
+            positions[name].append(instrument.positions - before_pos)
+            if device.type == "cuda":
+                peak_alloc[name] = max(peak_alloc[name], torch.cuda.max_memory_allocated(device))
+            if name == "jepa_dropout":
+                target_runs += int(target_counter["n"] > before_tgt)
+    ema_hook.remove()
+    return times, tokens, positions, peak_alloc, target_runs
+
+
+def _split_parts(loop, ema, instrument, phases, steps):
+    """Instrumented steps of baseline and jepa, alternating: the median time of each part of a step."""
+    splits: dict[str, dict[str, float]] = {}
+    split_faults: dict[str, dict[str, float]] = {}
+    split_totals: dict[str, float] = {}
+    parts: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
+    faults: dict[str, dict[str, list[int]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
+    totals: dict[str, list[float]] = {n: [] for n in ("baseline", "jepa")}
+    for i in range(steps):
+        for name in (("baseline", "jepa") if i % 2 == 0 else ("jepa", "baseline")):
+            with _phase(loop, ema, phases[name]):
+                loop.step = i
+                total, part, fault = instrument.timed_step()
+            totals[name].append(total)
+            for key in PARTS:
+                parts[name][key].append(part.get(key, 0.0))
+                faults[name][key].append(fault.get(key, 0))
+    for name in parts:
+        splits[name] = {key: median(parts[name][key]) for key in PARTS}
+        split_faults[name] = {key: median(faults[name][key]) for key in PARTS}
+        split_totals[name] = median(totals[name])
+    split_paired = median([j / b for j, b in zip(totals["jepa"], totals["baseline"])])
+    return splits, split_faults, split_totals, split_paired
+
+
 def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_length, sampler_steps, split,
          memory_table) -> dict[str, Any]:
     from raydllm.engine.worker import WorkerLoop
@@ -205,60 +267,11 @@ def _run(cfg, device, phases, lam, *, steps, warmup, sampler_batch, sampler_gen_
         loop = WorkerLoop(cfg_jepa, rank=0, world=1, device=device)
         ema = loop.ema
         instrument = StepInstrument(loop, ema)
-        times: dict[str, list[float]] = {name: [] for name in phases}
-        tokens: dict[str, list[float]] = {name: [] for name in phases}
-        positions: dict[str, list[int]] = {name: [] for name in phases}
-        peak_alloc: dict[str, int] = {name: 0 for name in phases}
-        target_runs = 0
-        target_counter = {"n": 0}
-        ema_hook = ema.module.register_forward_hook(lambda *_: target_counter.__setitem__("n", target_counter["n"] + 1))
-        names = list(phases)
-        for i in range(warmup + steps):
-            order = names[i % len(names):] + names[:i % len(names)]  # rotate: no phase always goes first
-            for name in order:
-                with _phase(loop, ema, phases[name]):
-                    loop.step = i  # every phase sees batch i and the masks of step i
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    before_pos, before_tgt = instrument.positions, target_counter["n"]
-                    sync(device)
-                    t0 = time.perf_counter()
-                    metrics = loop.train_step()
-                    sync(device)
-                    elapsed = time.perf_counter() - t0
-                if i < warmup:
-                    continue
-                times[name].append(elapsed)
-                tokens[name].append(metrics["tokens"])
-                positions[name].append(instrument.positions - before_pos)
-                if device.type == "cuda":
-                    peak_alloc[name] = max(peak_alloc[name], torch.cuda.max_memory_allocated(device))
-                if name == "jepa_dropout":
-                    target_runs += int(target_counter["n"] > before_tgt)
-        ema_hook.remove()
+        times, tokens, positions, peak_alloc, target_runs = _timed_phases(
+            loop, ema, instrument, phases, device, steps=steps, warmup=warmup)
 
-        splits: dict[str, dict[str, float]] = {}
-        split_paired = None
-        split_faults: dict[str, dict[str, float]] = {}
-        split_totals: dict[str, float] = {}
-        if split:
-            parts: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
-            faults: dict[str, dict[str, list[int]]] = {n: defaultdict(list) for n in ("baseline", "jepa")}
-            totals: dict[str, list[float]] = {n: [] for n in ("baseline", "jepa")}
-            for i in range(steps):
-                for name in (("baseline", "jepa") if i % 2 == 0 else ("jepa", "baseline")):
-                    with _phase(loop, ema, phases[name]):
-                        loop.step = i
-                        total, part, fault = instrument.timed_step()
-                    totals[name].append(total)
-                    for key in PARTS:
-                        parts[name][key].append(part.get(key, 0.0))
-                        faults[name][key].append(fault.get(key, 0))
-            for name in parts:
-                splits[name] = {key: median(parts[name][key]) for key in PARTS}
-                split_faults[name] = {key: median(faults[name][key]) for key in PARTS}
-                split_totals[name] = median(totals[name])
-            split_paired = median([j / b for j, b in zip(totals["jepa"], totals["baseline"])])
+        splits, split_faults, split_totals, split_paired = (
+            _split_parts(loop, ema, instrument, phases, steps) if split else ({}, {}, {}, None))
         instrument.remove()
 
         sampler = (_sampler_bench(loop, batch_size=sampler_batch, gen_length=sampler_gen_length,
