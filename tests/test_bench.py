@@ -7,7 +7,8 @@ import pytest
 from raydllm.bench.memory import GIB, estimate_memory, llada_memory_table, predictor_params
 
 from raydllm.bench.step import format_report, run_bench
-from raydllm.cli.app import build_parser, cmd_bench
+from raydllm.cli.app import build_parser
+from raydllm.cli.bench_commands import cmd_bench
 from raydllm.core.config import load_config
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=16",
