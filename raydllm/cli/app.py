@@ -16,6 +16,7 @@ from pathlib import Path
 from raydllm.core.config import ConfigError
 from raydllm.cli.bench_commands import add_bench_command
 from raydllm.cli.common import CONSOLE, add_run_flags, config_from_args, flat_overrides, log_file_for, quiet_ray, emit_json, json_stdout, resolve_tracking_uri, user_errors
+from raydllm.cli.help_texts import describe
 from raydllm.cli.evaluate_commands import add_eval_command, add_pretrain_command
 
 
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(sub)
     add_pretrain_command(sub)
     add_bench_command(sub)
+    describe(sub)
     for command in sub.choices.values():  # `raydllm tune gsm8k -v` as well as `raydllm -v tune gsm8k`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="show Ray's, DeepSpeed's and MLflow's output instead of writing it to the log file")
