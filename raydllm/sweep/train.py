@@ -81,7 +81,7 @@ def local_resources_hint(kind: str, model: str, workers: int, use_gpu: bool) -> 
     """What to do instead, for the error message of a run (`kind`: run / sweep) this machine cannot hold."""
     if use_gpu:
         return (f"this is the {workers}-GPU {model.split('/')[-1]} {kind}: run it on a Ray cluster (set RAY_ADDRESS; "
-                f"README 'On a Ray cluster'), or use --preset local on this machine")
+                f"docs/how-to/aws.md), or use --preset local on this machine")
     return f"lower the workers or CPUs per worker, or run the {kind} on a Ray cluster (set RAY_ADDRESS)"
 
 
