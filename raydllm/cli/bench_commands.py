@@ -72,7 +72,8 @@ def _cmd_bench_gpu(args) -> int:
 
     folders = {name: path for name, path in (("llada", args.llada), ("dream", args.dream)) if path}
     if not folders:
-        raise ConfigError("bench gpu: give --llada FOLDER and/or --dream FOLDER (tiny architectures, see README)")
+        raise ConfigError("bench gpu: give --llada FOLDER and/or --dream FOLDER "
+                          "(tiny architectures, see docs/explanation/engine-8b.md)")
     for name, path in folders.items():
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"--{name} {path}: not a Hugging Face model folder (no config.json)")
