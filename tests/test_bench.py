@@ -53,8 +53,9 @@ def test_jepa_dropout_ratio_lies_between_baseline_and_full_jepa(report):
     d = report["jepa_dropout"]
     assert d["target_prob"] == 0.5 and 0 < d["target_fraction"] < 1
     assert _positive(d["ratio"])
-    # Loosely (a few steps on a shared 2-core machine): about 1 <= ratio <= the full-JEPA ratio.
-    assert 0.6 < d["ratio"] < 1.6 * max(report["step_ratio_mean"], 1.0), (d, report["step_ratio_mean"])
+    # Loosely (a few steps of a bimodal step time on a shared 2-core machine, where it flaked at 1.6x under
+    # load): about 1 <= ratio <= the full-JEPA ratio.
+    assert 0.5 < d["ratio"] < 2.0 * max(report["step_ratio_mean"], 1.0), (d, report["step_ratio_mean"])
 
 
 def test_estimate_memory_arithmetic_small_case():

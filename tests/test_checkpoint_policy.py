@@ -3,7 +3,7 @@ staging on the node's local disk."""
 import pytest
 
 from raydllm.engine.checkpoints import LOCAL_DIR_ENV, folder_bytes, staging_dir
-from raydllm.sweep.tune import delete_checkpoints, rung_steps
+from raydllm.sweep.callbacks import delete_checkpoints, rung_steps
 
 
 @pytest.mark.parametrize("max_t,grace,factor", [(444, 74, 3), (135, 10, 4), (40, 5, 2), (100, 10, 3)])
@@ -75,7 +75,7 @@ def test_status_callback_deletes_a_stopped_trials_checkpoints_and_keeps_a_finish
 
     from mlflow.tracking import MlflowClient
 
-    from raydllm.sweep.tune import TrialStatusCallback
+    from raydllm.sweep.callbacks import TrialStatusCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -101,7 +101,7 @@ def test_quiet_log_stream_echoes_the_users_lines_once():
 
 
 def test_progress_view_plain_lines_on_state_changes_only():
-    from raydllm.sweep.tune import SweepProgress
+    from raydllm.sweep.callbacks import SweepProgress
 
     def trial(status, step, lam, value=None):
         return SimpleNamespace(status=status, last_result={"step": step}, trial_id=f"t{lam}{step}",

@@ -304,7 +304,7 @@ def _role_of_worker_profile(cfg: dict) -> tuple[str, str]:
 
 def test_worker_iam_setup_is_complete(cluster_file):
     """The head launches workers with an instance profile only if its role may pass that role (iam:PassRole):
-    the exact policy ships in iam/, README's "Fill in" step attaches it and says how to check it."""
+    the exact policy ships in iam/, the AWS page's "Fill in" step attaches it and says how to check it."""
     cfg = _load(cluster_file)
     if cfg["provider"]["type"] != "aws":
         pytest.skip("AWS only")
@@ -314,10 +314,10 @@ def test_worker_iam_setup_is_complete(cluster_file):
     statements = policy["Statement"]
     assert any(s["Effect"] == "Allow" and s["Action"] == "iam:PassRole"
                and s["Resource"] == f"arn:aws:iam::{account}:role/{role}" for s in statements), policy
-    readme = (REPO / "README.md").read_text()
-    fill_in = readme[readme.index("### 1. Fill in and start"):readme.index("### 2. ")]
+    page = (REPO / "docs" / "how-to" / "aws.md").read_text()
+    fill_in = page[page.index("## 1. Fill in and start"):page.index("## 2. ")]
     block = re.search(r"```json\n(.*?)```", fill_in, re.S)
-    assert block and json.loads(block[1]) == policy, "README's Fill in step must show the policy file exactly"
+    assert block and json.loads(block[1]) == policy, "the AWS page's Fill in step must show the policy file exactly"
     assert f"aws iam put-role-policy --role-name {role}" in fill_in
     assert "--policy-document file://iam/pass-worker-role.json" in fill_in
     assert "aws iam simulate-principal-policy --action-names iam:PassRole" in fill_in

@@ -215,7 +215,7 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
 def test_failed_trial_status_in_mlflow(tmp_path):
     """The driver-side callback marks an errored trial FAILED with its error, whatever killed the trial."""
     from raydllm.sweep import tracking
-    from raydllm.sweep.tune import TrialStatusCallback
+    from raydllm.sweep.callbacks import TrialStatusCallback
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     run_id, _ = tracking.open_run(uri, "raydllm-gsm8k", key="raydllm.trial_id", name="abc_00001")
