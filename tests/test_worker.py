@@ -108,7 +108,7 @@ def test_checkpoints_at_rungs_and_the_end_only(process_group):
 def test_both_arms_on_one_seed_see_the_same_batches_and_context_views(process_group, monkeypatch):
     """The gain is paired by seed: at lambda = 0 and lambda = 1 the same seed gives the same micro-batches and
     the same context masks (the JEPA arm's target-view draws must not shift the next micro-batch's)."""
-    import raydllm.engine.worker as worker
+    import raydllm.engine.training_step as worker
 
     seen = []
 

@@ -27,7 +27,8 @@ _STDLIB_DOC_MODULES = (
 
 
 _RAYDLLM_DOC_MODULES = ("engine.backbone", "core.config", "data.sft", "core.masking", "core.model", "core.objective",
-                        "core.sampler", "core.tokenizer", "engine.worker", "engine.pretrain", "data.tasks.base",
+                        "core.sampler", "core.tokenizer", "engine.worker", "engine.training_step", "engine.checkpointing",
+                        "engine.reporting", "engine.pretrain", "data.tasks.base",
                         "data.tasks.gsm8k", "data.tasks.synthetic")
 
 
