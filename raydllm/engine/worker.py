@@ -121,6 +121,7 @@ class WorkerLoop:
         # A run restored at its final checkpoint has usually logged its final evaluation already.
         if self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric):
             return {}
+        return self.final_evaluation()
 
     # -- checkpoints (`checkpointing`) --------------------------------------------------------------
     def save(self, directory: str) -> None:
