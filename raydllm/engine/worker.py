@@ -292,20 +292,22 @@ class WorkerLoop:
 
     # -- evaluation hooks: the engine trains; the evaluation layer (`trial.TrialLoop`) fills these in -----------
     def validation_accuracy(self) -> float:
-        """The task metric on a validation subset (`eval.metric: accuracy`); rank 0 only."""
+        """The task metric on a validation subset (`eval.metric: accuracy`); called on every rank (the
+        evaluation layer shards the generation over them)."""
         raise ConfigError("eval.metric=accuracy: this loop has no generation evaluation (use trial.TrialLoop)")
 
     def final_evaluation(self) -> dict[str, float]:
-        """End-of-run figures (generation, probes); rank 0 only. The engine alone has none."""
+        """End-of-run figures (generation, probes); called on every rank. The engine alone has none."""
         return {}
 
     def forgetting_probe(self) -> dict[str, float]:
-        """`eval.report_probe_chunks`: the forgetting objective at this report (wikitext_delta); rank 0 only."""
+        """`eval.report_probe_chunks`: the forgetting objective at this report (wikitext_delta); every rank."""
         raise ConfigError("eval.report_probe_chunks: this loop has no forgetting probe (use trial.TrialLoop)")
 
     def _final_evaluation_once(self) -> dict[str, float]:
-        # A run restored at its final checkpoint has usually logged its final evaluation already.
-        if self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric):
+        # A run restored at its final checkpoint has usually logged its final evaluation already (rank 0's sink
+        # knows; every rank follows it, since the evaluation is a collective).
+        if self._rank0_value(lambda: float(self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric))):
             return {}
         return self.final_evaluation()
 
@@ -427,14 +429,14 @@ class WorkerLoop:
             summary["tokens_per_s"] = sum(m["tokens"] for m in window) * self.world / max(step_seconds, 1e-9)
         summary.pop("tokens", None)
         if self.cfg.eval.metric == "accuracy":
-            summary["val_accuracy"] = self._rank0_value(self.validation_accuracy)
+            summary["val_accuracy"] = self._every_rank_value(self.validation_accuracy)
         if self.cfg.eval.report_probe_chunks:
             probe_start = time.perf_counter()
-            summary |= self._rank0_dict(self.forgetting_probe)
+            summary |= self._every_rank_dict(self.forgetting_probe)
             self.seconds["forgetting_probe"] = (self.seconds.get("forgetting_probe", 0.0)
                                                 + time.perf_counter() - probe_start)
         if self.step >= self.total_steps and self.cfg.eval.final:
-            summary |= self._rank0_dict(self._final_evaluation_once)
+            summary |= self._every_rank_dict(self._final_evaluation_once)
         self.seconds["eval"] += time.perf_counter() - eval_start
         # Rank 0's clock for every phase, so each worker reports the same figures.
         summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})
@@ -511,6 +513,20 @@ class WorkerLoop:
         if dist.is_initialized() and self.world > 1:
             dist.broadcast(value, src=0)
         return float(value[0])
+
+    def _every_rank_value(self, compute) -> float:
+        """Computed by every rank together (a sharded evaluation), rank 0's figure shared, so every worker
+        reports the same number to the bit."""
+        value = torch.tensor([compute()], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast(value, src=0)
+        return float(value[0])
+
+    def _every_rank_dict(self, compute) -> dict[str, float]:
+        holder = [compute()]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def _rank0_dict(self, compute) -> dict[str, float]:
         holder = [compute() if self.rank == 0 else None]

@@ -12,6 +12,7 @@ from raydllm.core.config import validate
 from raydllm.evaluation.evaluate import default_sampler, evaluate_task, prompt_budget
 from raydllm.evaluation.item_scores import log_item_scores
 from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
+from raydllm.evaluation.sharding import Shard
 from raydllm.core.sampler import SamplerConfig
 from raydllm.data.tasks import get_task
 from raydllm.engine.worker import WorkerLoop
@@ -23,13 +24,16 @@ SELECTION_PROBE_SPLIT = "validation"
 
 
 class TrialLoop(WorkerLoop):
-    """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
+    """A `WorkerLoop` that also generates answers and runs the probes, sharded over every rank of the trial
+    (`sharding.Shard`): the same items and figures as one rank, in a world-th of the time."""
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
+        # Every rank takes a share of each evaluation pass; without a process group (world 1) it is all one's.
+        self.shard = Shard.current() if self.world > 1 else Shard()
         # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
         self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
-                          if cfg.eval.mmlu and cfg.eval.final and self.rank == 0 else None)
+                          if cfg.eval.mmlu and cfg.eval.final else None)
         self.forgetting_chunks, self.base_wikitext_loss = None, None
         if cfg.eval.report_probe_chunks:
             self._measure_base()
@@ -39,16 +43,15 @@ class TrialLoop(WorkerLoop):
         (every start, resumes included, since reports subtract it), and once per run the base's values of the
         per-report objectives as `base/*` metrics at step 0 (the base model's point on a sweep's Pareto plot)."""
         cfg = self.cfg
-        if self.rank == 0:
-            self.forgetting_chunks = wikitext_chunks(
-                self.tokenizer, cfg.eval.wikitext_path, split=SELECTION_PROBE_SPLIT,
-                seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
-            self.base_wikitext_loss = self._forgetting_loss()
+        self.forgetting_chunks = wikitext_chunks(
+            self.tokenizer, cfg.eval.wikitext_path, split=SELECTION_PROBE_SPLIT,
+            seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
+        self.base_wikitext_loss = self._forgetting_loss()
         if self._rank0_value(lambda: float(self.sink.has("base/val_loss_diff"))):
             return  # a resumed run: logged by its first attempt
         base = {"base/val_loss_diff": self.validation_loss(), "base/wikitext_delta": 0.0}
         if cfg.eval.metric == "accuracy":
-            base["base/val_accuracy"] = self._rank0_value(self.validation_accuracy)
+            base["base/val_accuracy"] = self._every_rank_value(self.validation_accuracy)
         if self.rank == 0:
             base["base/wikitext_loss"] = self.base_wikitext_loss
         self.sink.add(0, base)
@@ -58,7 +61,7 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         backbone = self.engine.module.backbone
         return wikitext_loss(backbone, self.tokenizer, chunks=self.forgetting_chunks, seed=cfg.eval.probe_seed,
-                             batch_size=cfg.train.micro_batch_size)
+                             batch_size=cfg.train.micro_batch_size, shard=self.shard)
 
     def forgetting_probe(self) -> dict[str, float]:
         """The forgetting objective at this report: WikiText loss now minus the base's, same chunks and masks."""
@@ -87,7 +90,7 @@ class TrialLoop(WorkerLoop):
             return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
                                  shots=shots, train_examples=self.train_examples, sampler=sampler,
                                  batch_size=cfg.train.micro_batch_size, progress=False,
-                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots))
+                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots), shard=self.shard)
         finally:
             backbone.train()
 
@@ -102,7 +105,8 @@ class TrialLoop(WorkerLoop):
     def final_evaluation(self) -> dict[str, float]:
         """Generation accuracy per shot count with the exact sampler, and with `eval.sampler=fast` the fast
         sampler's on the same items too (`final_val_<metric>_fast`, for the rank agreement of the two over a
-        sweep's trials); the probes against the base model and MMLU (when eval.mmlu names the data); rank 0."""
+        sweep's trials); the probes against the base model and MMLU (when eval.mmlu names the data); every rank
+        runs its share."""
         cfg = self.cfg
         out: dict[str, float] = {}
         primary = get_task(cfg.task).primary_metric
@@ -129,9 +133,9 @@ class TrialLoop(WorkerLoop):
                                       wikitext_path=cfg.eval.wikitext_path, split=cfg.eval.probe_split,
                                       seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)),
                                       max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size,
-                                      seed=cfg.eval.probe_seed)
+                                      seed=cfg.eval.probe_seed, shard=self.shard)
                 if self.mmlu_rows is not None:
-                    out |= mmlu_probe(base, finetuned, self.tokenizer, self.mmlu_rows)
+                    out |= mmlu_probe(base, finetuned, self.tokenizer, self.mmlu_rows, shard=self.shard)
             finetuned.train()
         return out
 
