@@ -1,8 +1,5 @@
 """Evaluation passes sharded over a two-process gloo group (torch.multiprocessing, no Ray) give the same items, the
 same per-item results and the same metrics as one rank, and each rank runs only its share of the forwards."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -14,12 +11,6 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.answer
          "data.max_prompt_tokens=64", "data.val_limit=10", "model.init=random"]
 MMLU_ROWS = [{"subject": f"s{i % 3}", "question": f"Which letter comes {i} places after A?",
               "choices": ["one", "two", "three", "four"], "answer": i % 4} for i in range(7)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _evaluation_passes(shard: Shard) -> dict:
@@ -58,11 +49,11 @@ def _evaluation_passes(shard: Shard) -> dict:
             "generation_calls": generation_calls}
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to collide with a neighbour's.
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
     try:
         torch.save(_evaluation_passes(Shard.current()), f"{out}.{rank}")
     finally:
@@ -72,7 +63,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def passes(tmp_path_factory, shared_data):
     out = str(tmp_path_factory.mktemp("shards") / "result")
-    mp.spawn(_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, out), nprocs=2, join=True)
     sharded = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     return _evaluation_passes(Shard()), sharded
 
@@ -109,3 +100,17 @@ def test_map_batches_runs_only_its_share_and_skips_the_rest():
 
     out = map_batches([1, 2, 3], lambda b: computed.append(b) or b, NoPeers(1, 2), skipped.append)
     assert computed == [2] and skipped == [1, 3] and out == [None, 2, None]
+
+
+def test_bench_eval_times_both_arms_and_checks_their_figures(shared_data):
+    from raydllm.bench.eval_shards import bench_eval_sharding, format_eval_bench
+
+    cfg = load_config("gsm8k", "local", SMALL + ["eval.gen_limit=6", "eval.final_limit=6", "eval.probe_chunks=4",
+                                                 "eval.probe_seq_len=32", "train.micro_batch_size=3",
+                                                 "data.synthetic_size=60"])
+    result = bench_eval_sharding(cfg, repeats=1)
+    assert [arm["workers"] for arm in result["arms"]] == [1, 2]
+    assert all(arm["generation_figures_equal"] for arm in result["arms"]) and result["arms"][0]["speedup"] == 1.0
+    assert result["arms"][1]["eval_s"] > 0 and "2 worker(s)" in format_eval_bench(result)
+    with pytest.raises(ValueError, match="first world size must be 1"):
+        bench_eval_sharding(cfg, worlds=(2,))
