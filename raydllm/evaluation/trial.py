@@ -9,7 +9,8 @@ import torch
 
 from raydllm.engine.backbone import BaseView, load_backbone
 from raydllm.core.config import validate
-from raydllm.evaluation.evaluate import default_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.evaluate import default_sampler, effective_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.protocol import protocol_tags, score_protocol
 from raydllm.evaluation.item_scores import log_item_scores
 from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
 from raydllm.evaluation.sharding import Shard
@@ -31,6 +32,7 @@ class TrialLoop(WorkerLoop):
         super().__init__(cfg, **kwargs)
         # Every rank takes a share of each evaluation pass; without a process group (world 1) it is all one's.
         self.shard = Shard.current() if self.world > 1 else Shard()
+        self.tagged_protocols: set[str] = set()  # metrics whose protocol tag is on the run (tagged once)
         # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
         self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
                           if cfg.eval.mmlu and cfg.eval.final else None)
@@ -80,23 +82,35 @@ class TrialLoop(WorkerLoop):
         self.sink.params({prefix + k: v for k, v in dataclasses.asdict(sampler).items()})
         return sampler
 
+    def tag_protocol(self, protocol: dict, *metrics: str) -> None:
+        """Each of `metrics` carries `protocol` on the run (MLflow tag `protocol/<metric>`), once per run."""
+        new = {m: protocol for m in metrics if m not in self.tagged_protocols}
+        for tag, value in protocol_tags(new).items():
+            self.sink.tag(tag, value)
+        self.tagged_protocols |= set(new)
+
     def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
-                          ) -> tuple[dict[str, float], list[dict]]:
+                          ) -> tuple[dict[str, float], list[dict], dict]:
+        """(metrics, predictions, protocol) of one generation pass over the first `limit` validation items."""
         cfg = self.cfg
         sampler = self.sampler(method)
         backbone = self.engine.module.backbone
+        protocol = score_protocol(effective_sampler(sampler, backbone), shots=shots,
+                                  batch_size=cfg.train.micro_batch_size, backbone=backbone)
         backbone.eval()
         try:
-            return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
-                                 shots=shots, train_examples=self.train_examples, sampler=sampler,
-                                 batch_size=cfg.train.micro_batch_size, progress=False,
-                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots), shard=self.shard)
+            metrics, predictions = evaluate_task(
+                backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit], shots=shots,
+                train_examples=self.train_examples, sampler=sampler, batch_size=cfg.train.micro_batch_size,
+                progress=False, max_prompt_tokens=prompt_budget(cfg, sampler, shots), shard=self.shard)
+            return metrics, predictions, protocol
         finally:
             backbone.train()
 
     def validation_accuracy(self) -> float:
         """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
-        metrics, predictions = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        metrics, predictions, protocol = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        self.tag_protocol(protocol, "val_accuracy", "base/val_accuracy")
         primary = get_task(self.cfg.task).primary_metric
         log_item_scores(self.sink, "val_accuracy", self.val_examples[:self.cfg.eval.gen_limit], predictions, primary,
                         self.step)
@@ -114,9 +128,13 @@ class TrialLoop(WorkerLoop):
         for shots in cfg.eval.final_shots:
             for method in methods:
                 suffix = "/fast" if method == "fast" else ""
-                metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
+                metrics, _, protocol = self._generate_metrics(cfg.eval.final_limit, shots, method)
                 out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
-                out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))
+                headline = "final_val_" + primary + suffix.replace("/", "_")
+                if headline not in out:
+                    out[headline] = float(metrics[primary])
+                    self.tag_protocol(protocol, headline)
+                self.tag_protocol(protocol, f"final/val/{shots}shot{suffix}")
         if cfg.eval.probes or self.mmlu_rows is not None:
             finetuned = self.engine.module.backbone.eval()
             if self.lora:  # the frozen base is right there: the same weights with the adapters off
