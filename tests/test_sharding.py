@@ -37,8 +37,10 @@ def _evaluation_passes(shard: Shard) -> dict:
     backbone.logits = counted
     examples = load_examples(cfg, "validation")[:10]
     sampler = default_sampler(cfg, gen_length=16, block_length=8, steps=8)
+    cost = {}
     metrics, predictions = evaluate_task(backbone, tokenizer, get_task("gsm8k"), examples, sampler=sampler,
-                                         batch_size=3, progress=False, shard=shard, max_prompt_tokens=64)
+                                         batch_size=3, progress=False, shard=shard, max_prompt_tokens=64,
+                                         decode_cost=cost)
     generation_calls = calls["logits"]
     chunks = wikitext_chunks(tokenizer, split="validation", seq_len=32, max_chunks=9)
     loss = wikitext_loss(backbone, tokenizer, chunks=chunks, batch_size=2, seed=3, shard=shard)
@@ -46,7 +48,7 @@ def _evaluation_passes(shard: Shard) -> dict:
                         max_chunks=9, batch_size=2, seed=3, shard=shard)
     mmlu = mmlu_subset(backbone, tokenizer, MMLU_ROWS, shard=shard)
     return {"metrics": metrics, "predictions": predictions, "loss": loss, "probes": probes, "mmlu": mmlu,
-            "generation_calls": generation_calls}
+            "generation_calls": generation_calls, "decode_cost": cost}
 
 
 def _rank(rank: int, world: int, out: str) -> None:
@@ -74,6 +76,7 @@ def test_sharded_generation_matches_one_rank_item_by_item(passes):
     for rank_result in sharded:  # every rank holds the whole pass
         assert rank_result["predictions"] == one["predictions"]
         assert rank_result["metrics"] == one["metrics"]
+        assert rank_result["decode_cost"] == one["decode_cost"] and one["decode_cost"]["row_forwards"] == 10 * 8
     # 10 items in batches of 3 = 4 batches: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3.
     calls = [r["generation_calls"] for r in sharded]
     assert all(c > 0 for c in calls) and sum(calls) == one["generation_calls"]

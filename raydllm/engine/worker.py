@@ -105,7 +105,7 @@ class MetricsSink:
 
     KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s",
             "time/eval_s", "time/checkpoint_s", "checkpoint/bytes", "val_accuracy", "wikitext_loss", "wikitext_delta",
-            "time/forgetting_probe_s")
+            "time/forgetting_probe_s", "decode_tokens_per_forward")
 
     def __init__(self, tracking: dict | None):
         self.client = None
@@ -296,6 +296,10 @@ class WorkerLoop:
         evaluation layer shards the generation over them)."""
         raise ConfigError("eval.metric=accuracy: this loop has no generation evaluation (use trial.TrialLoop)")
 
+    def report_figures(self) -> dict[str, float]:
+        """Figures the evaluation layer adds beside val_accuracy in a report (e.g. decoding cost); none here."""
+        return {}
+
     def final_evaluation(self) -> dict[str, float]:
         """End-of-run figures (generation, probes); called on every rank. The engine alone has none."""
         return {}
@@ -430,6 +434,7 @@ class WorkerLoop:
         summary.pop("tokens", None)
         if self.cfg.eval.metric == "accuracy":
             summary["val_accuracy"] = self._every_rank_value(self.validation_accuracy)
+            summary |= self._every_rank_dict(self.report_figures)
         if self.cfg.eval.report_probe_chunks:
             probe_start = time.perf_counter()
             summary |= self._every_rank_dict(self.forgetting_probe)
@@ -441,7 +446,8 @@ class WorkerLoop:
         # Rank 0's clock for every phase, so each worker reports the same figures.
         summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})
         self.sink.add(self.step, {k: v for k, v in summary.items() if k != "time/checkpoint_s"
-                                  and k.startswith(("val_", "final", "probe/", "time/", "params/", "wikitext_"))
+                                  and k.startswith(("val_", "final", "probe/", "time/", "params/", "wikitext_",
+                                                    "decode_"))
                                   and isinstance(v, float)})
         if self.checkpoint_due():
             checkpoint_start = time.perf_counter()

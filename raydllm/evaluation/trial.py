@@ -10,6 +10,7 @@ import torch
 from raydllm.engine.backbone import BaseView, load_backbone
 from raydllm.core.config import validate
 from raydllm.evaluation.evaluate import default_sampler, effective_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.decode_cost import DECODE_OBJECTIVE
 from raydllm.evaluation.protocol import protocol_tags, score_protocol
 from raydllm.evaluation.item_scores import log_item_scores
 from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
@@ -33,6 +34,7 @@ class TrialLoop(WorkerLoop):
         # Every rank takes a share of each evaluation pass; without a process group (world 1) it is all one's.
         self.shard = Shard.current() if self.world > 1 else Shard()
         self.tagged_protocols: set[str] = set()  # metrics whose protocol tag is on the run (tagged once)
+        self.decode_figures: dict[str, float] = {}  # the last val_accuracy pass's decoding cost (fast sampler)
         # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
         self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
                           if cfg.eval.mmlu and cfg.eval.final else None)
@@ -54,6 +56,7 @@ class TrialLoop(WorkerLoop):
         base = {"base/val_loss_diff": self.validation_loss(), "base/wikitext_delta": 0.0}
         if cfg.eval.metric == "accuracy":
             base["base/val_accuracy"] = self._every_rank_value(self.validation_accuracy)
+            base |= {"base/" + k: v for k, v in self.report_figures().items()}
         if self.rank == 0:
             base["base/wikitext_loss"] = self.base_wikitext_loss
         self.sink.add(0, base)
@@ -64,6 +67,10 @@ class TrialLoop(WorkerLoop):
         backbone = self.engine.module.backbone
         return wikitext_loss(backbone, self.tokenizer, chunks=self.forgetting_chunks, seed=cfg.eval.probe_seed,
                              batch_size=cfg.train.micro_batch_size, shard=self.shard)
+
+    def report_figures(self) -> dict[str, float]:
+        """Beside val_accuracy in each report: with eval.sampler=fast, its tokens per forward on the same items."""
+        return dict(self.decode_figures)
 
     def forgetting_probe(self) -> dict[str, float]:
         """The forgetting objective at this report: WikiText loss now minus the base's, same chunks and masks."""
@@ -89,7 +96,7 @@ class TrialLoop(WorkerLoop):
             self.sink.tag(tag, value)
         self.tagged_protocols |= set(new)
 
-    def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
+    def _generate_metrics(self, limit: int, shots: int, method: str = "exact", decode_cost: dict | None = None
                           ) -> tuple[dict[str, float], list[dict], dict]:
         """(metrics, predictions, protocol) of one generation pass over the first `limit` validation items."""
         cfg = self.cfg
@@ -102,15 +109,21 @@ class TrialLoop(WorkerLoop):
             metrics, predictions = evaluate_task(
                 backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit], shots=shots,
                 train_examples=self.train_examples, sampler=sampler, batch_size=cfg.train.micro_batch_size,
-                progress=False, max_prompt_tokens=prompt_budget(cfg, sampler, shots), shard=self.shard)
+                progress=False, max_prompt_tokens=prompt_budget(cfg, sampler, shots), shard=self.shard,
+                decode_cost=decode_cost)
             return metrics, predictions, protocol
         finally:
             backbone.train()
 
     def validation_accuracy(self) -> float:
         """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
-        metrics, predictions, protocol = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        cost: dict[str, float] = {}
+        metrics, predictions, protocol = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler,
+                                                                decode_cost=cost)
         self.tag_protocol(protocol, "val_accuracy", "base/val_accuracy")
+        if self.cfg.eval.sampler == "fast":  # the decode-cost objective: the fast sampler's, on the same items
+            self.decode_figures = {DECODE_OBJECTIVE: cost["tokens_per_forward"]}
+            self.tag_protocol(protocol, DECODE_OBJECTIVE, "base/" + DECODE_OBJECTIVE)
         primary = get_task(self.cfg.task).primary_metric
         log_item_scores(self.sink, "val_accuracy", self.val_examples[:self.cfg.eval.gen_limit], predictions, primary,
                         self.step)
