@@ -27,6 +27,8 @@ def cmd_bench(args) -> int:
         return 0
     if args.mode == "sampler":
         return _cmd_bench_sampler(args)
+    if args.mode == "eval":
+        return _cmd_bench_eval(args)
     from raydllm.bench.step import format_report, run_bench
 
     cfg = load_config(args.task, args.preset, args.overrides)
@@ -106,14 +108,30 @@ def _cmd_bench_sampler(args) -> int:
     return 0
 
 
+def _cmd_bench_eval(args) -> int:
+    """`raydllm bench eval`: bench.eval_shards (a trial's evaluation phase on 1 and 2 workers; gloo, no Ray)."""
+    from raydllm.bench.eval_shards import bench_eval_sharding, format_eval_bench
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
+    cfg = load_config(args.task, args.preset, args.overrides)
+    result = bench_eval_sharding(cfg, repeats=args.repeats)
+    if args.json:
+        emit_json(result, default=json_default)
+    else:
+        print(format_eval_bench(result))
+    return 0 if all(arm["generation_figures_equal"] for arm in result["arms"]) else 1
+
+
 def add_bench_command(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="baseline vs DLLM-JEPA step cost in one process (ratio, split, tokens/s, memory, sampler)")
-    p.add_argument("mode", nargs="?", choices=["step", "sweep", "sampler", "l2", "gpu"], default="step",
+    p.add_argument("mode", nargs="?", choices=["step", "sweep", "sampler", "l2", "gpu", "eval"], default="step",
                    help="step (default): the one-process step benchmark; sweep: see `raydllm bench sweep -h`; "
                         "sampler: the exact and the fast sampler side by side; "
                         "l2: what strength of the L2-to-base anchor changes the update (--steps per lambda); "
-                        "gpu: the tiny LLaDA/Dream folders through every part an 8B trial runs, on the first GPU")
+                        "gpu: the tiny LLaDA/Dream folders through every part an 8B trial runs, on the first GPU; "
+                        "eval: a trial's evaluation phase on 2 workers against 1 (sharded generation)")
     p.add_argument("--llada", help="gpu mode: a tiny LLaDA-architecture folder")
     p.add_argument("--dream", help="gpu mode: a tiny Dream-architecture folder")
     p.add_argument("--cpu", action="store_true", help="gpu mode: run the same parts on the CPU (float32)")
@@ -148,5 +166,6 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--tracking-uri", help="sweep mode: MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                           "./mlflow.db)")
     p.add_argument("--storage", help="sweep mode: where trials keep checkpoints")
+    p.add_argument("--repeats", type=int, default=2, help="eval mode: timed repeats per arm (median; default 2)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.set_defaults(func=cmd_bench)

@@ -42,6 +42,8 @@ def cmd_eval(args) -> int:
     sampler = default_sampler(cfg, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                               method=args.sampler, threshold=args.threshold, cache=args.cache)
     sampler = effective_sampler(sampler, backbone)
+    from raydllm.evaluation.protocol import score_protocol
+    protocol = score_protocol(sampler, shots=args.shots, batch_size=args.batch_size, backbone=backbone)
     metrics, predictions = evaluate_task(backbone, tokenizer, task, examples, shots=args.shots,
                                          train_examples=train, sampler=sampler, batch_size=args.batch_size,
                                          progress=not args.no_progress,
@@ -52,14 +54,14 @@ def cmd_eval(args) -> int:
         variant = "/".join(part for part in ("base" if args.base else "ema" if args.ema else "",
                                              "fast" if sampler.method == "fast" else "") if part)
         logged = log_to_run(tracking_uri, run_id, metrics, predictions, split=args.split, shots=args.shots,
-                            task=args.task, step=step, weights=variant or None)
+                            task=args.task, step=step, weights=variant or None, protocol=protocol)
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
     result = {"checkpoint": str(folder), "run_id": run_id, "step": step, "weights": "base" if args.base else
               ("ema" if args.ema else "online"), "device": str(next(backbone.parameters()).device),
               "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."), "task": args.task, "split": args.split,
               "shots": args.shots, "sampler": sampler_settings(sampler),
-              "metrics": metrics, "logged_as": logged}
+              "protocol": protocol, "metrics": metrics, "logged_as": logged}
     if args.json:
         emit_json(result)
     else:
@@ -70,7 +72,7 @@ def cmd_eval(args) -> int:
         for key, value in metrics.items():
             print(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
         if logged:
-            print(f"logged to MLflow run {run_id} as {logged}/*")
+            print(f"logged to MLflow run {run_id} as {logged}/*, its protocol as tag protocol/{logged}")
     return 0
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 WINDOW_KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr")
 # The report's figures that go to MLflow beside the per-step curves (time/checkpoint_s is written once the
 # checkpoint it times is done).
-SINK_PREFIXES = ("val_", "final", "probe/", "time/", "params/", "wikitext_")
+SINK_PREFIXES = ("val_", "final", "probe/", "time/", "params/", "wikitext_", "decode_")
 
 
 class MetricsSink:
@@ -30,7 +30,7 @@ class MetricsSink:
 
     KEYS = ("loss_total", "loss_diff", "loss_jepa", "lr", "tokens_per_s", "val_loss_diff", "time/train_s",
             "time/eval_s", "time/checkpoint_s", "checkpoint/bytes", "val_accuracy", "wikitext_loss", "wikitext_delta",
-            "time/forgetting_probe_s")
+            "time/forgetting_probe_s", "decode_tokens_per_forward")
 
     def __init__(self, tracking: dict | None):
         self.client = None
@@ -92,6 +92,20 @@ class RankShare:
 
     def dict(self, compute) -> dict[str, float]:
         holder = [compute() if self.rank == 0 else None]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def every_rank_value(self, compute) -> float:
+        """Computed by every rank together (a sharded evaluation), rank 0's figure shared, so every worker
+        reports the same number to the bit."""
+        value = torch.tensor([compute()], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast(value, src=0)
+        return float(value[0])
+
+    def every_rank_dict(self, compute) -> dict[str, float]:
+        holder = [compute()]
         if dist.is_initialized() and self.world > 1:
             dist.broadcast_object_list(holder, src=0)
         return holder[0]

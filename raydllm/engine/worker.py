@@ -106,20 +106,26 @@ class WorkerLoop:
 
     # -- evaluation hooks: the engine trains; the evaluation layer (`trial.TrialLoop`) fills these in -----------
     def validation_accuracy(self) -> float:
-        """The task metric on a validation subset (`eval.metric: accuracy`); rank 0 only."""
+        """The task metric on a validation subset (`eval.metric: accuracy`); called on every rank (the
+        evaluation layer shards the generation over them)."""
         raise ConfigError("eval.metric=accuracy: this loop has no generation evaluation (use trial.TrialLoop)")
 
+    def report_figures(self) -> dict[str, float]:
+        """Figures the evaluation layer adds beside val_accuracy in a report (e.g. decoding cost); none here."""
+        return {}
+
     def final_evaluation(self) -> dict[str, float]:
-        """End-of-run figures (generation, probes); rank 0 only. The engine alone has none."""
+        """End-of-run figures (generation, probes); called on every rank. The engine alone has none."""
         return {}
 
     def forgetting_probe(self) -> dict[str, float]:
-        """`eval.report_probe_chunks`: the forgetting objective at this report (wikitext_delta); rank 0 only."""
+        """`eval.report_probe_chunks`: the forgetting objective at this report (wikitext_delta); every rank."""
         raise ConfigError("eval.report_probe_chunks: this loop has no forgetting probe (use trial.TrialLoop)")
 
     def _final_evaluation_once(self) -> dict[str, float]:
-        # A run restored at its final checkpoint has usually logged its final evaluation already.
-        if self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric):
+        # A run restored at its final checkpoint has usually logged its final evaluation already (rank 0's sink
+        # knows; every rank follows it, since the evaluation is a collective).
+        if self._rank0_value(lambda: float(self.sink.has("final_val_" + get_task(self.cfg.task).primary_metric))):
             return {}
         return self.final_evaluation()
 
@@ -210,14 +216,15 @@ class WorkerLoop:
         summary |= self.param_counts
         summary.pop("tokens", None)
         if self.cfg.eval.metric == "accuracy":
-            summary["val_accuracy"] = self._rank0_value(self.validation_accuracy)
+            summary["val_accuracy"] = self.share.every_rank_value(self.validation_accuracy)
+            summary |= self.share.every_rank_dict(self.report_figures)
         if self.cfg.eval.report_probe_chunks:
             probe_start = time.perf_counter()
-            summary |= self._rank0_dict(self.forgetting_probe)
+            summary |= self.share.every_rank_dict(self.forgetting_probe)
             self.seconds["forgetting_probe"] = (self.seconds.get("forgetting_probe", 0.0)
                                                 + time.perf_counter() - probe_start)
         if self.step >= self.total_steps and self.cfg.eval.final:
-            summary |= self._rank0_dict(self._final_evaluation_once)
+            summary |= self.share.every_rank_dict(self._final_evaluation_once)
         self.seconds["eval"] += time.perf_counter() - eval_start
         # Rank 0's clock for every phase, so each worker reports the same figures.
         summary |= self._rank0_dict(lambda: {f"time/{phase}_s": value for phase, value in self.seconds.items()})

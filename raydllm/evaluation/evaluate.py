@@ -18,6 +18,8 @@ import torch
 from raydllm.engine.checkpoints import BACKBONE_PREFIX, read_checkpoint_meta, read_checkpoint_state, resolve_checkpoint_dir, torch_load
 from raydllm.core.config import Config, ConfigError, validate
 from raydllm.core.sampler import SamplerConfig, decode_generations, sample
+from raydllm.evaluation.decode_cost import cost_figures, count_forwards
+from raydllm.evaluation.sharding import ONE_RANK, Shard, map_batches
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def sampler_settings(sampler: SamplerConfig) -> dict[str, Any]:
 def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_examples=(),
                   sampler: SamplerConfig = SamplerConfig(), batch_size: int = 16, progress: bool = True,
                   max_prompt_tokens: int | None = None, generator: torch.Generator | None = None,
+                  shard: Shard | None = None, decode_cost: dict | None = None
                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate an answer for every example and score it.
 
@@ -74,7 +77,12 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
     Prompts are `task.format_prompt(example, few_shot_exemplars(train_examples, shots))`, tokenized without
     special tokens (as `data.tokenize_sft` does), truncated to their last `max_prompt_tokens` when given,
     and batched by length with left padding (pad id = backbone.ids.pad; the sampler's mask id is
-    backbone.ids.mask).
+    backbone.ids.mask). `shard` (`sharding.Shard`, one per rank of a process group): each rank generates its
+    share of those same batches, and every rank returns the whole pass's metrics and predictions (a collective:
+    every rank of the group must call it). With `generator` (temperature > 0) the draws follow the batches a rank
+    runs, so only a greedy pass is item-for-item the same sharded and unsharded. `decode_cost`, a dict, is
+    filled with the pass's decoding cost (`decode_cost.count_forwards`): answer tokens, row-forwards (a batched
+    forward counts once per row it carries) and their ratio, `tokens_per_forward`, over every rank's batches.
     """
     from tqdm.auto import tqdm
 
@@ -99,18 +107,28 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
     backbone.eval()
 
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    generations: dict[int, str] = {}
-    bar = tqdm(total=len(examples), desc=f"eval {getattr(task, 'name', 'task')}", unit="ex", disable=not progress,
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    shard = shard or ONE_RANK
+    bar = tqdm(total=sum(len(b) for k, b in enumerate(batches) if shard.owns(k)),
+               desc=f"eval {getattr(task, 'name', 'task')}", unit="ex", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+
+    def generate(idx: list[int]) -> tuple[list[str], int]:
         ids, attention = left_pad([encoded[i] for i in idx], backbone.ids.pad)
-        out = sample(backbone.logits, ids.to(device), attention.to(device), mask_id=backbone.ids.mask,
-                     config=sampler, cached_forward=cached_forward, generator=generator)
-        texts = decode_generations(tokenizer, out.cpu(), ids.shape[1], eos_id=stops)
-        generations.update(zip(idx, texts))
+        logits_fn, cached, forwards = count_forwards(backbone.logits, cached_forward)
+        out = sample(logits_fn, ids.to(device), attention.to(device), mask_id=backbone.ids.mask,
+                     config=sampler, cached_forward=cached, generator=generator)
         bar.update(len(idx))
+        return decode_generations(tokenizer, out.cpu(), ids.shape[1], eos_id=stops), forwards()
+
+    generations: dict[int, str] = {}
+    row_forwards = 0
+    for idx, (texts, forwards) in zip(batches, map_batches(batches, generate, shard)):
+        generations.update(zip(idx, texts))
+        row_forwards += forwards * len(idx)
     bar.close()
+    if decode_cost is not None:
+        decode_cost.update(cost_figures(tokens=len(examples) * sampler.gen_length, row_forwards=row_forwards))
     if was_training:
         backbone.train()
 

@@ -25,7 +25,8 @@ Definitions follow the paper (§4.3, App. A.7); every probe reads the same `eval
   subject over MMLU's 57, fixed seed, so the same items for every model), each scored by the likelihood of
   each option letter at masked answer positions.
 
-`run_probes` returns one flat `probe/...` dict for MLflow.
+`run_probes` returns one flat `probe/...` dict for MLflow. Every probe takes a `shard` (`sharding.Shard`):
+its batches spread over the ranks of a trial, the same figures on every rank as on one (a collective then).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from raydllm.data.corpora import encode_text, wikitext_file
 from raydllm.core.masking import mask_tokens
 from raydllm.core.objective import mean_pool, pool
+from raydllm.evaluation.sharding import Shard, map_batches
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +92,30 @@ def _device(backbone) -> torch.device:
 @torch.no_grad()
 def wikitext_loss(backbone, tokenizer, text_path: str | Path | None = None, *, split: str = "validation",
                   mask_rate: float = 0.5, seed: int = 0, seq_len: int = 256, max_chunks: int | None = 100,
-                  batch_size: int = 8, chunks: torch.Tensor | None = None) -> float:
+                  batch_size: int = 8, chunks: torch.Tensor | None = None, shard: Shard | None = None) -> float:
     """Mean CE over masked tokens of WikiText chunks, each token masked with probability `mask_rate`
-    by a generator seeded with `seed` (same seed -> same masks -> same value)."""
+    by a generator seeded with `seed` (same seed -> same masks -> same value, on any number of ranks)."""
     if chunks is None:
         chunks = wikitext_chunks(tokenizer, text_path, split=split, seq_len=seq_len, max_chunks=max_chunks)
     generator = torch.Generator().manual_seed(seed)
     device = _device(backbone)
     was_training = backbone.training
     backbone.eval()
-    total, count = 0.0, 0
-    for start in range(0, chunks.shape[0], batch_size):
-        x0 = chunks[start:start + batch_size]
-        x_t, masked = mask_tokens(x0, mask_rate, torch.ones_like(x0, dtype=torch.bool),
-                                  mask_token_id=backbone.ids.mask, generator=generator)
+    # Every batch's masks in order (cheap), whichever rank runs its forward.
+    batches = [(x0, *mask_tokens(x0, mask_rate, torch.ones_like(x0, dtype=torch.bool),
+                                 mask_token_id=backbone.ids.mask, generator=generator))
+               for x0 in chunks.split(batch_size)]
+
+    def batch_loss(batch) -> tuple[float, int]:
+        x0, x_t, masked = batch
         logits = backbone.logits(x_t.to(device), torch.ones_like(x0).to(device))
         masked = masked.to(device)
-        total += float(F.cross_entropy(logits[masked].float(), x0.to(device)[masked], reduction="sum"))
-        count += int(masked.sum())
+        return float(F.cross_entropy(logits[masked].float(), x0.to(device)[masked], reduction="sum")), int(masked.sum())
+
+    total, count = 0.0, 0
+    for batch_total, batch_count in map_batches(batches, batch_loss, shard):  # summed in one rank's order
+        total += batch_total
+        count += batch_count
     if was_training:
         backbone.train()
     return total / max(count, 1)
@@ -131,27 +139,29 @@ def thirds(n: int) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def layer_drift(base, finetuned, batches: Iterable) -> dict[str, float]:
+def layer_drift(base, finetuned, batches: Iterable, shard: Shard | None = None) -> dict[str, float]:
     """Per layer l = 1..n: mean over examples of 1 - cos(h̄_base^l, h̄_ft^l), h̄ = the raw mean of the layer's
     hidden states over non-pad tokens (`objective.mean_pool`, no LayerNorm); keys `layer_<l>` and `early`,
     `middle`, `late` (means over thirds of the layers).
     `batches` yields (input_ids, attention_mask) pairs, `data.Batch`es, dicts or bare id tensors."""
-    sums: list[float] | None = None
-    count = 0
-    for batch in batches:
+    def batch_drift(batch) -> tuple[list[float], int]:
         ids, attention = _as_pair(batch)
         keep = attention.bool()
         hs_b = base.all_hidden_states(ids.to(_device(base)), attention.to(_device(base)))
         hs_f = finetuned.all_hidden_states(ids.to(_device(finetuned)), attention.to(_device(finetuned)))
         if len(hs_b) != len(hs_f):
             raise ValueError(f"layer_drift: base has {len(hs_b) - 1} layers, fine-tuned {len(hs_f) - 1}")
-        if sums is None:
-            sums = [0.0] * (len(hs_b) - 1)
-        for layer in range(1, len(hs_b)):
-            zb = mean_pool(hs_b[layer].cpu(), keep)
-            zf = mean_pool(hs_f[layer].cpu(), keep)
-            sums[layer - 1] += float((1.0 - F.cosine_similarity(zb, zf, dim=-1)).sum())
-        count += ids.shape[0]
+        return [float((1.0 - F.cosine_similarity(mean_pool(hs_b[layer].cpu(), keep),
+                                                 mean_pool(hs_f[layer].cpu(), keep), dim=-1)).sum())
+                for layer in range(1, len(hs_b))], int(ids.shape[0])
+
+    sums: list[float] | None = None
+    count = 0
+    for layer_sums, rows in map_batches(list(batches), batch_drift, shard):  # summed in one rank's order
+        sums = [0.0] * len(layer_sums) if sums is None else sums
+        for layer, value in enumerate(layer_sums):
+            sums[layer] += value
+        count += rows
     if not sums or count == 0:
         raise ValueError("layer_drift: no batches")
     out = {f"layer_{i + 1}": s / count for i, s in enumerate(sums)}
@@ -195,19 +205,26 @@ def collapse_stats(z: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
 
 @torch.no_grad()
 def view_embeddings(backbone, chunks: torch.Tensor, *, t_low: float, t_high: float, seed: int = 0,
-                    batch_size: int = 8) -> dict[str, torch.Tensor]:
+                    batch_size: int = 8, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """{"tL": z [N, D], "tH": z [N, D]}: `objective.pool` of the last hidden states over the visible tokens of
     each chunk masked at t_low and at t_high (masks from `seed`: the same views for every model)."""
     device = _device(backbone)
     generator = torch.Generator().manual_seed(seed)
-    out: dict[str, list[torch.Tensor]] = {"tL": [], "tH": []}
-    for start in range(0, chunks.shape[0], batch_size):
-        x0 = chunks[start:start + batch_size]
+    views = []  # (name, x_t, masked) per batch and view, the masks drawn in one rank's order
+    for x0 in chunks.split(batch_size):
         everywhere = torch.ones_like(x0, dtype=torch.bool)
         for name, rate in (("tL", t_low), ("tH", t_high)):
-            x_t, masked = mask_tokens(x0, rate, everywhere, mask_token_id=backbone.ids.mask, generator=generator)
-            _, hidden = backbone(x_t.to(device), torch.ones_like(x0).to(device))
-            out[name].append(pool(hidden.cpu(), ~masked))
+            views.append((name, *mask_tokens(x0, rate, everywhere, mask_token_id=backbone.ids.mask,
+                                             generator=generator)))
+
+    def embed(view) -> torch.Tensor:
+        _, x_t, masked = view
+        _, hidden = backbone(x_t.to(device), torch.ones_like(x_t).to(device))
+        return pool(hidden.cpu(), ~masked)
+
+    out: dict[str, list[torch.Tensor]] = {"tL": [], "tH": []}
+    for (name, _, _), z in zip(views, map_batches(views, embed, shard)):
+        out[name].append(z)
     return {name: torch.cat(z) for name, z in out.items()}
 
 
@@ -299,7 +316,8 @@ def mmlu_prompt(row: dict) -> str:
 
 
 @torch.no_grad()
-def mmlu_subset(backbone, tokenizer, rows: Sequence[dict], *, max_prompt_tokens: int = 448) -> dict[str, float]:
+def mmlu_subset(backbone, tokenizer, rows: Sequence[dict], *, max_prompt_tokens: int = 448,
+                shard: Shard | None = None) -> dict[str, float]:
     """Accuracy on MMLU `rows` (e.g. `stratified_sample(load_mmlu(...), 500)`): the prompt is followed by
     the answer positions all masked, and the option whose letter (" A" ... " D") has the highest
     log-likelihood there is the prediction."""
@@ -308,20 +326,23 @@ def mmlu_subset(backbone, tokenizer, rows: Sequence[dict], *, max_prompt_tokens:
     options = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"] for letter in LETTERS]
     width = max(len(o) for o in options)
     device = _device(backbone)
-    correct = 0
-    for row in rows:
+
+    def is_correct(row) -> int:
         prompt = tokenizer(mmlu_prompt(row), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
         x = torch.tensor([prompt + [backbone.ids.mask] * width], device=device)
         logp = F.log_softmax(backbone.logits(x, torch.ones_like(x)).float()[0, len(prompt):], dim=-1)
         scores = [float(sum(logp[j, tok] for j, tok in enumerate(option))) for option in options]
-        correct += int(int(np.argmax(scores)) == row["answer"])
+        return int(int(np.argmax(scores)) == row["answer"])
+
+    correct = sum(map_batches(list(rows), is_correct, shard))  # one row per "batch": rows run one at a time
     return {"accuracy": correct / len(rows), "n": float(len(rows))}
 
 
-def mmlu_probe(base_backbone, ft_backbone, tokenizer, rows: Sequence[dict]) -> dict[str, float]:
+def mmlu_probe(base_backbone, ft_backbone, tokenizer, rows: Sequence[dict], shard: Shard | None = None
+               ) -> dict[str, float]:
     """`probe/mmlu_*`: the fine-tuned model's accuracy on `rows`, the base's, their difference, and n."""
-    ft = mmlu_subset(ft_backbone, tokenizer, rows)
-    base = mmlu_subset(base_backbone, tokenizer, rows)
+    ft = mmlu_subset(ft_backbone, tokenizer, rows, shard=shard)
+    base = mmlu_subset(base_backbone, tokenizer, rows, shard=shard)
     return {"probe/mmlu_accuracy": ft["accuracy"], "probe/mmlu_accuracy_base": base["accuracy"],
             "probe/mmlu_delta": ft["accuracy"] - base["accuracy"], "probe/mmlu_n": ft["n"]}
 
@@ -330,27 +351,27 @@ def mmlu_probe(base_backbone, ft_backbone, tokenizer, rows: Sequence[dict]) -> d
 def run_probes(base_backbone, ft_backbone, tokenizer, *, t_low: float, t_high: float,
                wikitext_path: str | Path | None = None, split: str = "validation", seq_len: int = 256,
                max_chunks: int = 100, batch_size: int = 8, seed: int = 0, mask_rate: float = 0.5,
-               drift_batches: Sequence | None = None, mmlu_rows: Sequence[dict] | None = None
-               ) -> dict[str, float]:
+               drift_batches: Sequence | None = None, mmlu_rows: Sequence[dict] | None = None,
+               shard: Shard | None = None) -> dict[str, float]:
     """All probes of `ft_backbone` against `base_backbone`, as a flat dict of `probe/...` floats.
 
     The WikiText chunks of `split` serve every probe; `drift_batches` (e.g. the task's validation batches)
     replace them for the drift when given. Collapse statistics are on both views (t_low, t_high) of the
     chunks. The tokenizer is shared (a fine-tune does not change it)."""
     chunks = wikitext_chunks(tokenizer, wikitext_path, split=split, seq_len=seq_len, max_chunks=max_chunks)
-    loss_kw = dict(mask_rate=mask_rate, seed=seed, batch_size=batch_size, chunks=chunks)
+    loss_kw = dict(mask_rate=mask_rate, seed=seed, batch_size=batch_size, chunks=chunks, shard=shard)
     base_loss = wikitext_loss(base_backbone, tokenizer, **loss_kw)
     ft_loss = wikitext_loss(ft_backbone, tokenizer, **loss_kw)
     out = {"probe/wikitext_loss": ft_loss, "probe/wikitext_loss_base": base_loss,
            "probe/wikitext_delta": ft_loss - base_loss, "probe/wikitext_tokens": float(chunks.numel())}
     if drift_batches is None:
         drift_batches = [(c, torch.ones_like(c)) for c in chunks.split(batch_size)]
-    drift = layer_drift(base_backbone, ft_backbone, drift_batches)
+    drift = layer_drift(base_backbone, ft_backbone, drift_batches, shard=shard)
     out |= {f"probe/drift_{k}": v for k, v in drift.items()}
-    view_kw = dict(t_low=t_low, t_high=t_high, seed=seed, batch_size=batch_size)
+    view_kw = dict(t_low=t_low, t_high=t_high, seed=seed, batch_size=batch_size, shard=shard)
     for prefix, backbone in (("z", ft_backbone), ("z_base", base_backbone)):
         stats = view_collapse_stats(view_embeddings(backbone, chunks, **view_kw), seed=seed)
         out |= {f"probe/{prefix}_{k}": v for k, v in stats.items()}
     if mmlu_rows is not None:
-        out |= mmlu_probe(base_backbone, ft_backbone, tokenizer, mmlu_rows)
+        out |= mmlu_probe(base_backbone, ft_backbone, tokenizer, mmlu_rows, shard=shard)
     return {k: float(v) for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}

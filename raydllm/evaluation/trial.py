@@ -9,9 +9,12 @@ import torch
 
 from raydllm.engine.backbone import BaseView, load_backbone
 from raydllm.core.config import validate
-from raydllm.evaluation.evaluate import default_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.evaluate import default_sampler, effective_sampler, evaluate_task, prompt_budget
+from raydllm.evaluation.decode_cost import DECODE_OBJECTIVE
+from raydllm.evaluation.protocol import protocol_tags, score_protocol
 from raydllm.evaluation.item_scores import log_item_scores
 from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
+from raydllm.evaluation.sharding import Shard
 from raydllm.core.sampler import SamplerConfig
 from raydllm.data.tasks import get_task
 from raydllm.engine.worker import WorkerLoop
@@ -23,13 +26,18 @@ SELECTION_PROBE_SPLIT = "validation"
 
 
 class TrialLoop(WorkerLoop):
-    """A `WorkerLoop` that also generates answers and runs the probes (rank 0)."""
+    """A `WorkerLoop` that also generates answers and runs the probes, sharded over every rank of the trial
+    (`sharding.Shard`): the same items and figures as one rank, in a world-th of the time."""
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
+        # Every rank takes a share of each evaluation pass; without a process group (world 1) it is all one's.
+        self.shard = Shard.current() if self.world > 1 else Shard()
+        self.tagged_protocols: set[str] = set()  # metrics whose protocol tag is on the run (tagged once)
+        self.decode_figures: dict[str, float] = {}  # the last val_accuracy pass's decoding cost (fast sampler)
         # Read before training, so a bad eval.mmlu fails in seconds, not after the run.
         self.mmlu_rows = (stratified_sample(load_mmlu(cfg.eval.mmlu), cfg.eval.mmlu_items, cfg.eval.mmlu_seed)
-                          if cfg.eval.mmlu and cfg.eval.final and self.rank == 0 else None)
+                          if cfg.eval.mmlu and cfg.eval.final else None)
         self.forgetting_chunks, self.base_wikitext_loss = None, None
         if cfg.eval.report_probe_chunks:
             self._measure_base()
@@ -39,16 +47,16 @@ class TrialLoop(WorkerLoop):
         (every start, resumes included, since reports subtract it), and once per run the base's values of the
         per-report objectives as `base/*` metrics at step 0 (the base model's point on a sweep's Pareto plot)."""
         cfg = self.cfg
-        if self.rank == 0:
-            self.forgetting_chunks = wikitext_chunks(
-                self.tokenizer, cfg.eval.wikitext_path, split=SELECTION_PROBE_SPLIT,
-                seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
-            self.base_wikitext_loss = self._forgetting_loss()
+        self.forgetting_chunks = wikitext_chunks(
+            self.tokenizer, cfg.eval.wikitext_path, split=SELECTION_PROBE_SPLIT,
+            seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)), max_chunks=cfg.eval.report_probe_chunks)
+        self.base_wikitext_loss = self._forgetting_loss()
         if self._rank0_value(lambda: float(self.sink.has("base/val_loss_diff"))):
             return  # a resumed run: logged by its first attempt
         base = {"base/val_loss_diff": self.validation_loss(), "base/wikitext_delta": 0.0}
         if cfg.eval.metric == "accuracy":
-            base["base/val_accuracy"] = self._rank0_value(self.validation_accuracy)
+            base["base/val_accuracy"] = self._every_rank_value(self.validation_accuracy)
+            base |= {"base/" + k: v for k, v in self.report_figures().items()}
         if self.rank == 0:
             base["base/wikitext_loss"] = self.base_wikitext_loss
         self.sink.add(0, base)
@@ -58,7 +66,11 @@ class TrialLoop(WorkerLoop):
         cfg = self.cfg
         backbone = self.engine.module.backbone
         return wikitext_loss(backbone, self.tokenizer, chunks=self.forgetting_chunks, seed=cfg.eval.probe_seed,
-                             batch_size=cfg.train.micro_batch_size)
+                             batch_size=cfg.train.micro_batch_size, shard=self.shard)
+
+    def report_figures(self) -> dict[str, float]:
+        """Beside val_accuracy in each report: with eval.sampler=fast, its tokens per forward on the same items."""
+        return dict(self.decode_figures)
 
     def forgetting_probe(self) -> dict[str, float]:
         """The forgetting objective at this report: WikiText loss now minus the base's, same chunks and masks."""
@@ -77,23 +89,41 @@ class TrialLoop(WorkerLoop):
         self.sink.params({prefix + k: v for k, v in dataclasses.asdict(sampler).items()})
         return sampler
 
-    def _generate_metrics(self, limit: int, shots: int, method: str = "exact"
-                          ) -> tuple[dict[str, float], list[dict]]:
+    def tag_protocol(self, protocol: dict, *metrics: str) -> None:
+        """Each of `metrics` carries `protocol` on the run (MLflow tag `protocol/<metric>`), once per run."""
+        new = {m: protocol for m in metrics if m not in self.tagged_protocols}
+        for tag, value in protocol_tags(new).items():
+            self.sink.tag(tag, value)
+        self.tagged_protocols |= set(new)
+
+    def _generate_metrics(self, limit: int, shots: int, method: str = "exact", decode_cost: dict | None = None
+                          ) -> tuple[dict[str, float], list[dict], dict]:
+        """(metrics, predictions, protocol) of one generation pass over the first `limit` validation items."""
         cfg = self.cfg
         sampler = self.sampler(method)
         backbone = self.engine.module.backbone
+        protocol = score_protocol(effective_sampler(sampler, backbone), shots=shots,
+                                  batch_size=cfg.train.micro_batch_size, backbone=backbone)
         backbone.eval()
         try:
-            return evaluate_task(backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit],
-                                 shots=shots, train_examples=self.train_examples, sampler=sampler,
-                                 batch_size=cfg.train.micro_batch_size, progress=False,
-                                 max_prompt_tokens=prompt_budget(cfg, sampler, shots))
+            metrics, predictions = evaluate_task(
+                backbone, self.tokenizer, get_task(cfg.task), self.val_examples[:limit], shots=shots,
+                train_examples=self.train_examples, sampler=sampler, batch_size=cfg.train.micro_batch_size,
+                progress=False, max_prompt_tokens=prompt_budget(cfg, sampler, shots), shard=self.shard,
+                decode_cost=decode_cost)
+            return metrics, predictions, protocol
         finally:
             backbone.train()
 
     def validation_accuracy(self) -> float:
         """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
-        metrics, predictions = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler)
+        cost: dict[str, float] = {}
+        metrics, predictions, protocol = self._generate_metrics(self.cfg.eval.gen_limit, 0, self.cfg.eval.sampler,
+                                                                decode_cost=cost)
+        self.tag_protocol(protocol, "val_accuracy", "base/val_accuracy")
+        if self.cfg.eval.sampler == "fast":  # the decode-cost objective: the fast sampler's, on the same items
+            self.decode_figures = {DECODE_OBJECTIVE: cost["tokens_per_forward"]}
+            self.tag_protocol(protocol, DECODE_OBJECTIVE, "base/" + DECODE_OBJECTIVE)
         primary = get_task(self.cfg.task).primary_metric
         log_item_scores(self.sink, "val_accuracy", self.val_examples[:self.cfg.eval.gen_limit], predictions, primary,
                         self.step)
@@ -102,7 +132,8 @@ class TrialLoop(WorkerLoop):
     def final_evaluation(self) -> dict[str, float]:
         """Generation accuracy per shot count with the exact sampler, and with `eval.sampler=fast` the fast
         sampler's on the same items too (`final_val_<metric>_fast`, for the rank agreement of the two over a
-        sweep's trials); the probes against the base model and MMLU (when eval.mmlu names the data); rank 0."""
+        sweep's trials); the probes against the base model and MMLU (when eval.mmlu names the data); every rank
+        runs its share."""
         cfg = self.cfg
         out: dict[str, float] = {}
         primary = get_task(cfg.task).primary_metric
@@ -110,9 +141,13 @@ class TrialLoop(WorkerLoop):
         for shots in cfg.eval.final_shots:
             for method in methods:
                 suffix = "/fast" if method == "fast" else ""
-                metrics, _ = self._generate_metrics(cfg.eval.final_limit, shots, method)
+                metrics, _, protocol = self._generate_metrics(cfg.eval.final_limit, shots, method)
                 out |= {f"final/val/{shots}shot{suffix}/{k}": float(v) for k, v in metrics.items()}
-                out.setdefault("final_val_" + primary + suffix.replace("/", "_"), float(metrics[primary]))
+                headline = "final_val_" + primary + suffix.replace("/", "_")
+                if headline not in out:
+                    out[headline] = float(metrics[primary])
+                    self.tag_protocol(protocol, headline)
+                self.tag_protocol(protocol, f"final/val/{shots}shot{suffix}")
         if cfg.eval.probes or self.mmlu_rows is not None:
             finetuned = self.engine.module.backbone.eval()
             if self.lora:  # the frozen base is right there: the same weights with the adapters off
@@ -129,9 +164,9 @@ class TrialLoop(WorkerLoop):
                                       wikitext_path=cfg.eval.wikitext_path, split=cfg.eval.probe_split,
                                       seq_len=min(cfg.eval.probe_seq_len, _max_len(cfg)),
                                       max_chunks=cfg.eval.probe_chunks, batch_size=cfg.train.micro_batch_size,
-                                      seed=cfg.eval.probe_seed)
+                                      seed=cfg.eval.probe_seed, shard=self.shard)
                 if self.mmlu_rows is not None:
-                    out |= mmlu_probe(base, finetuned, self.tokenizer, self.mmlu_rows)
+                    out |= mmlu_probe(base, finetuned, self.tokenizer, self.mmlu_rows, shard=self.shard)
             finetuned.train()
         return out
 

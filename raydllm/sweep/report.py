@@ -21,6 +21,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from raydllm.core.config import ConfigError
+from raydllm.evaluation.protocol import require_same_protocol
 from raydllm.sweep.ledger import claim, entry, require_finished
 from raydllm.sweep.results import best_configs, effect_with_interval, paired_test
 from raydllm.sweep.verdict import write_description
@@ -42,8 +43,9 @@ def evaluate_checkpoint(folder: Path, task_name: str, *, split: str, shots: int 
     shot count."""
     from raydllm.core.config import validate
     from raydllm.data.sft import load_examples
-    from raydllm.evaluation.evaluate import default_sampler, evaluate_task, load_checkpoint_backbone, prompt_budget
+    from raydllm.evaluation.evaluate import evaluate_task, load_checkpoint_backbone, prompt_budget
     from raydllm.data.tasks import get_task
+    from raydllm.evaluation.protocol import score_protocol
 
     backbone, tokenizer, cfg = load_checkpoint_backbone(folder)
     eval_cfg = validate(cfg.to_dict() | {"task": task_name,
@@ -51,16 +53,42 @@ def evaluate_checkpoint(folder: Path, task_name: str, *, split: str, shots: int 
     shots = cfg.eval.final_shots[0] if shots is None else shots
     examples = load_examples(eval_cfg, split)
     examples = examples[:limit] if limit else examples
-    sampler = default_sampler(cfg, gen_length=gen_length or cfg.eval.gen_length,
-                              block_length=block_length or cfg.eval.block_length, steps=steps or cfg.eval.sampler_steps)
+    sampler = _checkpoint_sampler(cfg, gen_length, block_length, steps)
     metrics, predictions = evaluate_task(backbone, tokenizer, get_task(task_name), examples, shots=shots,
                                          train_examples=load_examples(eval_cfg, "train") if shots else [],
                                          sampler=sampler, batch_size=batch_size, progress=False,
                                          max_prompt_tokens=prompt_budget(cfg, sampler, shots))
-    protocol = {"split": split, "shots": shots, "examples": len(examples), "gen_length": sampler.gen_length,
-                "block_length": sampler.block_length, "steps": sampler.steps, "temperature": sampler.temperature,
-                "remasking": sampler.remasking}
+    protocol = score_protocol(sampler, shots=shots, batch_size=batch_size, backbone=backbone) | {
+        "split": split, "examples": len(examples)}
     return metrics, predictions, protocol
+
+
+def _checkpoint_sampler(cfg, gen_length: int | None, block_length: int | None, steps: int | None):
+    """The exact sampler a trial's checkpoint is scored with: the report's settings, else the trial's eval.*."""
+    from raydllm.evaluation.evaluate import default_sampler
+
+    return default_sampler(cfg, gen_length=gen_length or cfg.eval.gen_length,
+                           block_length=block_length or cfg.eval.block_length, steps=steps or cfg.eval.sampler_steps)
+
+
+def planned_protocols(folders: dict, *, shots: int | None, gen_length: int | None, block_length: int | None,
+                      steps: int | None, batch_size: int) -> dict[str, dict]:
+    """{"<arm> seed <s>": protocol} each checkpoint will be scored with, read from the checkpoints' configs
+    alone (no weights, no test row), so a report whose numbers could not sit side by side stops first."""
+    from raydllm.core.config import validate
+    from raydllm.engine.checkpoints import read_checkpoint_meta, resolve_checkpoint_dir
+    from raydllm.evaluation.evaluate import eval_device, eval_dtype
+    from raydllm.evaluation.protocol import score_protocol
+
+    device = eval_device(None)
+    out = {}
+    for (arm, seed), folder in folders.items():
+        cfg = validate(read_checkpoint_meta(resolve_checkpoint_dir(folder))["config"])
+        out[f"{arm} seed {seed}"] = score_protocol(
+            _checkpoint_sampler(cfg, gen_length, block_length, steps), batch_size=batch_size,
+            shots=cfg.eval.final_shots[0] if shots is None else shots,
+            dtype=str(eval_dtype(device)).removeprefix("torch."), device_type=device.type)
+    return out
 
 
 def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, force: bool = False,
@@ -88,6 +116,9 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
     require_finished(client, parent_id, name)
     folders = {(arm, seed): resolve_target(dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))[seed], tracking_uri)[0]
                for arm, row in (("dllm-jepa", jepa), ("baseline", base)) for seed in seeds}
+    # Every number of the table under one protocol, checked before the ledger claims any test row.
+    require_same_protocol(planned_protocols(folders, shots=shots, gen_length=gen_length, block_length=block_length,
+                                            steps=steps, batch_size=batch_size), what=f"report {name}")
     # The ledger, before the first test example is read: an interrupted report has looked at test all the same.
     claim(client, parent_id, [entry(row["config_key"], seed, folders[arm, seed])
                               for arm, row in (("dllm-jepa", jepa), ("baseline", base)) for seed in seeds],
@@ -106,7 +137,8 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
             metrics, predictions, protocol = evaluate_checkpoint(
                 folder, task, split="test", shots=shots, limit=limit, gen_length=gen_length,
                 block_length=block_length, steps=steps, batch_size=batch_size)
-            log_to_run(tracking_uri, run_id, metrics, predictions, split="test", shots=protocol["shots"], task=task)
+            log_to_run(tracking_uri, run_id, metrics, predictions, split="test", shots=protocol["shots"], task=task,
+                       protocol=protocol)
             values.append(float(metrics[primary]))
             item_scores.append([float(p["scores"][primary]) for p in predictions])
             run = client.get_run(run_id)
@@ -198,7 +230,9 @@ def format_report(report: dict) -> str:
                   f"**{format_effect({**gain, 'mean': gain['effect']}, digits=3)}**.{mde}{budget}"]
     lines += [f"Sampler: {p['gen_length']} answer tokens, blocks of {p['block_length']}, {p['steps']} steps, "
               f"temperature {p['temperature']:g}, {p['remasking']} remasking; {p['shots']}-shot prompts; "
-              f"{p['examples']} test examples per checkpoint.",
+              f"{p['examples']} test examples per checkpoint; batches of {p.get('batch_size', '?')}, "
+              f"{p.get('padding_side', '?')}-padded, {p.get('dtype', '?')} on {p.get('device_type', '?')} "
+              f"(the same protocol for every number).",
               f"Hardware: trials on {', '.join(report['hardware']['trials'])}; driver "
               + ", ".join(f"{k.removeprefix('host.')} {v}" for k, v in sorted(report['hardware']['driver'].items()))
               + "."]

@@ -26,7 +26,8 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHABLE_METRICS = ("val_loss_diff", "loss_diff", "loss_total", "val_accuracy")
 METRIC_MODES = {"val_loss_diff": "min", "loss_diff": "min", "loss_total": "min", "val_accuracy": "max"}
 # A Pareto sweep's objectives: the searchable metrics, and forgetting (eval.report_probe_chunks, trial.py).
-OBJECTIVE_MODES = METRIC_MODES | {"wikitext_delta": "min"}
+# decode_tokens_per_forward: the fast sampler's answer tokens per forward on the val_accuracy items (max: faster).
+OBJECTIVE_MODES = METRIC_MODES | {"wikitext_delta": "min", "decode_tokens_per_forward": "max"}
 FORGETTING_PROBE_CHUNKS = 16  # eval.report_probe_chunks when a space optimises wikitext_delta and sets none
 
 
@@ -315,6 +316,9 @@ def check_against_config(spec: SweepSpec, path: Path) -> None:
         if name == "val_accuracy" and base.eval.metric != "accuracy":
             raise ConfigError(f"{path}: {'objectives' if spec.objectives else 'metric'}: val_accuracy is reported "
                               f"only with fixed eval.metric: accuracy")
+        if name == "decode_tokens_per_forward" and (base.eval.metric != "accuracy" or base.eval.sampler != "fast"):
+            raise ConfigError(f"{path}: objectives: decode_tokens_per_forward is reported only with fixed "
+                              f"eval.metric: accuracy and eval.sampler: fast (the fast sampler's val_accuracy pass)")
         if name == "wikitext_delta" and not base.eval.report_probe_chunks:
             raise ConfigError(f"{path}: objectives: wikitext_delta is reported only with eval.report_probe_chunks > 0")
         if name == "wikitext_delta" and base.eval.probe_split == "validation":

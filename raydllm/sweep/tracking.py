@@ -162,7 +162,8 @@ def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
 
 
 def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predictions: list[dict], *,
-               split: str, shots: int, task: str, step: int = 0, weights: str | None = None) -> str:
+               split: str, shots: int, task: str, step: int = 0, weights: str | None = None,
+               protocol: dict | None = None) -> str:
     """Log `eval/<split>/<shots>shot[/<weights>]/<metric>` metrics and a predictions jsonl artifact; returns
     the prefix. `weights` marks figures of other weights or another sampler: "base" (the model the run started
     from), "ema", "fast" (the fast sampler), or two of them joined ("base/fast")."""
@@ -172,6 +173,11 @@ def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predic
     prefix = f"eval/{split}/{shots}shot" + (f"/{weights}" if weights else "")
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()])
+    if protocol is not None:  # evaluation.protocol: the settings the figures came from, beside them
+        from raydllm.evaluation.protocol import protocol_tags
+
+        for tag, value in protocol_tags({prefix: protocol}).items():
+            client.set_tag(run_id, tag, value)
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / f"predictions-{task}-{split}-{shots}shot{'-' + weights.replace('/', '-') if weights else ''}.jsonl"
         file.write_text("".join(json.dumps(p) + "\n" for p in predictions))
