@@ -40,8 +40,8 @@ def _evaluation_phase(rank: int, world: int, cfg_dict: dict, repeats: int, out: 
             dist.barrier()
             start = time.perf_counter()
             figures = {"val_loss_diff": loop.validation_loss(),
-                       "val_accuracy": loop._every_rank_value(loop.validation_accuracy)}
-            figures |= loop._every_rank_dict(loop.final_evaluation)
+                       "val_accuracy": loop.share.every_rank_value(loop.validation_accuracy)}
+            figures |= loop.share.every_rank_dict(loop.final_evaluation)
             dist.barrier()
             seconds.append(time.perf_counter() - start)
         if rank == 0:

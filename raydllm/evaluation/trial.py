@@ -55,7 +55,7 @@ class TrialLoop(WorkerLoop):
             return  # a resumed run: logged by its first attempt
         base = {"base/val_loss_diff": self.validation_loss(), "base/wikitext_delta": 0.0}
         if cfg.eval.metric == "accuracy":
-            base["base/val_accuracy"] = self._every_rank_value(self.validation_accuracy)
+            base["base/val_accuracy"] = self.share.every_rank_value(self.validation_accuracy)
             base |= {"base/" + k: v for k, v in self.report_figures().items()}
         if self.rank == 0:
             base["base/wikitext_loss"] = self.base_wikitext_loss
