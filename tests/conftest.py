@@ -1,4 +1,5 @@
 import os
+import sys
 import socket
 from pathlib import Path
 
@@ -41,3 +42,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One Ray cluster for the Ray tests that do not need their own (a test that kills its driver, or a worker
+    it finds among the driver's children, or fakes an autoscaler, starts its own). `ray start --head --block`
+    in a session of its own: the test session stops it, and every Ray process it started, by process group.
+    Yields the environment a `raydllm` subprocess joins it with (RAY_ADDRESS), as on a cluster's head."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    # A short temp folder: Ray's unix socket paths under pytest's tmp_path would pass the 107-byte limit.
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rdt-")
+    # Every port of its own, none of the defaults a test's own `ray.init()` takes (dashboard agent 52365, worker
+    # ports 10002-19999, ...): two Ray instances on one machine collide only where they share a port. Its own
+    # temp folder too, so Ray's "latest cluster" file (read by an address-less ray.init) stays where only
+    # RAY_ADDRESS leads: a test that starts its own cluster does not join this one.
+    port = _free_port()
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-port", "dashboard-agent-listen-port",
+                                                     "dashboard-agent-grpc-port", "metrics-export-port",
+                                                     "runtime-env-agent-port", "ray-client-server-port",
+                                                     "node-manager-port", "object-manager-port")]
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}", *ports,
+                             "--min-worker-port=20000", "--max-worker-port=21999", "--include-dashboard=true",
+                             "--disable-usage-stats", '--resources={"trial_slot": 2}'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode != 0:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the shared Ray head did not start (exit {head.poll()})")
+            time.sleep(1)
+        yield dict(os.environ, RAY_ADDRESS=address)
+    finally:
+        _stop_group(head, signal.SIGTERM, 60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_group(process, sig, timeout: float) -> None:
+    """Signal a process group, wait for its leader, then SIGKILL whatever of the group is left."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, sig)
+        process.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -17,9 +17,10 @@ TINY = ["--set", "model.init=random", "--set", "model.d_model=64", "--set", "mod
         "--set", "train.lr=3e-3", "--set", "eval.final=false"]
 
 
-def _train(workdir: Path, *args: str, timeout: int = 400, **popen) -> dict:
+def _train(workdir: Path, *args: str, timeout: int = 400, env: dict | None = None) -> dict:
+    """`raydllm train` in a subprocess: on its own local Ray, or on the cluster `env`'s RAY_ADDRESS names."""
     cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY, *args]
-    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -29,9 +30,10 @@ def _history(workdir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
+def test_train_two_deepspeed_workers_both_losses_fall(tmp_path, shared_ray):
     result = _train(tmp_path, "--set", "train.max_steps=30", "--set", "train.eval_every=10",
-                    "--set", "eval.final=true", "--set", "eval.final_limit=8", "--set", "eval.probe_chunks=4")
+                    "--set", "eval.final=true", "--set", "eval.final_limit=8", "--set", "eval.probe_chunks=4",
+                    env=shared_ray)
     assert result["step"] == 30
     checkpoint = Path(result["checkpoint"])
     # Two ZeRO ranks each saved their optimizer shard: DeepSpeed ran on both workers.
@@ -56,9 +58,9 @@ def test_train_two_deepspeed_workers_both_losses_fall(tmp_path):
     assert "eval.gen_length" in run.data.params
 
 
-def test_baseline_reports_no_jepa_loss_and_checkpoints_every_other_report(tmp_path):
+def test_baseline_reports_no_jepa_loss_and_checkpoints_every_other_report(tmp_path, shared_ray):
     result = _train(tmp_path, "--set", "train.max_steps=6", "--set", "train.eval_every=2",
-                    "--set", "train.checkpoint_every=4", "--set", "jepa.lambda=0")
+                    "--set", "train.checkpoint_every=4", "--set", "jepa.lambda=0", env=shared_ray)
     assert "loss_jepa" not in result and result["step"] == 6
     assert _history(tmp_path, result["run_id"], "loss_jepa") == []
     assert not list(Path(result["checkpoint"]).rglob("ema.pt"))  # no EMA copy exists at lambda = 0
@@ -92,9 +94,11 @@ def _registered_step(storage: Path) -> int | None:
         return None
 
 
-def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path):
+def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path, shared_ray):
     steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=2"]
-    reference = _train(tmp_path, *steps, "--name", "reference")
+    # The uninterrupted reference on the shared cluster; the victim on a cluster of its own, which the kill
+    # takes down with its driver (a head lost with the run).
+    reference = _train(tmp_path, *steps, "--name", "reference", env=shared_ray)
 
     cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY, *steps,
            "--name", "victim"]
@@ -186,12 +190,12 @@ def test_full_disk_reported_before_training(tmp_path, monkeypatch):
         check_storage(str(tmp_path))
 
 
-def test_nan_loss_fails_the_run_with_a_clear_status(tmp_path):
+def test_nan_loss_fails_the_run_with_a_clear_status(tmp_path, shared_ray):
     """An exploding learning rate: the loss turns NaN, the run stops at once and MLflow says why."""
     cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY,
            "--set", "train.max_steps=20", "--set", "train.eval_every=10", "--set", "train.lr=1e30",
            "--set", "train.grad_clip=0", "--set", "train.warmup_ratio=0", "--workers", "1"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=shared_ray)
     assert done.returncode != 0
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("raydllm-gsm8k").experiment_id])

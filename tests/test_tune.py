@@ -44,9 +44,9 @@ def _write_space(folder: Path, **changes) -> Path:
     return path
 
 
-def _cli(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _cli(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raydllm.cli.app", *args], cwd=workdir, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def _children(client: MlflowClient, parent_id: str):
@@ -172,7 +172,8 @@ def test_sweep_killed_and_resumed_every_trial_once_in_mlflow(tmp_path):
 
 
 @pytest.mark.ray
-def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
+def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path, shared_ray):
+    """A sweep joining a running cluster (RAY_ADDRESS, as on a cluster's head), logging to an MLflow server."""
     import socket
 
     with socket.socket() as s:
@@ -195,7 +196,7 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path):
                 pass
             time.sleep(0.5)
         space = _write_space(tmp_path, num_samples=2, baseline={"mode": "searched", "num_samples": 1})
-        done = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--tracking-uri", uri, "--json")
+        done = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--tracking-uri", uri, "--json", env=shared_ray)
         assert done.returncode == 0, done.stderr[-3000:]
         best = _cli(tmp_path, "best", "gsm8k", "--tracking-uri", uri, "--json")
         assert best.returncode == 0, best.stderr
