@@ -15,7 +15,7 @@ COMMANDS = sorted(subcommands(build_parser()))
 
 
 def test_every_command_is_in_the_reference():
-    assert COMMANDS == ["bench", "best", "eval", "pretrain", "report", "train", "tune"]
+    assert COMMANDS == ["bench", "best", "detect", "eval", "pretrain", "report", "train", "tune"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -127,6 +127,58 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_detect(args) -> int:
+    from raydllm.core.config import validate
+    from raydllm.sweep.power import Assumptions, detect, format_detect
+    from raydllm.sweep.search_space import base_raw, default_space_file, load_spec
+
+    space = Path(args.space) if args.space else default_space_file(args.task)
+    spec = load_spec(space, {"data.source": "local", "data.path": str(Path(args.data).resolve())} if args.data
+                     else None)
+    if spec.task != args.task:
+        raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
+    for name in ("discordance", "seed_sd"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be in [0, 1)")
+    if args.tokens_per_forward < 1:
+        raise ConfigError(f"--tokens-per-forward {args.tokens_per_forward}: must be at least 1")
+    if args.test_items is not None and args.test_items < 1:
+        raise ConfigError(f"--test-items {args.test_items}: must be at least 1")
+    if args.prompt_tokens < 0:
+        raise ConfigError(f"--prompt-tokens {args.prompt_tokens}: must be at least 0")
+    assumed = Assumptions(discordance=args.discordance, seed_sd=args.seed_sd,
+                          tokens_per_forward=args.tokens_per_forward, prompt_tokens=args.prompt_tokens)
+    result = detect(spec, validate(base_raw(spec)), a=assumed, test_items=args.test_items)
+    if args.json:
+        emit_json(result)
+    else:
+        print(format_detect(result))
+    return 0
+
+
+def _add_detect_command(subparsers) -> None:
+    from raydllm.sweep.power import Assumptions
+
+    defaults = Assumptions()
+    p = subparsers.add_parser("detect", help="what a space's protocol can detect: the selection yardstick's "
+                                             "noise, the report's minimum detectable effect, the cost per rung")
+    p.add_argument("task")
+    p.add_argument("--space", help="search-space YAML (default: search_spaces/<task>.yaml)")
+    p.add_argument("--data", help="the task's data folder, where the space reads local files (as for tune)")
+    p.add_argument("--discordance", type=float, default=defaults.discordance,
+                   help=f"assumed share of items two configs disagree on (default {defaults.discordance})")
+    p.add_argument("--seed-sd", type=float, default=defaults.seed_sd,
+                   help=f"assumed seed-to-seed sd of one config's score (default {defaults.seed_sd})")
+    p.add_argument("--tokens-per-forward", type=float, default=defaults.tokens_per_forward,
+                   help=f"fast sampler's answer tokens per forward (default {defaults.tokens_per_forward})")
+    p.add_argument("--prompt-tokens", type=int, default=defaults.prompt_tokens,
+                   help=f"mean prompt length of a selection problem (default {defaults.prompt_tokens})")
+    p.add_argument("--test-items", type=int, help="test items the report scores (default: the task's test split)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_detect)
+
+
 def _add_report_command(subparsers) -> None:
     p = subparsers.add_parser("report", help="both arms' winners on the test split across the fresh seeds, once: "
                                              "one table (Markdown, JSON, MLflow)")
@@ -190,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     best.set_defaults(func=cmd_best)
 
     _add_report_command(sub)
+    _add_detect_command(sub)
     add_eval_command(sub)
     add_pretrain_command(sub)
     add_bench_command(sub)

@@ -25,6 +25,12 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
                "already scored is refused (the sweep's test ledger) unless --force. Writes report-<sweep>.md and\n"
                ".json and the parent run's Description; prints the table and the gain with its interval.",
                ["raydllm report gsm8k", "raydllm report gsm8k --limit 200 --json"]),
+    "detect": ("Work out, before a sweep, what its protocol can detect: the standard error of the difference\n"
+               "between two configs on the selection items against the space's target_effect, the generation\n"
+               "cost of one selection pass, and the report's minimum detectable effect on the fresh seeds and\n"
+               "test items (with one more seed, and twice the items). The variances are assumptions (flags);\n"
+               "after a sweep, `raydllm best` prints the MDE from the variance it observed.",
+               ["raydllm detect gsm8k", "raydllm detect gsm8k --discordance 0.25 --seed-sd 0.01 --json"]),
     "eval": ("Generate answers with one checkpoint (a trial's MLflow run id or a checkpoint folder) and score them\n"
              "on a task's split (validation by default; test goes through the sweep's ledger). Prints the\n"
              "metrics and logs them to the trial's run.",

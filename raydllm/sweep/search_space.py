@@ -162,6 +162,9 @@ class SweepSpec(_Strict):
     max_concurrent_trials: int = Field(2, gt=0)
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0)  # Tune-level retries of a whole trial
+    # The effect the space is meant to find, in the metric's units (e.g. 0.018: 1.8 accuracy points): `raydllm
+    # detect` checks the selection yardstick against it and says how many fresh seeds the report needs for it.
+    target_effect: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self):
