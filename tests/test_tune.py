@@ -386,3 +386,22 @@ def test_paper_spaces_select_on_the_task_metric(space_file, metric):
     assert get_task(spec.task).primary_metric == metric
     assert baseline_arm(spec).mode == "searched" and baseline_keys(spec) == ["jepa.t_low", "train.lr"]
     assert spec.repeat.top >= 1 and spec.fresh_seeds
+
+
+def test_dream_space_reports_with_dreams_own_sampler():
+    """search_spaces/gsm8k-dream.yaml: Dream-7B, Dream's diffusion_generate settings for GSM8K in the reports
+    (256 tokens, 256 steps, entropy), the gsm8k space's arms, budgets and rows; selection on the validation loss
+    (no generation at the rungs: Dream's sampler costs a forward per token)."""
+    from raydllm.core.config import validate
+    from raydllm.sweep.search_space import base_raw, baseline_arm, load_spec, trial_config
+
+    dream, llada = load_spec("search_spaces/gsm8k-dream.yaml"), load_spec("search_spaces/gsm8k.yaml")
+    cfg = validate(base_raw(dream))
+    assert cfg.model.name == "Dream-org/Dream-v0-Base-7B" and cfg.eval.sampler == "dream"
+    assert (cfg.eval.gen_length, cfg.eval.sampler_steps, cfg.eval.dream_algorithm) == (256, 256, "entropy")
+    assert dream.metric == "val_loss_diff" and cfg.eval.metric == "loss"
+    assert (dream.space, dream.num_samples, baseline_arm(dream), dream.seeds) == \
+        (llada.space, llada.num_samples, baseline_arm(llada), llada.seeds)
+    assert cfg.data.val_fraction == validate(base_raw(llada)).data.val_fraction
+    trial = trial_config(dream, {"jepa.lambda": 1.0, "train.lr": 1e-5}, seed=42)
+    assert trial.eval.sampler == "dream" and trial.jepa.lam == 1.0

@@ -78,30 +78,32 @@ def token_reads_per_item(*, sampler: str, cache: str, steps: int, gen_length: in
     return float(forwards * full)
 
 
+def _selection(spec: SweepSpec, cfg, a: Assumptions) -> dict:
+    """Module docstring, 1, and the generation cost of one selection pass."""
+    ev = cfg.eval
+    if ev.metric != "accuracy":  # no generation at the rungs: the yardstick is a loss, not an item count
+        return {"metric": spec.metric, "items": None, "sampler": None, "se_difference": None, "sized": None}
+    n = ev.gen_limit
+    gen = ev.gen_length or cfg.data.answer_tokens
+    reads = n * token_reads_per_item(sampler=ev.sampler, cache=ev.cache, steps=ev.sampler_steps or gen,
+                                     gen_length=gen, block_length=ev.block_length or gen, a=a)
+    flops = 2 * a.parameters * reads
+    gpus = spec.resources.workers if spec.resources.use_gpu else 0
+    se = selection_se(n, a)
+    return {"metric": spec.metric, "items": n, "sampler": ev.sampler, "cache": ev.cache, "se_difference": se,
+            "se_item_part": math.sqrt(a.discordance / n), "se_seed_part": math.sqrt(2) * a.seed_sd,
+            "sized": spec.target_effect is not None and se < spec.target_effect,
+            "token_reads_per_rung": reads, "flops_per_rung": flops,
+            "seconds_per_rung": flops / (gpus * a.gpu_tflops * 1e12 * a.mfu) if gpus else None}
+
+
 def detect(spec: SweepSpec, cfg, *, a: Assumptions = Assumptions(), test_items: int | None = None) -> dict:
     """Everything `raydllm detect` prints for one space, with `cfg` its trials' config (the space's fixed values
     on its preset)."""
-    ev = cfg.eval
-    n_sel = ev.gen_limit
     n_test = test_items or TEST_ITEMS.get(spec.task)
     fresh = max(len(spec.seeds) - 1, 1)
-    gen = ev.gen_length or cfg.data.answer_tokens
-    block = ev.block_length or gen
-    steps = ev.sampler_steps or gen
-    reads = token_reads_per_item(sampler=ev.sampler, cache=ev.cache, steps=steps, gen_length=gen,
-                                 block_length=block, a=a)
-    flops = 2 * a.parameters * reads * n_sel
-    gpus = spec.resources.workers if spec.resources.use_gpu else 0
-    se = selection_se(n_sel, a)
-    out = {
-        "space": spec.name or spec.task, "task": spec.task, "target_effect": spec.target_effect,
-        "selection": {"items": n_sel, "sampler": ev.sampler, "cache": ev.cache, "se_difference": se,
-                      "se_item_part": math.sqrt(a.discordance / n_sel), "se_seed_part": math.sqrt(2) * a.seed_sd,
-                      "sized": spec.target_effect is not None and se < spec.target_effect,
-                      "token_reads_per_rung": reads * n_sel, "flops_per_rung": flops,
-                      "seconds_per_rung": (flops / (gpus * a.gpu_tflops * 1e12 * a.mfu)) if gpus else None},
-        "report": None, "assumptions": asdict(a),
-    }
+    out = {"space": spec.name or spec.task, "task": spec.task, "target_effect": spec.target_effect,
+           "selection": _selection(spec, cfg, a), "report": None, "assumptions": asdict(a)}
     if n_test:
         out["report"] = {
             "test_items": n_test, "fresh_seeds": fresh, "mde": report_mde(fresh, n_test, a),
@@ -121,15 +123,21 @@ def format_detect(result: dict) -> str:
     target = result["target_effect"]
     lines = [f"{result['space']}: what this protocol can detect (assumed: discordance {a['discordance']}, "
              f"seed sd {_pts(a['seed_sd'])})",
-             f"  target effect: {_pts(target) if target else 'not set (target_effect: in the space)'}",
-             f"  selection on {sel['items']} validation items ({sel['sampler']} sampler, cache {sel['cache']}): "
-             f"SE of a two-config difference {_pts(sel['se_difference'])} (items {_pts(sel['se_item_part'])}, "
-             f"seeds {_pts(sel['se_seed_part'])})"
-             + ("" if target is None else (" - below the target" if sel["sized"] else
-                                           " - NOT below the target: raise eval.gen_limit or the validation share")),
-             f"  generation per rung: {sel['token_reads_per_rung']:.3g} token reads, {sel['flops_per_rung']:.3g} FLOPs"
-             + (f", about {sel['seconds_per_rung']:.0f} s on the trial's GPUs at {a['mfu']:.0%} of "
-                f"{a['gpu_tflops']:.0f} TFLOPS" if sel["seconds_per_rung"] is not None else "")]
+             f"  target effect: {_pts(target) if target else 'not set (target_effect: in the space)'}"]
+    if sel["items"] is None:
+        lines.append(f"  selection on {sel['metric']} (no generation at the rungs): a loss, whose noise no item "
+                     f"count sets; after a sweep `best` lists the configs within noise of each winner")
+    else:
+        lines.append(f"  selection on {sel['items']} validation items ({sel['sampler']} sampler, cache {sel['cache']}): "
+                     f"SE of a two-config difference {_pts(sel['se_difference'])} (items {_pts(sel['se_item_part'])}, "
+                     f"seeds {_pts(sel['se_seed_part'])})"
+                     + ("" if target is None else (" - below the target" if sel["sized"] else
+                                                   " - NOT below the target: raise eval.gen_limit or the validation "
+                                                   "share")))
+        lines.append(f"  generation per rung: {sel['token_reads_per_rung']:.3g} token reads, "
+                     f"{sel['flops_per_rung']:.3g} FLOPs"
+                     + (f", about {sel['seconds_per_rung']:.0f} s on the trial's GPUs at {a['mfu']:.0%} of "
+                        f"{a['gpu_tflops']:.0f} TFLOPS" if sel["seconds_per_rung"] is not None else ""))
     if rep:
         lines.append(f"  report on {rep['test_items']} test items x {rep['fresh_seeds']} fresh seeds: MDE "
                      f"{_pts(rep['mde'])} (80% power, alpha 0.05); one more seed: {_pts(rep['mde_plus_one_seed'])}; "
