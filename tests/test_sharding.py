@@ -115,5 +115,8 @@ def test_bench_eval_times_both_arms_and_checks_their_figures(shared_data):
     assert [arm["workers"] for arm in result["arms"]] == [1, 2]
     assert all(arm["generation_figures_equal"] for arm in result["arms"]) and result["arms"][0]["speedup"] == 1.0
     assert result["arms"][1]["eval_s"] > 0 and "2 worker(s)" in format_eval_bench(result)
+    for arm in result["arms"]:  # the phase's parts, each timed to its slowest rank, add up to the phase
+        assert set(arm["parts_s"]) == {"val_loss", "val_accuracy", "final_evaluation"}
+        assert sum(arm["parts_s"].values()) <= arm["eval_s"] * (1 + 1e-6)
     with pytest.raises(ValueError, match="first world size must be 1"):
         bench_eval_sharding(cfg, worlds=(2,))

@@ -35,17 +35,22 @@ def _evaluation_phase(rank: int, world: int, cfg_dict: dict, repeats: int, out: 
         cfg = validate(cfg_dict)
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
         loop = TrialLoop(cfg, rank=rank, world=world, device=torch.device("cpu"))
-        seconds, figures = [], {}
+        parts = {"val_loss": lambda: {"val_loss_diff": loop.validation_loss()},
+                 "val_accuracy": lambda: {"val_accuracy": loop.share.every_rank_value(loop.validation_accuracy)},
+                 "final_evaluation": lambda: loop.share.every_rank_dict(loop.final_evaluation)}
+        seconds, part_seconds, figures = [], {name: [] for name in parts}, {}
         for _ in range(repeats):
+            figures = {}
             dist.barrier()
             start = time.perf_counter()
-            figures = {"val_loss_diff": loop.validation_loss(),
-                       "val_accuracy": loop.share.every_rank_value(loop.validation_accuracy)}
-            figures |= loop.share.every_rank_dict(loop.final_evaluation)
-            dist.barrier()
+            for name, part in parts.items():
+                begun = time.perf_counter()
+                figures |= part()
+                dist.barrier()  # a part ends when its slowest rank does
+                part_seconds[name].append(time.perf_counter() - begun)
             seconds.append(time.perf_counter() - start)
         if rank == 0:
-            torch.save({"seconds": seconds, "figures": figures}, out)
+            torch.save({"seconds": seconds, "part_seconds": part_seconds, "figures": figures}, out)
     finally:
         dist.destroy_process_group()
 
@@ -80,7 +85,10 @@ def bench_eval_sharding(cfg, *, worlds: tuple[int, ...] = (1, 2), repeats: int =
     for world, arm in arms.items():
         median = statistics.median(arm["seconds"])
         mismatched = sorted(k for k in generation_keys if arm["figures"].get(k) != one["figures"][k])
-        result["arms"].append({"workers": world, "eval_s": median, "eval_s_all": arm["seconds"],
+        parts = {name: statistics.median(values) for name, values in arm["part_seconds"].items()}
+        result["arms"].append({"workers": world, "eval_s": median, "eval_s_all": arm["seconds"], "parts_s": parts,
+                               "parts_speedup": {name: statistics.median(one["part_seconds"][name]) / max(s, 1e-9)
+                                                 for name, s in parts.items()},
                                "speedup": base_s / median, "generation_figures_equal": not mismatched,
                                "mismatched": mismatched, "val_accuracy": arm["figures"].get("val_accuracy"),
                                "val_loss_diff": arm["figures"].get("val_loss_diff")})
@@ -97,6 +105,8 @@ def format_eval_bench(result: dict) -> str:
             f"DIFFERENT figures: {', '.join(arm['mismatched'])}"
         lines.append(f"  {arm['workers']} worker(s): {arm['eval_s']:7.2f} s   x{arm['speedup']:.2f}   "
                      f"val_accuracy {arm['val_accuracy']:.4f}   {same}")
+        lines.append("      " + ", ".join(f"{name} {arm['parts_s'][name]:.2f} s (x{arm['parts_speedup'][name]:.2f})"
+                                          for name in arm["parts_s"]))
     best = result["arms"][-1]
     verdict = "meets" if best["speedup"] >= result["target_speedup"] else "misses"
     lines.append(f"  {best['workers']} workers: x{best['speedup']:.2f} {verdict} the x{result['target_speedup']} target")
