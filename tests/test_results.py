@@ -221,10 +221,12 @@ def test_bench_sweep_arm_figures_from_mlflow(tmp_path):
     assert not _sweep_finished(uri, "gsm8k", "missing")
 
 
-def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
+@pytest.mark.parametrize("match", ["steps", "compute"])
+def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread, match):
     """`raydllm report`: both winners' fresh-seed checkpoints answer the test split (real generation with
     hand-built tiny checkpoints), the table carries per-arm mean ± std, the paired gain and the probes the
-    trials logged; the parent run records it, and a second look at test is refused unless forced."""
+    trials logged; the parent run records it, and a second look at test is refused unless forced. Under
+    `baseline: {match: compute}` the step-matched twin of the baseline winner is scored too, with its own gain."""
     import torch
 
     from raydllm.engine.backbone import load_backbone
@@ -232,9 +234,11 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     from test_evaluation import SMALL, _hand_built_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
+    base = {**BASE, "train.max_steps": 160} if match == "compute" else BASE
+    twin = [(BASE, 123, 1.8, "completed"), (BASE, 777, 1.6, "completed")] if match == "compute" else []
     parent = _sweep(uri, [(GOOD, 42, 1.0, "completed"), (GOOD, 123, 1.2, "completed"), (GOOD, 777, 1.1, "completed"),
-                          (BASE, 42, 1.5, "completed"), (BASE, 123, 1.7, "completed"), (BASE, 777, 1.4, "completed"),
-                          (BAD, 42, 0.5, "stopped_early", 0)])
+                          (base, 42, 1.5, "completed"), (base, 123, 1.7, "completed"), (base, 777, 1.4, "completed"),
+                          (BAD, 42, 0.5, "stopped_early", 0)] + twin)
     client = MlflowClient(uri)
     cfg = load_config("gsm8k", "local", SMALL)
     deltas = {}
@@ -257,7 +261,16 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     jepa, base = report["arms"]["dllm-jepa"], report["arms"]["baseline"]
-    assert report["seeds"] == [123, 777] and jepa["params"] == GOOD and base["params"] == BASE
+    assert report["seeds"] == [123, 777] and jepa["params"] == GOOD and base["params"] == (
+        {**BASE, "train.max_steps": 160} if match == "compute" else BASE)
+    if match == "compute":
+        steps = report["arms"]["baseline-steps"]
+        assert steps["params"] == BASE and len(steps["values"]) == 2
+        assert report["gain_step_matched"]["differences"] == pytest.approx(
+            [j - b for j, b in zip(jepa["values"], steps["values"])])
+        assert "Step-matched comparison" in (tmp_path / "report-s1.md").read_text()
+    else:
+        assert "baseline-steps" not in report["arms"] and report["gain_step_matched"] is None
     assert len(jepa["values"]) == 2 and jepa["std"] is not None and report["protocol"]["examples"] == 3
     assert report["gain"]["differences"] == pytest.approx([j - b for j, b in zip(jepa["values"], base["values"])])
     assert jepa["probes"]["wikitext_delta"]["mean"] == pytest.approx(
@@ -268,7 +281,7 @@ def test_report_evaluates_winners_on_test_once(tmp_path, capsys, one_thread):
     markdown = (tmp_path / "report-s1.md").read_text()
     assert "| DLLM-JEPA |" in markdown and "Pre-specified comparison" in markdown and "95% CI" in markdown
     assert report["gain"]["n_items"] == 3 and report["gain"]["method"].startswith("paired two-level bootstrap")
-    assert report["trial_counts"]["baseline"] == {"search": 1, "repeat": 2}
+    assert report["trial_counts"]["baseline"] == {"search": 1, "repeat": 4 if match == "compute" else 2}
     assert main(args) == 2  # the same winners on test again: refused
     assert "already scored" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
@@ -309,3 +322,23 @@ def test_max_mode_gain_sign_and_item_level_interval(tmp_path, capsys):
     assert report["within_noise"] == {"dllm-jepa": None, "baseline": None}  # no `val_accuracy_se` on seed 42
     assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
     assert "gain +0.2500 [95% CI +" in capsys.readouterr().out
+
+
+def test_compute_matched_sweep_shows_both_comparisons(tmp_path, capsys):
+    """`baseline: {match: compute}`: the baseline winner searched at 4/3 of the steps, its step-matched twin run on
+    the fresh seeds only; `best` gives the pre-specified (compute-matched) gain and the step-matched one beside it,
+    each against its own baseline runs, and the twin is not listed as running."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    base_c = {**BASE, "train.max_steps": 160}
+    _sweep(uri, [(GOOD, 42, 1.0, "completed"), (GOOD, 123, 1.2, "completed"), (GOOD, 777, 1.1, "completed"),
+                 (base_c, 42, 1.3, "completed"), (base_c, 123, 1.3, "completed"), (base_c, 777, 1.2, "completed"),
+                 (BASE, 123, 1.6, "completed"), (BASE, 777, 1.5, "completed")])
+    report = best_configs("gsm8k", tracking_uri=uri, top=5)
+    assert report["baseline_match"] == "compute" and report["baseline"]["params"] == base_c
+    assert report["baseline_step_matched"]["params"] == BASE
+    assert report["gain"]["differences"] == pytest.approx([0.1, 0.1])  # against the 160-step baseline
+    assert report["gain_step_matched"]["differences"] == pytest.approx([0.4, 0.4])  # against the 120-step twin
+    assert report["running"] == []
+    assert main(["best", "gsm8k", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "against the compute-matched baseline" in out and "step-matched comparison" in out

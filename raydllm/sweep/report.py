@@ -111,17 +111,20 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
     if not seeds:
         raise ConfigError(f"sweep {name}: the winners have not run on any seed but {best['selection_seed']}, the one "
                           f"that chose them; give the space more seeds and repeat.top >= 1 and re-run the sweep")
-    winners = {"dllm-jepa": jepa["config_key"], "baseline": base["config_key"], "seeds": seeds}
+    rows = [("dllm-jepa", jepa), ("baseline", base)]
+    twin = best.get("baseline_step_matched")  # under match: compute, the baseline winner at equal steps
+    if twin is not None and set(seeds) <= set(twin["fresh_seeds"]):
+        rows.append(("baseline-steps", twin))
+    winners = {arm: row["config_key"] for arm, row in rows} | {"seeds": seeds}
     parent_id = best["parent_run_id"]
     require_finished(client, parent_id, name)
     folders = {(arm, seed): resolve_target(dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))[seed], tracking_uri)[0]
-               for arm, row in (("dllm-jepa", jepa), ("baseline", base)) for seed in seeds}
+               for arm, row in rows for seed in seeds}
     # Every number of the table under one protocol, checked before the ledger claims any test row.
     require_same_protocol(planned_protocols(folders, shots=shots, gen_length=gen_length, block_length=block_length,
                                             steps=steps, batch_size=batch_size), what=f"report {name}")
     # The ledger, before the first test example is read: an interrupted report has looked at test all the same.
-    claim(client, parent_id, [entry(row["config_key"], seed, folders[arm, seed])
-                              for arm, row in (("dllm-jepa", jepa), ("baseline", base)) for seed in seeds],
+    claim(client, parent_id, [entry(row["config_key"], seed, folders[arm, seed]) for arm, row in rows for seed in seeds],
           force=force, by="report")
     previous = client.get_run(parent_id).data.tags.get(TEST_TAG)
     client.set_tag(parent_id, TEST_TAG, json.dumps({"winners": winners, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -129,7 +132,7 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
     primary = get_task(task).primary_metric
     arms: dict[str, dict] = {}
     protocol: dict = {}
-    for arm, row in (("dllm-jepa", jepa), ("baseline", base)):
+    for arm, row in rows:
         by_seed = dict(zip(row["fresh_seeds"], row["fresh_run_ids"]))
         values, figures, devices, item_scores = [], {k: [] for k in PROBES}, set(), []
         for seed in seeds:
@@ -151,11 +154,15 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
                      **_mean_std(values), "validation_selection_value": row["selection_value"],
                      "probes": {k: _mean_std(v) | {"values": v} for k, v in figures.items() if v},
                      "devices": sorted(devices), "item_scores": item_scores}
-    diffs = [j - b for j, b in zip(arms["dllm-jepa"]["values"], arms["baseline"]["values"])]  # higher is better
+    gain = test_gain(seeds, arms["dllm-jepa"], arms["baseline"])
+    gain_steps = test_gain(seeds, arms["dllm-jepa"], arms["baseline-steps"]) if "baseline-steps" in arms else None
+    for row in arms.values():
+        row.pop("item_scores")
     parent = client.get_run(parent_id)
     report = {"sweep": name, "task": task, "metric": primary, "split": "test", "protocol": protocol,
               "selection": {"seed": best["selection_seed"], "metric": best["metric"], "mode": best["mode"]},
-              "seeds": seeds, "arms": arms, "gain": test_gain(seeds, diffs, arms),
+              "seeds": seeds, "arms": arms, "gain": gain, "gain_step_matched": gain_steps,
+              "baseline_match": best.get("baseline_match", "steps"),
               "trial_counts": best.get("trial_counts"),
               "hardware": {"trials": sorted(set(arms["dllm-jepa"]["devices"]) | set(arms["baseline"]["devices"])),
                            "driver": {k: v for k, v in parent.data.tags.items() if k.startswith("host.")}},
@@ -177,12 +184,14 @@ def final_report(task: str, *, tracking_uri: str, sweep: str | None = None, forc
     return report
 
 
-def test_gain(seeds: list[int], diffs: list[float], arms: dict) -> dict:
-    """The paired test gain: per seed, the per-problem differences (DLLM-JEPA - baseline, same test problems in
-    the same order), through the two-level bootstrap; the seed-level t-test kept apart, never the headline."""
+def test_gain(seeds: list[int], ours: dict, theirs: dict) -> dict:
+    """The paired test gain of arm `ours` over arm `theirs` (higher is better): per seed, the per-problem
+    differences (same test problems in the same order), through the two-level bootstrap; the seed-level t-test
+    kept apart, never the headline."""
+    diffs = [a - b for a, b in zip(ours["values"], theirs["values"])]
     per_seed = {}
-    for s, d, ours, theirs in zip(seeds, diffs, arms["dllm-jepa"].pop("item_scores"), arms["baseline"].pop("item_scores")):
-        per_seed[s] = [a - b for a, b in zip(ours, theirs)] if len(ours) == len(theirs) and len(ours) > 1 else [d]
+    for s, d, mine, other in zip(seeds, diffs, ours["item_scores"], theirs["item_scores"]):
+        per_seed[s] = [a - b for a, b in zip(mine, other)] if len(mine) == len(other) and len(mine) > 1 else [d]
     seed_test = paired_test(diffs)
     return {"seeds": seeds, "differences": diffs, "mean": seed_test["mean"], "std": seed_test["std"],
             "n": len(seeds), **effect_with_interval(per_seed), "seed_t_test": seed_test}
@@ -209,7 +218,11 @@ def format_report(report: dict) -> str:
              "| arm | config | test " + report["metric"] + " per seed | mean ± std | WikiText Δ | drift early / "
              "middle / late | eff. rank (base) | pooled std | cos. diversity |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for arm, title in (("dllm-jepa", "DLLM-JEPA"), ("baseline", "baseline (λ = 0)")):
+    titles = {"dllm-jepa": "DLLM-JEPA", "baseline": "baseline (λ = 0)" + (", compute-matched" if
+              report.get("baseline_match") == "compute" else ""), "baseline-steps": "baseline (λ = 0), step-matched"}
+    for arm, title in titles.items():
+        if arm not in report["arms"]:
+            continue
         a = report["arms"][arm]
         pr = a["probes"]
         drift = " / ".join(_pm(pr.get(f"drift_{part}")) for part in ("early", "middle", "late"))
@@ -228,6 +241,10 @@ def format_report(report: dict) -> str:
     lines += ["", f"Pre-specified comparison (each arm's winner on seed {sel['seed']}), paired gain "
                   f"(DLLM-JEPA − baseline) over seeds {gain['seeds']}: "
                   f"**{format_effect({**gain, 'mean': gain['effect']}, digits=3)}**.{mde}{budget}"]
+    steps = report.get("gain_step_matched")
+    if steps:
+        lines += [f"Step-matched comparison (the same baseline winner at the DLLM-JEPA arm's step count): "
+                  f"**{format_effect({**steps, 'mean': steps['effect']}, digits=3)}**."]
     lines += [f"Sampler: {p['gen_length']} answer tokens, blocks of {p['block_length']}, {p['steps']} steps, "
               f"temperature {p['temperature']:g}, {p['remasking']} remasking; {p['shots']}-shot prompts; "
               f"{p['examples']} test examples per checkpoint; batches of {p.get('batch_size', '?')}, "

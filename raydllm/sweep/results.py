@@ -14,6 +14,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from raydllm.sweep.compute_match import MATCH_KEY
 from raydllm.sweep.verdict import arm_budgets
 from raydllm.core.config import ConfigError
 from raydllm.sweep.tracking import experiment_name
@@ -321,6 +322,13 @@ def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | Non
     if fresh is None:
         fresh = sorted({s for r in results for s in r.fresh_seeds})
     winner = ranked[0] if ranked else None
+    # Under `baseline: {match: compute}` the baseline winner is compute-matched; its step-matched twin ran on the
+    # fresh seeds only (compute_match.repeat_points): the second comparison a reviewer asks for.
+    twin = step_matched_twin(baseline, results)
+    gain_steps = None
+    if twin is not None and winner is not None:
+        twin_items = load_item_scores(client, set(winner.fresh_run_ids) | set(twin.fresh_run_ids), metric)
+        gain_steps = paired_gain(winner, twin, mode, twin_items)
     return {"sweep": tags.get("raydllm.sweep"), "parent_run_id": parent.info.run_id,
             "status": parent.info.status, "metric": metric, "mode": mode,
             "selection_seed": selection, "fresh_seeds": fresh,
@@ -335,13 +343,31 @@ def best_configs(task: str, *, tracking_uri: str, top: int = 5, sweep: str | Non
             "baselines": [asdict(r) for r in baselines][:top],
             "gain": ({"config_key": winner.config_key, "label": winner.label, **winner.gain}
                      if winner is not None and winner.gain else None),
+            "baseline_match": "compute" if twin is not None or _carries_steps(baseline) else "steps",
+            "baseline_step_matched": asdict(twin) if twin else None,
+            "gain_step_matched": ({"config_key": winner.config_key, "label": winner.label, **gain_steps}
+                                  if gain_steps else None),
             "stopped": [asdict(r) for r in results if r.status == "stopped_early"],
-            "running": [asdict(r) for r in results if r.status in ("running", "missing")],
+            "running": [asdict(r) for r in results if r.status in ("running", "missing") and r is not twin],
             "failed": sum(r.data.tags.get("raydllm.status") == "failed" for r in runs),
             "trial_counts": trial_counts(runs),
             "within_noise": {"dllm-jepa": within_noise(ranked), "baseline": within_noise(baselines)},
             "pre_specified": "each arm's winner on the selection seed, gain on the fresh seeds",
             "time": time_accounting(runs)}
+
+
+def _carries_steps(result: ConfigResult | None) -> bool:
+    return result is not None and MATCH_KEY in result.params
+
+
+def step_matched_twin(baseline: ConfigResult | None, results: list[ConfigResult]) -> ConfigResult | None:
+    """The compute-matched baseline winner's step-matched twin: the baseline config with the same searched values
+    but the sweep's own step count, run on the fresh seeds only (no selection-seed trial). None otherwise."""
+    if not _carries_steps(baseline):
+        return None
+    want = {k: v for k, v in baseline.params.items() if k != MATCH_KEY}
+    return next((r for r in results if r.baseline and r.run_id is None and r.fresh_values and r.params == want),
+                None)
 
 
 def _holm_adjust(gains: list[dict | None]) -> None:
@@ -429,7 +455,8 @@ def format_table(report: dict) -> str:
             spread = (f" | fresh {r['fresh_mean']:.4f} ± {r['fresh_std']:.4f} (n={len(r['fresh_values'])})"
                       if r["fresh_std"] is not None else f" | fresh {r['fresh_mean']:.4f} (n=1, no spread)")
         run = f"  run {r['run_id'][:8]}" if r.get("run_id") else ""
-        return f"  {label:>9}  {r['selection_value']:.4f}{spread}  {r['label'] or r['params']}{run}"
+        value = f"{r['selection_value']:.4f}" if r["selection_value"] is not None else "   -  "
+        return f"  {label:>9}  {value}{spread}  {r['label'] or r['params']}{run}"
 
     lines.append(f"  DLLM-JEPA arm, completed trials ranked on seed {report.get('selection_seed')}:")
     for i, r in enumerate(report["best"], 1):
@@ -443,8 +470,14 @@ def format_table(report: dict) -> str:
     if not report.get("baseline"):
         lines.append("         (none completed yet)")
     gain = report.get("gain")
-    lines.append(f"  pre-specified comparison (each arm's winner on seed {report.get('selection_seed')}): "
+    matched = " against the compute-matched baseline" if report.get("baseline_match") == "compute" else ""
+    lines.append(f"  pre-specified comparison (each arm's winner on seed {report.get('selection_seed')}{matched}): "
                  f"{format_gain(gain)}")
+    twin = report.get("baseline_step_matched")
+    if twin:
+        lines.append(row("steps", twin) + "  (the baseline winner at the DLLM-JEPA arm's step count)")
+        lines.append(f"  step-matched comparison (same winners, baseline at equal steps): "
+                     f"{format_gain(report.get('gain_step_matched'))}")
     counts = report.get("trial_counts") or {}
     if counts:
         lines.append("  trials: " + ", ".join(f"{arm} {c['search']} searched + {c['repeat']} repeats"

@@ -64,6 +64,8 @@ def best_markdown(best: dict) -> str:
     if budgets.get("line"):
         lines += ["", f"**{budgets['line']}**"]
     lines += ["", "### Gain (validation, fresh seeds)", *_gain_rows(best.get("gain"))]
+    if best.get("gain_step_matched"):
+        lines += ["", "### Gain against the step-matched baseline (validation)", *_gain_rows(best["gain_step_matched"])]
     return "\n".join(lines)
 
 
@@ -78,6 +80,8 @@ def report_markdown(report: dict) -> str:
     if report.get("budgets", {}).get("line"):
         lines += ["", f"**{report['budgets']['line']}**"]
     lines += ["", "### Gain (test)", *_gain_rows(report.get("gain"))]
+    if report.get("gain_step_matched"):
+        lines += ["", "### Gain against the step-matched baseline (test)", *_gain_rows(report["gain_step_matched"])]
     return "\n".join(lines)
 
 
