@@ -274,6 +274,20 @@ def test_one_image_everywhere_and_the_head_service_serves_mlflow():
         assert _env(group["template"]["spec"]["containers"][0]) == _env(ray_head)
 
 
+def test_mlflow_admits_the_head_service_and_the_port_forward():
+    """MLflow's --allowed-hosts replaces its default (localhost and private IPs): the trial workers' Host header is
+    the head service's name, the port-forward's is 127.0.0.1 / localhost. Checked with MLflow's own matcher."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    mlflow = cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]
+    args = shlex.split(mlflow["args"][0])
+    allowed = args[args.index("--allowed-hosts") + 1].split(",")
+    service = f"{cluster()['metadata']['name']}-head-svc"
+    for host in (f"{service}:5000", f"{service}.default.svc.cluster.local:5000", "127.0.0.1:5000", "localhost:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
+
+
 def test_the_rayjob_runs_raydllm_tune_on_that_cluster():
     from raydllm.cli.app import build_parser
 
