@@ -220,6 +220,7 @@ def test_the_shared_volume_claim():
     pods = [cluster()["spec"]["headGroupSpec"]["template"]["spec"]] + [
         g["template"]["spec"] for g in cluster()["spec"]["workerGroupSpecs"]]
     for pod in pods:
+        assert pod["securityContext"]["fsGroup"] == 100, "the image's user ray (group users) writes the volume"
         claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         assert claims == {claim["metadata"]["name"]}
 
@@ -286,6 +287,10 @@ def test_mlflow_admits_the_head_service_and_the_port_forward():
     for host in (f"{service}:5000", f"{service}.default.svc.cluster.local:5000", "127.0.0.1:5000", "localhost:5000"):
         assert is_allowed_host_header(allowed, host), host
     assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    # the kubelet's readiness probe sends the pod IP as its Host: the probe must be a path MLflow exempts
+    from mlflow.server.security_utils import is_health_endpoint
+
+    assert is_health_endpoint(mlflow["readinessProbe"]["httpGet"]["path"])
 
 
 def test_the_rayjob_runs_raydllm_tune_on_that_cluster():
