@@ -314,6 +314,36 @@ def test_the_rayjob_runs_raydllm_tune_on_that_cluster():
         assert any(args.storage.startswith(m + "/") for m in mounts), "--storage is on the shared volume"
 
 
+def test_rays_kuberay_autoscaler_reads_a_gpu_group_that_holds_a_gsm8k_trial():
+    """Ray 2.60's own reader of a RayCluster (what the in-tree autoscaler plans with) sees a head with 0 CPUs and
+    4 trial slots, and a GPU group of 0 to 4 pods that one gsm8k.yaml trial (8 workers of 8 CPUs, 1 GPU and
+    the A100-80G type each) fits on, one pod per trial (raydllm's own placement rule: STRICT_PACK)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from raydllm.core.config import validate
+    from raydllm.sweep import cluster as ray_nodes
+    from raydllm.sweep.search_space import base_raw, load_spec
+    from raydllm.sweep.train import worker_bundle
+
+    ray_cr = copy.deepcopy(cluster())
+    ray_cr["metadata"]["namespace"] = "default"  # what the API server fills in
+    config = _derive_autoscaling_config_from_ray_cr(ray_cr)
+    types = config["available_node_types"]
+    head, gpu = types.pop(config["head_node_type"]), types.pop("gpu-a100-80gb")
+    assert types == {}
+    assert head["resources"]["CPU"] == 0 and head["resources"]["trial_slot"] == 4
+    assert (gpu["min_workers"], gpu["max_workers"]) == (0, 4)
+    assert gpu["resources"]["GPU"] == 8 and gpu["resources"]["CPU"] == 90
+    assert gpu["resources"]["accelerator_type:A100-80G"] == 1
+    spec = load_spec(REPO / "search_spaces" / "gsm8k.yaml")
+    bundle = worker_bundle(validate(base_raw(spec)), spec.resources.use_gpu)
+    assert bundle["GPU"] == 1 and "accelerator_type:A100-80G" in bundle
+    gpu_pods = [ray_nodes.NodeShape("gpu-a100-80gb", gpu["resources"], gpu["max_workers"])]
+    assert ray_nodes.placement(bundle, spec.resources.workers, gpu_pods) == "STRICT_PACK"
+    # the head alone can hold no worker: until the autoscaler adds a GPU pod, raydllm's check can only warn
+    assert ray_nodes.placement(bundle, 1, [ray_nodes.NodeShape("head", head["resources"], 1)]) is None
+
+
 def test_every_fill_in_is_listed_in_the_header():
     """Each `# fill-in N` below the header is item N of the header's list, and every YOUR_ placeholder is named
     there: what to fill in is all in one place, as in cluster.yaml."""
