@@ -13,14 +13,16 @@ MAX_T = 8  # the scheduler's last rung; rungs at 2 and 4
 
 
 def _single(max_t=MAX_T):
-    return RungAwareOptunaSearch(space={"x": tune.uniform(0.0, 1.0)}, metric="val_loss", mode="min",
-                                 sampler=TPESampler(seed=0, n_startup_trials=2), max_t=max_t)
+    searcher = RungAwareOptunaSearch(sampler=TPESampler(seed=0, n_startup_trials=2), max_t=max_t)
+    assert searcher.set_search_properties("val_loss", "min", {"x": tune.uniform(0.0, 1.0)})  # as Tune does
+    return searcher
 
 
 def _pareto(population=2, max_t=MAX_T):
-    return RungAwareOptunaSearch(space={"x": tune.uniform(0.0, 1.0), "y": tune.uniform(0.0, 1.0)},
-                                 metric=["a", "b"], mode=["min", "min"], max_t=max_t,
-                                 sampler=PicklableNSGAIISampler(seed=0, population_size=population))
+    searcher = RungAwareOptunaSearch(metric=["a", "b"], mode=["min", "min"], max_t=max_t,
+                                     sampler=PicklableNSGAIISampler(seed=0, population_size=population))
+    assert searcher.set_search_properties(None, None, {"x": tune.uniform(0.0, 1.0), "y": tune.uniform(0.0, 1.0)})
+    return searcher
 
 
 def _run(searcher, trial_id, curve, *, stopped_at=None, error=False):
@@ -91,12 +93,11 @@ def test_nsga2_never_breeds_from_stopped_trials():
     _run(searcher, "t1", {2: (0.01, 0.01), 8: (0.0, 0.0)}, stopped_at=2)
     _run(searcher, "t2", {2: (0.5, 0.5), 8: (0.8, 0.2)})
     searcher.suggest("t3")
-    study = searcher._ot_study
-    generation = sampler._get_generation_key()
-    assert [_trial(searcher, t).system_attrs[generation] for t in ("t0", "t1", "t2", "t3")] == [0, 0, 0, 1]
-    parents = sampler.get_parent_population(study, 1)
+    parents = sampler.get_parent_population(searcher._ot_study, 1)  # cached in the study when t3 was sampled
     assert sorted(p.number for p in parents) == [_trial(searcher, "t0").number, _trial(searcher, "t2").number]
     assert all(p.state == TrialState.COMPLETE for p in parents)
+    generation = sampler._get_generation_key()
+    assert [_trial(searcher, t).system_attrs[generation] for t in ("t0", "t1", "t2", "t3")] == [0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("make", [_single, _pareto], ids=["tpe", "nsga2"])
