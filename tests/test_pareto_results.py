@@ -10,7 +10,10 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.cli.app import main
 from raydllm.sweep.pareto import hypervolume
-from raydllm.sweep.pareto_results import format_pareto_table, log_pareto_summary, pareto_report, plot_pareto
+from raydllm.sweep.pareto_results import (_Config, _pair_noise, _within_noise, format_pareto_table, log_pareto_summary,
+                                          pareto_report, plot_pareto)
+from raydllm.sweep.results import ConfigResult
+from raydllm.sweep.stats import METHOD, METHOD_SEEDS_ONLY
 
 OBJECTIVES = {"val_loss_diff": "min", "wikitext_delta": "min"}
 SELECTION, FRESH = 42, [123, 777]
@@ -31,8 +34,8 @@ SEARCH = {
 # the repeat phase: config -> seed -> final (val_loss_diff, wikitext_delta)
 REPEAT = {
     "A": {123: (1.00, 0.20), 777: (1.10, 0.22)},
-    "C": {123: (1.08, 0.19), 777: (1.12, 0.21)},  # within noise of A on both objectives
-    "B": {123: (1.30, 0.05), 777: (1.34, 0.07)},  # trades off against A and C beyond noise
+    "C": {123: (1.08, 0.19), 777: (1.12, 0.21)},  # mean ± std overlapping A's on both objectives
+    "B": {123: (1.30, 0.05), 777: (1.34, 0.07)},  # trades off against A and C (two seeds: no test)
     "D": {123: (1.50, 0.30), 777: (1.60, 0.30)},  # dominated
     "BASE": {123: (1.60, 0.03), 777: (1.70, 0.04)},
 }
@@ -43,9 +46,11 @@ def _params(config: str) -> dict:
     return {"jepa.lambda": lam, "train.lr": 1e-3 if config != "BASE2" else 3e-4}
 
 
-def _sweep(tmp_path, *, objectives: dict | None = OBJECTIVES, name: str = "s1", accuracy: bool = False) -> str:
+def _sweep(tmp_path, *, objectives: dict | None = OBJECTIVES, name: str = "s1", accuracy: bool = False,
+           items: dict | None = None) -> str:
     """The sweep above in a fresh SQLite store; with `accuracy`, the first objective is val_accuracy (max),
-    1 - val_loss_diff / 3, so the same configs win."""
+    1 - val_loss_diff / 3, so the same configs win. `items`: {(config, seed): {item id: score}} logged on those
+    repeat runs as items/val_accuracy.json (as the evaluation layer logs them)."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("raydllm-gsm8k")
@@ -79,6 +84,8 @@ def _sweep(tmp_path, *, objectives: dict | None = OBJECTIVES, name: str = "s1", 
         for step, values in curve.items():
             metrics += [Metric(o, v, 0, step) for o, v in zip(names, measured(values))]
         client.log_batch(run, metrics=metrics)
+        if phase == "repeat" and (config, seed) in (items or {}):
+            client.log_dict(run, {"metric": "val_accuracy", "scores": items[(config, seed)]}, "items/val_accuracy.json")
 
     for config, (arm, status, rung, curve) in SEARCH.items():
         trial(config, SELECTION, status, curve, "baseline" if arm == "baseline" else "search", rung)
@@ -111,10 +118,15 @@ def test_front_on_fresh_seed_means_gains_noise_and_hypervolume(sweep_uri, tmp_pa
     assert a["val_loss_diff"]["mean"] == pytest.approx(1.05) and a["wikitext_delta"]["mean"] == pytest.approx(0.21)
     assert a["val_loss_diff"]["std"] == pytest.approx(statistics.stdev([1.0, 1.1]))
     assert a["val_loss_diff"]["n"] == 2 and a["val_loss_diff"]["seeds"] == FRESH
-    # within noise: A and C overlap on both objectives; B trades off beyond noise with each
-    (flag,) = report["within_noise"]
-    assert (flag["a"], flag["b"], flag["kind"]) == ("F1", "F2", "indistinguishable")
-    assert flag["per_objective"]["val_loss_diff"]["a_minus_b"] == pytest.approx(-0.05)
+    # within noise, from the gains' interval: two fresh seeds and no per-item scores allow no test, so no pair
+    # is shown apart, though F1's lead over F2 in val_loss_diff has the seed-level interval [+0.02, +0.08]
+    flags = {(f["a"], f["b"]): f for f in report["within_noise"]}
+    assert {k: f["kind"] for k, f in flags.items()} == {
+        ("F1", "F2"): "indistinguishable", ("F1", "F3"): "indistinguishable", ("F2", "F3"): "indistinguishable"}
+    loss = flags[("F1", "F2")]["per_objective"]["val_loss_diff"]
+    assert loss["a_minus_b"] == pytest.approx(-0.05) and loss["effect"] == pytest.approx(0.05)  # + = F1 better
+    assert (loss["ci_low"], loss["ci_high"]) == pytest.approx((0.02, 0.08))
+    assert not loss["tested"] and loss["within"] and loss["method"] == METHOD_SEEDS_ONLY
     # gains over the tuned baseline (BASE, not BASE2), paired over 123 and 777, positive = better
     assert report["baseline"]["config_key"] == _key("BASE")
     gain_a = report["front"][0]["gain"]
@@ -147,7 +159,8 @@ def test_front_on_fresh_seed_means_gains_noise_and_hypervolume(sweep_uri, tmp_pa
 
     table = format_pareto_table(report)
     assert "val_loss_diff (min)" in table and "wikitext_delta (min)" in table
-    assert "F1 ~ F2" in table and "1.0500 ± 0.0707 (n=2)" in table
+    assert "F1 ~ F2 (val_loss_diff +0.0500 [95% CI +0.0200, +0.0800], no test" in table
+    assert "1.0500 ± 0.0707 (n=2)" in table
     assert "hypervolume by rung" in table and "rung 1 step 40" in table
     plot = plot_pareto(report, tmp_path / "pareto.png")
     assert plot.stat().st_size > 10_000
@@ -220,24 +233,105 @@ def test_cli_pareto_json_and_single_objective_error(sweep_uri, tmp_path, capsys)
     assert line.startswith("raydllm: error: sweep single is single-objective: it optimised val_loss_diff (min)")
 
 
+def _config(name: str, values: dict[str, list[float]], seeds=(123, 456, 777)) -> _Config:
+    """A repeated config: per objective its value on each fresh seed (run ids name-seed, for item scores)."""
+    return _Config({o: ConfigResult(config_key=name, arm="dllm-jepa", label=name, params={}, metric=o, status="completed",
+                                    selection_seed=SELECTION, selection_value=None, selection_step=None,
+                                    stopped_at_rung=None, run_id=None, fresh_seeds=list(seeds)[:len(v)],
+                                    fresh_values=list(v), fresh_run_ids=[f"{name}-{s}" for s in list(seeds)[:len(v)]],
+                                    fresh_mean=statistics.fmean(v), fresh_std=statistics.stdev(v) if len(v) > 1 else None)
+                    for o, v in values.items()})
+
+
+def _correct(n: int, right: set[int]) -> dict[str, float]:
+    return {f"q{i}": float(i in right) for i in range(n)}
+
+
+def _old_rule_within(a: _Config, b: _Config, objective: str) -> bool:
+    """The rule this replaced: the mean ± std intervals over the fresh seeds overlap."""
+    ra, rb = a.per_objective[objective], b.per_objective[objective]
+    return abs(ra.fresh_mean - rb.fresh_mean) <= ra.fresh_std + rb.fresh_std
+
+
+def test_within_noise_known_answers_from_the_paired_interval():
+    """Known answers where the paired interval and the old overlap of mean ± std disagree."""
+    seeds = (123, 777)
+    # 1. Std intervals overlap (the seeds move both configs together), but on every seed a solves the same 4 of 20
+    #    problems more than b and nothing less: the paired interval over seeds and items excludes 0.
+    a = _config("a", {"val_accuracy": [0.8, 0.4]}, seeds)
+    b = _config("b", {"val_accuracy": [0.6, 0.2]}, seeds)
+    items = {"val_accuracy": {"a-123": _correct(20, set(range(16))), "b-123": _correct(20, set(range(12))),
+                              "a-777": _correct(20, set(range(8))), "b-777": _correct(20, set(range(4)))}}
+    (p,) = _pair_noise(a, b, {"val_accuracy": "max"}, items).values()
+    assert _old_rule_within(a, b, "val_accuracy")  # |0.2| <= 0.283 + 0.283
+    assert p["method"] == METHOD and (p["n_seeds"], p["n_items"]) == (2, 20) and p["tested"]
+    assert p["effect"] == pytest.approx(0.2) and 0 < p["ci_low"] < 0.2 < p["ci_high"]
+    assert not p["within"] and p["a_better"]
+    # 2. Std intervals apart (0.1 > 0.014 + 0.014), but per seed a and b disagree on 25 of 50 problems (a right on
+    #    15, b on 10): the item noise puts 0 inside the interval.
+    a = _config("a", {"val_accuracy": [0.62, 0.60]}, seeds)
+    b = _config("b", {"val_accuracy": [0.52, 0.50]}, seeds)
+    items = {"val_accuracy": {"a-123": _correct(50, set(range(31))), "b-123": _correct(50, set(range(16)) | set(range(31, 41))),
+                              "a-777": _correct(50, set(range(30))), "b-777": _correct(50, set(range(15)) | set(range(30, 40)))}}
+    (p,) = _pair_noise(a, b, {"val_accuracy": "max"}, items).values()
+    assert not _old_rule_within(a, b, "val_accuracy")
+    assert p["method"] == METHOD and p["tested"] and p["effect"] == pytest.approx(0.1)
+    assert p["ci_low"] < 0 < p["ci_high"] and p["within"]
+    # 3. No per-item scores, three seeds: the seed-level bootstrap. a forgets less on every seed (by 0.01 to
+    #    0.03) while the seeds spread both by 0.05: beyond noise, though the std intervals overlap.
+    a = _config("a", {"wikitext_delta": [0.20, 0.30, 0.25]})
+    b = _config("b", {"wikitext_delta": [0.22, 0.33, 0.26]})
+    (p,) = _pair_noise(a, b, {"wikitext_delta": "min"}, None).values()
+    assert _old_rule_within(a, b, "wikitext_delta")
+    assert p["method"] == METHOD_SEEDS_ONLY and p["tested"] and p["effect"] == pytest.approx(0.02)
+    assert 0 < p["ci_low"] and not p["within"] and p["a_better"]
+    # 4. The same on two seeds: no test (a bootstrap of two numbers), so within noise; one seed: not judged.
+    a2, b2 = (_config(c.first.config_key, {"wikitext_delta": c.first.fresh_values[:2]}) for c in (a, b))
+    (p,) = _pair_noise(a2, b2, {"wikitext_delta": "min"}, None).values()
+    assert 0 < p["ci_low"] and not p["tested"] and p["within"]
+    a1, b1 = (_config(c.first.config_key, {"wikitext_delta": c.first.fresh_values[:1]}) for c in (a, b))
+    assert _pair_noise(a1, b1, {"wikitext_delta": "min"}, None) is None
+
+
 def test_within_noise_rule_flags_indistinguishable_and_noise_dominated_pairs():
-    from raydllm.sweep.pareto_results import _within_noise
-
-    def member(name, loss, loss_std, forgetting, forgetting_std):
-        return {"id": name, "config_key": name,
-                "objectives": {"val_loss_diff": {"mean": loss, "std": loss_std},
-                               "wikitext_delta": {"mean": forgetting, "std": forgetting_std}}}
-
-    front = [member("F1", 1.00, 0.01, 0.30, 0.05),  # better loss beyond noise; its extra forgetting within noise
-             member("F2", 1.10, 0.01, 0.24, 0.02),  # vs F1: better forgetting by 0.06 <= 0.05 + 0.02
-             member("F3", 1.30, 0.01, 0.05, 0.01),  # a real trade-off with both
-             member("F4", 1.31, 0.01, 0.04, None)]  # one seed: no std, not judged
-    flags = {(f["a"], f["b"]): f["kind"] for f in _within_noise(front, OBJECTIVES)}
+    objectives = {"val_accuracy": "max", "wikitext_delta": "min"}  # three fresh seeds, seed-level
+    configs = [_config("F1", {"val_accuracy": [0.60, 0.70, 0.65], "wikitext_delta": [0.30, 0.32, 0.31]}),
+               # vs F1: worse accuracy on every seed; forgetting better on two seeds, worse on one (within noise)
+               _config("F2", {"val_accuracy": [0.55, 0.66, 0.62], "wikitext_delta": [0.29, 0.33, 0.30]}),
+               _config("F3", {"val_accuracy": [0.50, 0.55, 0.52], "wikitext_delta": [0.10, 0.12, 0.11]}),  # trade-off
+               _config("F4", {"val_accuracy": [0.49], "wikitext_delta": [0.09]})]  # one seed: not judged
+    front = [{"id": c.first.config_key, "config_key": c.first.config_key} for c in configs]
+    flags = {(f["a"], f["b"]): f["kind"] for f in _within_noise(front, configs, objectives)}
     assert flags == {("F1", "F2"): "dominates within noise"}
-    front[1]["objectives"]["val_loss_diff"]["mean"] = 1.01  # now within noise on both: indistinguishable
-    flags = {(f["a"], f["b"]): f["kind"] for f in _within_noise(front, OBJECTIVES)}
-    assert flags == {("F1", "F2"): "indistinguishable"}
-    front[1]["objectives"]["val_loss_diff"]["mean"] = 0.90  # F2 better on loss beyond noise: F2 leads the pair
-    (flag,) = _within_noise(front, OBJECTIVES)
+    configs[1] = _config("F2", {"val_accuracy": [0.61, 0.69, 0.655], "wikitext_delta": [0.29, 0.33, 0.30]})
+    flags = {(f["a"], f["b"]): f["kind"] for f in _within_noise(front, configs, objectives)}
+    assert flags == {("F1", "F2"): "indistinguishable"}  # accuracy now mixed in sign too
+    configs[1] = _config("F2", {"val_accuracy": [0.65, 0.75, 0.70], "wikitext_delta": [0.29, 0.33, 0.30]})
+    (flag,) = _within_noise(front, configs, objectives)  # F2 better on accuracy beyond noise: F2 leads the pair
     assert (flag["a"], flag["b"], flag["kind"]) == ("F2", "F1", "dominates within noise")
-    assert flag["per_objective"]["val_loss_diff"]["a_minus_b"] == pytest.approx(-0.10)
+    accuracy = flag["per_objective"]["val_accuracy"]
+    assert accuracy["a_minus_b"] == pytest.approx(0.05) and accuracy["effect"] == pytest.approx(0.05)
+    assert 0 < accuracy["ci_low"] <= accuracy["ci_high"] and accuracy["a_better"]
+
+
+def test_within_noise_and_gains_read_the_per_item_scores(tmp_path):
+    """End to end: with items/val_accuracy.json on the repeat runs, the front's gains and its within-noise rule
+    both use the two-level bootstrap. A solves 3 more of 30 problems than C on each fresh seed, so A leads C
+    beyond noise on accuracy (the old mean ± std overlap called them indistinguishable); their forgetting
+    (two seeds, no per-item scores) allows no test: A dominates C within noise."""
+    objectives = {"val_accuracy": "max", "wikitext_delta": "min"}
+    items = {(c, s): _correct(30, set(range(n))) for s in FRESH for c, n in (("A", 22), ("C", 19), ("BASE", 15))}
+    report = pareto_report("gsm8k", tracking_uri=_sweep(tmp_path, objectives=objectives, accuracy=True, items=items))
+    assert [m["id"] for m in report["front"]] == ["F1", "F2", "F3"] and report["front"][1]["config_key"] == _key("C")
+    flags = {(f["a"], f["b"]): f for f in report["within_noise"]}
+    flag = flags[("F1", "F2")]
+    assert flag["kind"] == "dominates within noise"
+    accuracy = flag["per_objective"]["val_accuracy"]
+    assert accuracy["method"] == METHOD and accuracy["n_items"] == 30 and accuracy["tested"]
+    assert accuracy["effect"] == pytest.approx(3 / 30) and accuracy["ci_low"] > 0 and not accuracy["within"]
+    assert not flag["per_objective"]["wikitext_delta"]["tested"]
+    a, c = (report["front"][i]["objectives"]["val_accuracy"] for i in (0, 1))
+    assert abs(a["mean"] - c["mean"]) <= a["std"] + c["std"]  # what the old rule read as noise
+    gain = report["front"][0]["gain"]["val_accuracy"]  # A over the baseline: 7 of 30 problems per seed
+    assert gain["method"] == METHOD and gain["effect"] == pytest.approx(7 / 30) and gain["ci_low"] > 0
+    assert "F1 dominates within noise F2 (val_accuracy +0.1000 [95% CI +" in format_pareto_table(report)

@@ -5,10 +5,14 @@ Like results.py it reads MLflow only. A sweep is multi-objective when its parent
 (a JSON object {name: "min" | "max"}, in the space file's order); the first objective is the plot's x axis and the
 tie-breaker where one config must be chosen.
 
-Within-noise rule (WITHIN_NOISE below): two configs are within noise of each other on an objective when their
-fresh-seed mean ± std intervals overlap, |mean_a - mean_b| <= std_a + std_b; a pair is flagged "indistinguishable"
-when that holds on every objective, and "a dominates within noise" when a is better beyond noise on at least one
-objective and each of b's advantages is within noise (b's trade-off against a is not shown by the seeds).
+Within-noise rule (WITHIN_NOISE below): the same interval as the gains (results.paired_gain, stats.py's paired
+bootstrap: seeds, then the items both scored where the runs logged per-item scores, else seeds only). Two configs
+are within noise of each other on an objective when the 95% interval of their paired difference over the fresh
+seeds contains 0, or when that analysis allows no test (stats.paired_bootstrap gives no p: seed-level values on
+fewer than three seeds, or zero spread): the data do not show the difference. A pair is flagged
+"indistinguishable" when that holds on every objective, and "a dominates within noise" when a is better beyond
+noise on at least one objective and each of b's advantages is within noise (b's trade-off is not shown). A pair
+with no interval (one fresh seed and no per-item scores) is not judged.
 """
 from __future__ import annotations
 
@@ -18,16 +22,19 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raydllm.core.config import ConfigError
 from raydllm.sweep.pareto import dominates, hypervolume, pareto_front, reference_point
-from raydllm.sweep.results import (ConfigResult, find_sweep, paired_gain, selection_seed_of, summarize, time_accounting,
-                      trial_runs)
+from raydllm.sweep.results import (ConfigResult, find_sweep, load_item_scores, paired_gain, selection_seed_of,
+                                   summarize, time_accounting, trial_runs)
 
-WITHIN_NOISE = ("within noise on an objective: |mean_a - mean_b| <= std_a + std_b (their mean ± std intervals over "
-                "the fresh seeds overlap); 'indistinguishable': within noise on every objective; 'a dominates "
-                "within noise': a better beyond noise on one objective, b's advantages all within noise")
+WITHIN_NOISE = ("within noise on an objective: the 95% interval of the pair's paired difference over the fresh "
+                "seeds (the gains' interval: a bootstrap over seeds, then items where per-item scores exist) "
+                "contains 0, or that analysis allows no test (seed-level values on fewer than three seeds); "
+                "'indistinguishable': within noise on every objective; 'a dominates within noise': a better beyond "
+                "noise on one objective, b's advantages all within noise; a pair with no interval is not judged")
 
 
 @dataclass
@@ -99,9 +106,11 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
         basis, points = "selection_seed", [c.selection_point() for c in candidates]
     on_front = set(pareto_front(points, modes)) if points else set()
     members = sorted(on_front, key=lambda i: (_sign(modes[0]) * points[i][0], candidates[i].first.label))
+    # per-item scores of the repeated configs (items/<objective>.json), for the gains and the within-noise rule
+    items = _item_scores(client, candidates + [baseline], objectives) if basis == "fresh_seed_means" else {}
     front = []
     for number, i in enumerate(members, 1):
-        row = _member_row(candidates[i], objectives, basis, baseline)
+        row = _member_row(candidates[i], objectives, basis, baseline, items)
         row["id"] = f"F{number}"
         row["dominates_baseline"] = (baseline is not None and baseline.fresh_point() is not None and basis ==
                                      "fresh_seed_means" and dominates(points[i], baseline.fresh_point(), modes))
@@ -111,7 +120,7 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
         if i in on_front:
             continue
         by = [front[k]["id"] for k, j in enumerate(members) if dominates(points[j], points[i], modes)]
-        dominated.append({**_member_row(config, objectives, basis, baseline), "dominated_by": by})
+        dominated.append({**_member_row(config, objectives, basis, baseline, items), "dominated_by": by})
 
     base_model = _base_model(runs, objectives)
     rungs = _hypervolume_by_rung(client, runs, parent, objectives, selection)
@@ -134,7 +143,8 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
             "configs": [_config_row(c, objectives) for c in search],
             "baseline_configs": [_config_row(c, objectives) for c in baselines],
             "front_basis": basis, "front": front, "dominated": dominated,
-            "within_noise_rule": WITHIN_NOISE, "within_noise": _within_noise(front, objectives),
+            "within_noise_rule": WITHIN_NOISE,
+            "within_noise": _within_noise(front, [candidates[i] for i in members], objectives, items),
             "baseline": _member_row(baseline, objectives, "fresh_seed_means" if baseline.fresh_point() else
                                     "selection_seed", None) if baseline is not None else None,
             "base_model": base_model, "reference_point": reference, "front_hypervolume": front_hypervolume,
@@ -167,6 +177,20 @@ def _tuned_baseline(baselines: list[_Config], objectives: dict[str, str]) -> _Co
     return min(completed, key=lambda c: _sign(mode) * c.per_objective[first].selection_value) if completed else None
 
 
+def _item_scores(client: MlflowClient, configs: list[_Config | None], objectives: dict[str, str]) -> dict:
+    """{objective: {run id: {item id: score}}} for the fresh-seed runs of `configs`, from the runs'
+    items/<objective>.json (results.load_item_scores; objectives without per-item logs get {})."""
+    run_ids = sorted({i for c in configs if c is not None for r in c.per_objective.values() for i in r.fresh_run_ids})
+    logged = {}  # one listing per run, then a download only where the file is (a failed download costs more)
+    for run_id in run_ids:
+        try:
+            logged[run_id] = {a.path for a in client.list_artifacts(run_id, "items")}
+        except (MlflowException, OSError):
+            logged[run_id] = set()
+    return {objective: load_item_scores(client, [r for r in run_ids if f"items/{objective}.json" in logged[r]],
+                                        objective) for objective in objectives}
+
+
 def _config_row(config: _Config, objectives: dict[str, str]) -> dict:
     first = config.first
     return {"config_key": first.config_key, "arm": first.arm, "label": first.label, "params": first.params,
@@ -176,9 +200,11 @@ def _config_row(config: _Config, objectives: dict[str, str]) -> dict:
             "fresh_seeds": first.fresh_seeds}
 
 
-def _member_row(config: _Config, objectives: dict[str, str], basis: str, baseline: _Config | None) -> dict:
+def _member_row(config: _Config, objectives: dict[str, str], basis: str, baseline: _Config | None,
+                items: dict | None = None) -> dict:
     """A front member (or a dominated or baseline config): per objective mean, std, n on the basis, and the
-    gain over the baseline paired over the fresh seeds both ran (positive = better)."""
+    gain over the baseline paired over the fresh seeds both ran (positive = better; over the items both scored
+    where `items[objective]` has them)."""
     stats = {}
     gains = {}
     for objective, mode in objectives.items():
@@ -189,7 +215,7 @@ def _member_row(config: _Config, objectives: dict[str, str], basis: str, baselin
         else:
             stats[objective] = {"mean": r.selection_value, "std": None, "n": 1, "seeds": [r.selection_seed],
                                 "values": [r.selection_value]}
-        gains[objective] = (paired_gain(r, baseline.per_objective[objective], mode)
+        gains[objective] = (paired_gain(r, baseline.per_objective[objective], mode, (items or {}).get(objective))
                             if baseline is not None else None)
     first = config.first
     return {"config_key": first.config_key, "arm": first.arm, "label": first.label, "params": first.params,
@@ -198,27 +224,46 @@ def _member_row(config: _Config, objectives: dict[str, str], basis: str, baselin
             "objectives": stats, "gain": gains, "run_ids": first.fresh_run_ids}
 
 
-def _within_noise(front: list[dict], objectives: dict[str, str]) -> list[dict]:
-    """The pairs of front members the rule flags (module docstring); pairs where a std is missing (one seed)
-    are not judged."""
+def _pair_noise(a: _Config, b: _Config, objectives: dict[str, str], items: dict | None) -> dict | None:
+    """Per objective, a's paired difference from b over the fresh seeds both ran (results.paired_gain with b as
+    the reference: `effect` positive = a better, its interval, method, note), whether the analysis has a test
+    (a p-value), and whether the pair is within noise there (module docstring). None if an objective has no
+    interval (no shared fresh seed, or one seed without per-item scores): the pair is not judged."""
+    per = {}
+    for objective, mode in objectives.items():
+        ra, rb = a.per_objective[objective], b.per_objective[objective]
+        gain = paired_gain(ra, rb, mode, (items or {}).get(objective))
+        if gain is None or gain["ci_low"] is None:
+            return None
+        tested = gain["p_value"] is not None
+        per[objective] = {"a_minus_b": ra.fresh_mean - rb.fresh_mean, "effect": gain["effect"],
+                          "ci_low": gain["ci_low"], "ci_high": gain["ci_high"], "confidence": gain["confidence"],
+                          "method": gain["method"], "n_seeds": gain["n_seeds"], "n_items": gain["n_items"],
+                          "note": gain["note"], "tested": tested,
+                          "within": not tested or gain["ci_low"] <= 0 <= gain["ci_high"],
+                          "a_better": gain["effect"] > 0}
+    return per
+
+
+def _swapped(p: dict) -> dict:
+    """One objective's entry of _pair_noise seen from the other member."""
+    return {**p, "a_minus_b": -p["a_minus_b"], "effect": -p["effect"], "ci_low": -p["ci_high"],
+            "ci_high": -p["ci_low"], "a_better": not p["a_better"]}
+
+
+def _within_noise(front: list[dict], configs: list[_Config], objectives: dict[str, str],
+                  items: dict | None = None) -> list[dict]:
+    """The pairs of front members (`front[i]` is `configs[i]`) the rule flags (module docstring); pairs
+    without an interval on some objective are not judged."""
     flagged = []
     for i, a in enumerate(front):
-        for b in front[i + 1:]:
-            per, judged = {}, True
-            for objective, mode in objectives.items():
-                sa, sb = a["objectives"][objective], b["objectives"][objective]
-                if sa["std"] is None or sb["std"] is None:
-                    judged = False
-                    break
-                better = _sign(mode) * (sb["mean"] - sa["mean"])  # > 0: a is better on this objective
-                noise = sa["std"] + sb["std"]
-                per[objective] = {"a_minus_b": sa["mean"] - sb["mean"], "noise": noise,
-                                  "within": abs(better) <= noise, "a_better": better > 0}
-            if not judged:
+        for j in range(i + 1, len(front)):
+            b = front[j]
+            per = _pair_noise(configs[i], configs[j], objectives, items)
+            if per is None:
                 continue
             if all(p["within"] for p in per.values()):
-                kind = "indistinguishable"
-                winner, loser = a, b
+                kind, winner, loser = "indistinguishable", a, b
             else:
                 kind = None
                 for x, y, x_is_a in ((a, b, True), (b, a, False)):
@@ -230,9 +275,7 @@ def _within_noise(front: list[dict], objectives: dict[str, str]) -> list[dict]:
                     continue  # a real trade-off: each is better beyond noise somewhere
             flagged.append({"a": winner["id"], "b": loser["id"], "kind": kind,
                             "a_config_key": winner["config_key"], "b_config_key": loser["config_key"],
-                            "per_objective": per if winner is a else
-                            {o: {**p, "a_minus_b": -p["a_minus_b"], "a_better": not p["a_better"]}
-                             for o, p in per.items()}})
+                            "per_objective": per if winner is a else {o: _swapped(p) for o, p in per.items()}})
     return flagged
 
 
@@ -330,22 +373,27 @@ def format_pareto_table(report: dict) -> str:
     if base:
         values = ", ".join(f"{o} {v:.4f}" if v is not None else f"{o} -" for o, v in base["values"].items())
         lines.append(f"  base model (before fine-tuning): {values}")
-    lines.append("  within noise (on an objective: |mean_a - mean_b| <= std_a + std_b, the mean ± std intervals "
-                 "overlap; ~ = on every objective):")
+    lines.append("  within noise (on an objective: the 95% interval of the paired difference, the gains' bootstrap, "
+                 "contains 0 or allows no test; ~ = on every objective; a's difference from b, positive = a better):")
     if report["within_noise"]:
         for flag in report["within_noise"]:
-            detail = ", ".join(f"{o} {p['a_minus_b']:+.4f} vs noise {p['noise']:.4f}"
-                               for o, p in flag["per_objective"].items())
+            detail = ", ".join(_noise_text(o, p) for o, p in flag["per_objective"].items())
             verb = "~" if flag["kind"] == "indistinguishable" else "dominates within noise"
             lines.append(f"    {flag['a']} {verb} {flag['b']} ({detail})")
     elif report["front_basis"] == "fresh_seed_means" and len(report["front"]) > 1:
-        lines.append("    no pair flagged: every pair of members trades off beyond noise (or lacks a std)")
+        lines.append("    no pair flagged: every pair of members trades off beyond noise (or has no interval)")
     basis_name = "fresh-seed means" if report["front_basis"] == "fresh_seed_means" else "selection seed"
     for row in report.get("dominated") or []:
         lines.append(f"  dominated on the {basis_name} (not on the front): {row['label'] or row['params']}, "
                      f"by {', '.join(row['dominated_by'])}")
     lines.append("  " + format_hypervolume_line(report))
     return "\n".join(lines)
+
+
+def _noise_text(objective: str, p: dict) -> str:
+    """'val_loss_diff +0.0500 [95% CI +0.0200, +0.0800]', with 'no test' where the analysis has none."""
+    interval = f"[{p['confidence']:.0%} CI {p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+    return f"{objective} {p['effect']:+.4f} {interval}" + ("" if p["tested"] else ", no test")
 
 
 def format_hypervolume_line(report: dict) -> str:

@@ -39,6 +39,7 @@ from raydllm.sweep.compute_match import MATCH_TAG, compute_matched, matched, rep
 
 log = logging.getLogger(__name__)
 SLOT = "trial_slot"
+TIME_ATTR = "step"  # the schedulers' clock (a result's training step) and the searcher's, for its rungs
 
 
 def ensure_ray_for_sweep(spec: SweepSpec) -> None:
@@ -330,7 +331,8 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
                 # the search phase's generator limits concurrency itself (Tune ignores this with it)
                 max_concurrent_trials=None if search else spec.max_concurrent_trials,
                 scheduler=_scheduler(spec, steps) if asha else FIFOScheduler(),
-                search_alg=_search_alg(spec, num_samples) if search else None),
+                # The searcher tells Optuna which trials the scheduler stopped before its last rung, max_t.
+                search_alg=_search_alg(spec, num_samples, max_t=steps if asha else None) if search else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=sweep_callbacks(status, reporter),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
@@ -377,7 +379,7 @@ def _log_summary(spec: SweepSpec, tracking_uri: str, parent_run_id: str, name: s
 def _scheduler(spec: SweepSpec, steps: int):
     """ASHA on the sweep's metric, or on all its objectives at once (a Pareto sweep: pareto_asha)."""
     # A compute-matched baseline phase runs more steps: its rungs at the same FLOPs (compute_match.py).
-    settings = dict(time_attr="step", max_t=steps, grace_period=max(1, round(spec.scheduler.grace_period * steps
+    settings = dict(time_attr=TIME_ATTR, max_t=steps, grace_period=max(1, round(spec.scheduler.grace_period * steps
                                                                              / max_steps(spec))),
                     reduction_factor=spec.scheduler.reduction_factor)
     if spec.objectives:
@@ -389,14 +391,18 @@ def _scheduler(spec: SweepSpec, steps: int):
     return ASHAScheduler(**settings)
 
 
-def _search_alg(spec: SweepSpec, num_samples: int | None = None):
+def _search_alg(spec: SweepSpec, num_samples: int | None = None, *, max_t: int | None = None):
+    """One arm's search algorithm, sized by its own budget `num_samples`. `max_t`: the scheduler's last rung
+    (the arm's step count under ASHA; None without a scheduler that stops trials): Optuna's trials that end
+    below it are PRUNED, not COMPLETE (searchers.RungAwareOptunaSearch)."""
     sizes = searcher_sizes(num_samples or spec.num_samples)  # each arm's searcher sized by its own budget
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if spec.search.algorithm == "optuna":
         from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
         import optuna
+
+        from raydllm.sweep.searchers import RungAwareOptunaSearch
 
         if spec.search.sampler == "nsga2" or (spec.objectives and spec.search.sampler is None):
             from raydllm.sweep.searchers import PicklableNSGAIISampler
@@ -404,8 +410,9 @@ def _search_alg(spec: SweepSpec, num_samples: int | None = None):
             sampler = PicklableNSGAIISampler(seed=spec.search.seed, population_size=sizes["population_size"])
         else:  # multi-objective TPE too
             sampler = optuna.samplers.TPESampler(seed=spec.search.seed, n_startup_trials=sizes["n_startup_trials"])
-        searcher = (OptunaSearch(sampler=sampler, metric=list(spec.objectives), mode=list(spec.objectives.values()))
-                    if spec.objectives else OptunaSearch(sampler=sampler))
+        searcher = (RungAwareOptunaSearch(sampler=sampler, metric=list(spec.objectives),
+                                          mode=list(spec.objectives.values()), max_t=max_t, time_attr=TIME_ATTR)
+                    if spec.objectives else RungAwareOptunaSearch(sampler=sampler, max_t=max_t, time_attr=TIME_ATTR))
         return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
 
