@@ -49,8 +49,9 @@ def shared_ray():
     """One Ray cluster for the Ray tests that do not need their own (a test that kills its driver, or a worker
     it finds among the driver's children, or fakes an autoscaler, starts its own). `ray start --head --block`
     in a session of its own: the test session stops it, and every Ray process it started, by process group.
-    Yields the environment a `raydllm` subprocess joins it with (RAY_ADDRESS), as on a cluster's head."""
+    Yields the environment a `raydllm` subprocess joins it with (RAY_ADDRESS and the token), as on a head."""
     import shutil
+    import secrets
     import signal
     import subprocess
     import tempfile
@@ -63,6 +64,13 @@ def shared_ray():
     # ports 10002-19999, ...): two Ray instances on one machine collide only where they share a port. Its own
     # temp folder too, so Ray's "latest cluster" file (read by an address-less ray.init) stays where only
     # RAY_ADDRESS leads: a test that starts its own cluster does not join this one.
+    # Token authentication as on a real cluster, with a token of its own: Ray 2.60's `ray start` turns it on
+    # whenever a token file exists (~/.ray/auth_token, left by `ray up` or `ray get-auth-token --generate`), and
+    # a client without the token is refused, so the head and every client get it the same way, explicitly.
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     port = _free_port()
     ports = [f"--{name}={_free_port()}" for name in ("dashboard-port", "dashboard-agent-listen-port",
                                                      "dashboard-agent-grpc-port", "metrics-export-port",
@@ -71,15 +79,15 @@ def shared_ray():
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}", *ports,
                              "--min-worker-port=20000", "--max-worker-port=21999", "--include-dashboard=true",
                              "--disable-usage-stats", '--resources={"trial_slot": 2}'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
-        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode != 0:
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True, env=env).returncode != 0:
             if head.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the shared Ray head did not start (exit {head.poll()})")
             time.sleep(1)
-        yield dict(os.environ, RAY_ADDRESS=address)
+        yield dict(env, RAY_ADDRESS=address)
     finally:
         _stop_group(head, signal.SIGTERM, 60)
         shutil.rmtree(temp_dir, ignore_errors=True)
