@@ -99,6 +99,8 @@ def cmd_harness(args) -> int:
                           "raydllm task")
     if args.base and args.ema:
         raise ConfigError("--base and --ema: choose one set of weights")
+    from raydllm.evaluation.evaluate import eval_device
+    eval_device(args.device)  # --device cuda without a GPU: refused here, as `raydllm eval` refuses it
     preset = PRESETS[args.harness_preset] if args.harness_preset else None
     tasks = [t for t in (args.harness or "").split(",") if t] or list(preset.tasks)
     shots = args.harness_shots if args.harness_shots is not None else (preset.num_fewshot if preset else None)

@@ -10,9 +10,11 @@ not beside `evaluation.harness` (which answers the requests), because a run id i
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -20,6 +22,8 @@ from raydllm.core.config import ConfigError
 from raydllm.evaluation.evaluate import load_checkpoint_backbone
 from raydllm.evaluation.harness import PRESETS, DiffusionLM, HarnessPreset
 from raydllm.sweep.tracking import resolve_target, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 @register_model("raydllm")
@@ -42,6 +46,11 @@ class RaydllmLM(DiffusionLM, LM):
             ema, base = _flag(ema), _flag(base)
             if ema and base:
                 raise ConfigError("harness model_args: ema and base: choose one set of weights")
+            if str(device or "").startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line passes --device (default cuda) whatever the machine: its own HF model
+                # falls back to the CPU too. `raydllm eval --device cuda` is refused before it gets here.
+                log.warning("harness: device %s but no CUDA device is visible: running on the CPU", device)
+                device = "cpu"
             loaded = load_checkpoint_backbone(folder, ema=ema, base=base, device=device or "auto")
             self.checkpoint = str(folder)
         else:
