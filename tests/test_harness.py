@@ -154,6 +154,16 @@ def test_generate_until_cuts_each_answer_at_its_own_until(tiny):
     assert lm.protocol(0)["gen_length"] == [8, 16]  # every answer length that ran is in the protocol
 
 
+def test_sampling_at_a_temperature_follows_the_seed(tiny):
+    backbone, tokenizer, cfg = tiny
+    requests = [Request("Question: 5-3?\nAnswer:", {"until": []})]
+
+    def answers(seed):
+        return DiffusionLM(backbone, tokenizer, cfg, gen_length=16, temperature=1.0, seed=seed).generate_until(requests)
+
+    assert answers(1) == answers(1) and answers(1) != answers(2)
+
+
 @pytest.mark.parametrize("settings", [dict(sampler="exact"),
                                       dict(sampler="fast", threshold=0.3, cache="dual", block_length=16)],
                          ids=["exact", "fast-dual"])

@@ -166,7 +166,10 @@ class DiffusionLM:
             self.mc_num if self.mc_num <= 32 or self.mc_num % 32 else 32)
         self.greedy_check, self.add_special_tokens = _flag(greedy_check), _flag(add_special_tokens)
         self.chat, self.seed, self.progress = _flag(chat), int(seed), _flag(progress)
+        # The mask draws run on the CPU (small, and the same on every device); temperature > 0 sampling draws
+        # where the logits are, which needs a generator on that device.
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.sample_generator = torch.Generator(device=self.model_device).manual_seed(self.seed)
         self.used_samplers: dict[int, SamplerConfig] = {}  # gen_length -> the sampler as it ran (protocol)
         self.sampler_for(self.gen_length or DEFAULT_MAX_GEN_TOKS)  # bad settings fail now, not mid-run
 
@@ -238,7 +241,7 @@ class DiffusionLM:
             encoded = truncate_prompts(self.backbone, [contexts[i] for i in idx], sampler)
             texts, _ = generate_answers(self.backbone, self.tokenizer, encoded, sampler=sampler,
                                         batch_size=self.batch_size, bar=bar,
-                                        generator=self.generator if sampler.temperature > 0 else None)
+                                        generator=self.sample_generator if sampler.temperature > 0 else None)
             for i, text in zip(idx, texts):
                 answers[i] = cut_at_stops(text, untils[i])
         bar.close()
