@@ -10,6 +10,13 @@ from raydllm.cli.common import emit_json, resolve_tracking_uri
 
 # -- raydllm eval ----------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
+    if args.harness or args.harness_preset:
+        return cmd_harness(args)
+    if not args.task:
+        raise ConfigError("raydllm eval: name a task (e.g. gsm8k), or --harness TASKS / --harness-preset NAME")
+    # None: not given on the command line (a harness preset may supply these); a task run's defaults.
+    args.sampler, args.threshold = args.sampler or "exact", 0.9 if args.threshold is None else args.threshold
+    args.cache, args.batch_size = args.cache or "none", args.batch_size or 16
     from raydllm.engine.checkpoints import read_checkpoint_meta
     from raydllm.core.config import validate
     from raydllm.data.sft import load_examples
@@ -76,10 +83,70 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# -- raydllm eval --harness -------------------------------------------------------------------------------
+def cmd_harness(args) -> int:
+    """lm-evaluation-harness tasks scored with raydllm's model and samplers (`sweep.harness`)."""
+    import tempfile
+
+    from raydllm.evaluation.harness import PRESETS, gsm8k_local_task, require_lm_eval
+    from raydllm.sweep.tracking import log_harness_to_run, resolve_target
+
+    require_lm_eval()  # one line naming the extra, before anything loads
+    from raydllm.sweep.harness import RaydllmLM, preset_settings, run_harness
+
+    if args.task:
+        raise ConfigError(f"raydllm eval --harness: the tasks are lm-eval's (--harness {args.task}), not a "
+                          "raydllm task")
+    if args.base and args.ema:
+        raise ConfigError("--base and --ema: choose one set of weights")
+    from raydllm.evaluation.evaluate import eval_device
+    eval_device(args.device)  # --device cuda without a GPU: refused here, as `raydllm eval` refuses it
+    preset = PRESETS[args.harness_preset] if args.harness_preset else None
+    tasks = [t for t in (args.harness or "").split(",") if t] or list(preset.tasks)
+    shots = args.harness_shots if args.harness_shots is not None else (preset.num_fewshot if preset else None)
+    settings = preset_settings(preset, {"sampler": args.sampler, "steps": args.steps, "gen_length": args.gen_length,
+                                        "block_length": args.block_length, "threshold": args.threshold,
+                                        "cache": args.cache, "batch_size": args.batch_size, "mc_num": args.mc_num})
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    folder, run_id = resolve_target(args.checkpoint, tracking_uri)
+    if run_id is not None:  # lm-eval's tasks score their test split: a sweep's trial reads it once (ledger.py)
+        from raydllm.sweep.ledger import claim_trial
+        claim_trial(tracking_uri, run_id, folder, force=args.force)
+    lm = RaydllmLM(str(folder), tracking_uri=tracking_uri, ema=args.ema, base=args.base, device=args.device,
+                   progress=not args.no_progress, **settings)
+    name = preset.name if preset else "lm-eval"
+    with tempfile.TemporaryDirectory() as local:
+        include = list(args.harness_include or [])
+        if args.data:  # GSM8K from local files: each gsm8k* task becomes <task>_local, reading --data's jsonl
+            tasks = [gsm8k_local_task(args.data, local, name=f"{t}_local", base=t) if t.startswith("gsm8k") else t
+                     for t in tasks]
+            include.append(local)
+        # Only local tasks (each includes lm-eval's YAML by path): lm-eval's own task index (10 s) is not needed.
+        local_only = bool(args.data) and not args.harness_include and all(t.endswith("_local") for t in tasks)
+        metrics, protocol, results = run_harness(lm, tasks, num_fewshot=shots, limit=args.limit, name=name,
+                                                 include_path=include or None, include_defaults=not local_only)
+    logged = None
+    if run_id is not None:
+        logged = log_harness_to_run(tracking_uri, run_id, metrics, name=name, protocol=protocol, results=results)
+    result = {"checkpoint": str(folder), "run_id": run_id, "harness": name, "tasks": tasks, "protocol": protocol,
+              "metrics": metrics, "logged_as": logged}
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"checkpoint: {folder}" + (f", run {run_id}" if run_id else "") + f"; lm-eval {protocol['lm_eval']}")
+        print(f"protocol {name}: " + ", ".join(f"{k} {v}" for k, v in protocol.items()
+                                              if k not in ("name", "lm_eval", "tasks")))
+        for key, value in metrics.items():
+            print(f"{key:>40}: {value:.4f}" if not key.endswith("/n") else f"{key:>40}: {int(value)}")
+        if logged:
+            print(f"logged to MLflow run {run_id} as {logged}/*, its protocol as tag protocol/{logged}")
+    return 0
+
+
 def add_eval_command(subparsers) -> None:
     p = subparsers.add_parser("eval", help="generate answers with a checkpoint and score them on a task")
     p.add_argument("checkpoint", help="a raydllm checkpoint folder (or a Ray run folder), or an MLflow run id")
-    p.add_argument("task", help="task name, e.g. gsm8k")
+    p.add_argument("task", nargs="?", help="task name, e.g. gsm8k (none with --harness)")
     p.add_argument("--shots", type=int, choices=(0, 4), default=0, help="few-shot exemplars from train (default 0)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--split", choices=("validation", "test"), default="validation",
@@ -89,13 +156,13 @@ def add_eval_command(subparsers) -> None:
     p.add_argument("--gen-length", type=int, help="answer tokens (default: data.answer_tokens rounded up to the block)")
     p.add_argument("--block-length", type=int, help="semi-autoregressive block (default: the whole answer "
                                                     "if <= 64 tokens, else 32)")
-    p.add_argument("--sampler", choices=("exact", "fast"), default="exact",
+    p.add_argument("--sampler", choices=("exact", "fast"),
                    help="exact: LLaDA's sampler (default); fast: Fast-dLLM's threshold parallel decoding")
-    p.add_argument("--threshold", type=float, default=0.9, help="fast sampler: commit every position of the "
+    p.add_argument("--threshold", type=float, help="fast sampler: commit every position of the "
                                                                 "block above this confidence (default 0.9)")
-    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+    p.add_argument("--cache", choices=("none", "prefix", "dual"),
                    help="fast sampler: block KV cache (default none; backbones without one fall back to none)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="prompts generated together (default 16)")
     p.add_argument("--data", help="local data file or folder (default: the checkpoint's data source)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA target weights instead of the online ones")
     p.add_argument("--base", action="store_true", help="evaluate the model this run started from (same data, "
@@ -106,6 +173,14 @@ def add_eval_command(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    h = p.add_argument_group("lm-evaluation-harness (pip install 'raydllm[harness]')")
+    h.add_argument("--harness", metavar="TASKS", help="score lm-eval's tasks instead (comma-separated, e.g. "
+                                                      "gsm8k); --data DIR: gsm8k* read DIR/{train,test}.jsonl")
+    h.add_argument("--harness-preset", choices=("llada-gsm8k", "fast-dllm-gsm8k"),
+                   help="a published protocol: its tasks, shots and sampler (other flags override)")
+    h.add_argument("--harness-shots", type=int, help="few-shot examples (default: the preset's, else the task's)")
+    h.add_argument("--harness-include", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs")
+    h.add_argument("--mc-num", type=int, help="Monte Carlo samples of each loglikelihood's ELBO (default 128)")
     p.set_defaults(func=cmd_eval)
 
 

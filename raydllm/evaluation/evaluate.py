@@ -92,45 +92,15 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
     exemplars = few_shot_exemplars(list(train_examples), shots) if shots else []
     prompts = [task.format_prompt(ex, exemplars) for ex in examples]
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    # The embedded model has a hard length limit: keep the prompt's end (the question) within it.
-    model_limit = getattr(getattr(getattr(backbone, "model", None), "config", None), "max_seq_len", None)
-    if isinstance(model_limit, int):
-        room = model_limit - sampler.gen_length
-        max_prompt_tokens = min(max_prompt_tokens, room) if max_prompt_tokens else room
-    if max_prompt_tokens:
-        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
-    device = next(backbone.parameters()).device
-    sampler = effective_sampler(sampler, backbone)
-    cached_forward = backbone.forward_with_cache if sampler.cache != "none" else None
-    stops = stop_ids(backbone, tokenizer)
-    was_training = backbone.training
-    backbone.eval()
-
-    order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    shard = shard or ONE_RANK
-    bar = tqdm(total=sum(len(b) for k, b in enumerate(batches) if shard.owns(k)),
-               desc=f"eval {getattr(task, 'name', 'task')}", unit="ex", disable=not progress,
+    encoded = truncate_prompts(backbone, encoded, sampler, max_prompt_tokens)
+    bar = tqdm(total=0, desc=f"eval {getattr(task, 'name', 'task')}", unit="ex", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-
-    def generate(idx: list[int]) -> tuple[list[str], int]:
-        ids, attention = left_pad([encoded[i] for i in idx], backbone.ids.pad)
-        logits_fn, cached, forwards = count_forwards(backbone.logits, cached_forward)
-        out = sample(logits_fn, ids.to(device), attention.to(device), mask_id=backbone.ids.mask,
-                     config=sampler, cached_forward=cached, generator=generator)
-        bar.update(len(idx))
-        return decode_generations(tokenizer, out.cpu(), ids.shape[1], eos_id=stops), forwards()
-
-    generations: dict[int, str] = {}
-    row_forwards = 0
-    for idx, (texts, forwards) in zip(batches, map_batches(batches, generate, shard)):
-        generations.update(zip(idx, texts))
-        row_forwards += forwards * len(idx)
+    texts, row_forwards = generate_answers(backbone, tokenizer, encoded, sampler=sampler, batch_size=batch_size,
+                                           generator=generator, shard=shard, bar=bar)
     bar.close()
+    generations = dict(enumerate(texts))
     if decode_cost is not None:
         decode_cost.update(cost_figures(tokens=len(examples) * sampler.gen_length, row_forwards=row_forwards))
-    if was_training:
-        backbone.train()
 
     predictions, totals = [], {}
     for i, ex in enumerate(examples):
@@ -146,6 +116,58 @@ def evaluate_task(backbone, tokenizer, task, examples, *, shots: int = 0, train_
     metrics = {k: v / n for k, v in totals.items()} if n else {}
     metrics["n"] = float(n)
     return metrics, predictions
+
+
+def truncate_prompts(backbone, encoded: list[list[int]], sampler: SamplerConfig,
+                     max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Each prompt's last `max_prompt_tokens` tokens, and for a model with a hard length limit (the embedded
+    model's `max_seq_len`) no more than leaves room for the answer: the prompt's end (the question) is kept."""
+    model_limit = getattr(getattr(getattr(backbone, "model", None), "config", None), "max_seq_len", None)
+    if isinstance(model_limit, int):
+        room = model_limit - sampler.gen_length
+        max_prompt_tokens = min(max_prompt_tokens, room) if max_prompt_tokens else room
+    return [ids[-max_prompt_tokens:] for ids in encoded] if max_prompt_tokens else list(encoded)
+
+
+@torch.no_grad()
+def generate_answers(backbone, tokenizer, encoded: Sequence[Sequence[int]], *, sampler: SamplerConfig,
+                     batch_size: int = 16, generator: torch.Generator | None = None, shard: Shard | None = None,
+                     bar=None) -> tuple[list[str], int]:
+    """(one decoded answer per prompt, in input order, cut before its first stop token; row-forwards) for
+    token-id prompts: batched by length with left padding (pad id = backbone.ids.pad), sampled by
+    `sampler.sample` as `sampler` says (after `effective_sampler`). `shard`: as `evaluate_task`'s (a
+    collective). `bar`: a tqdm bar advanced by each batch this rank runs (its total is set here). The
+    harness model (`evaluation.harness`) generates through this too, so its answers are raydllm's."""
+    device = next(backbone.parameters()).device
+    sampler = effective_sampler(sampler, backbone)
+    cached_forward = backbone.forward_with_cache if sampler.cache != "none" else None
+    stops = stop_ids(backbone, tokenizer)
+    was_training = backbone.training
+    backbone.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    shard = shard or ONE_RANK
+    if bar is not None:
+        bar.total = sum(len(b) for k, b in enumerate(batches) if shard.owns(k))
+        bar.refresh()
+
+    def generate(idx: list[int]) -> tuple[list[str], int]:
+        ids, attention = left_pad([encoded[i] for i in idx], backbone.ids.pad)
+        logits_fn, cached, forwards = count_forwards(backbone.logits, cached_forward)
+        out = sample(logits_fn, ids.to(device), attention.to(device), mask_id=backbone.ids.mask,
+                     config=sampler, cached_forward=cached, generator=generator)
+        if bar is not None:
+            bar.update(len(idx))
+        return decode_generations(tokenizer, out.cpu(), ids.shape[1], eos_id=stops), forwards()
+
+    generations: dict[int, str] = {}
+    row_forwards = 0
+    for idx, (texts, forwards) in zip(batches, map_batches(batches, generate, shard)):
+        generations.update(zip(idx, texts))
+        row_forwards += forwards * len(idx)
+    if was_training:
+        backbone.train()
+    return [generations[i] for i in range(len(encoded))], row_forwards
 
 
 def default_sampler(cfg: Config, *, gen_length: int | None = None, block_length: int | None = None,

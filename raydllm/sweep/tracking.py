@@ -183,3 +183,26 @@ def log_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], predic
         file.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         client.log_artifact(run_id, str(file), artifact_path="eval")
     return prefix
+
+
+def log_harness_to_run(tracking_uri: str, run_id: str, metrics: dict[str, float], *, name: str, protocol: dict,
+                       results: dict | None = None, step: int = 0) -> str:
+    """Log lm-evaluation-harness scores as `harness/<name>/<task>/<metric>[/<filter>]` (`name`: the protocol's,
+    e.g. a preset's), their protocol as the tag `protocol/harness/<name>` (JSON, as `log_to_run` tags its
+    figures) and lm-eval's whole result as the artifact `harness/results-<name>.json`; returns the prefix."""
+    from mlflow.entities import Metric
+
+    from raydllm.evaluation.protocol import protocol_tags
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    prefix = f"harness/{name}"
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()])
+    for tag, value in protocol_tags({prefix: protocol}).items():
+        client.set_tag(run_id, tag, value)
+    if results is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / f"results-{name}.json"
+            file.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))  # lm-eval's has objects
+            client.log_artifact(run_id, str(file), artifact_path="harness")
+    return prefix
