@@ -44,6 +44,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _shared_ray_order(item) -> int:
+    """0: tests that start a Ray of their own (or none); 1: those that join the shared cluster part-way
+    (`joins_shared_ray`); 2: those that need it from the start."""
+    if "shared_ray" in item.fixturenames:
+        return 2
+    return 1 if item.get_closest_marker("joins_shared_ray") else 0
+
+
+def pytest_collection_modifyitems(config, items):
+    # The shared cluster starts with its first user and lives to the end of the session, so its users go last:
+    # no test may start a Ray of its own while it runs. Two Ray instances on one machine break Ray Train's
+    # PlacementGroupCleaner (it looks its cluster up without an address and stops at "Found multiple active
+    # Ray instances"), and a resumed sweep's trials then wait until they time out (seen in CI). Stable sort:
+    # within each group, pytest's own order.
+    items.sort(key=_shared_ray_order)
+
+
 @pytest.fixture(scope="session")
 def shared_ray():
     """One Ray cluster for the Ray tests that do not need their own (a test that kills its driver, or a worker

@@ -94,12 +94,12 @@ def _registered_step(storage: Path) -> int | None:
         return None
 
 
-def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path, shared_ray):
+@pytest.mark.joins_shared_ray
+def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path, request):
     steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=2"]
-    # The uninterrupted reference on the shared cluster; the victim on a cluster of its own, which the kill
-    # takes down with its driver (a head lost with the run).
-    reference = _train(tmp_path, *steps, "--name", "reference", env=shared_ray)
-
+    # The victim on a cluster of its own, which the kill takes down with its driver (a head lost with the run),
+    # and its resumption on another; only then the uninterrupted reference, on the shared cluster, so that no two
+    # Ray instances run at once (tests/conftest.py).
     cmd = [sys.executable, "-m", "raydllm.cli.app", "train", "gsm8k", "--preset", "local", "--json", *TINY, *steps,
            "--name", "victim"]
     victim = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -118,6 +118,7 @@ def test_killed_run_resumes_at_its_checkpoint_with_same_weights(tmp_path, shared
     assert killed_after is not None and killed_after < 8, "the run ended before it could be killed"
 
     resumed = _train(tmp_path, *steps, "--name", "victim")
+    reference = _train(tmp_path, *steps, "--name", "reference", env=request.getfixturevalue("shared_ray"))
     assert resumed["resumed"] is True and resumed["step"] == 8
     assert resumed["val_loss_diff"] == pytest.approx(reference["val_loss_diff"], rel=1e-6, abs=1e-7)
     assert resumed["loss_total"] == pytest.approx(reference["loss_total"], rel=1e-6, abs=1e-7)
