@@ -34,11 +34,7 @@ SPACE = {
     "resources": {"workers": 1, "cpus_per_worker": 1},
 }
 
-# Opt-in until the resume case is shown passing inside CI's time (it ran past 10 minutes here; issue 26):
-# RAYDLLM_SLURM_TESTS=1 python -m pytest tests/test_slurm.py
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(os.geteuid() != 0, reason="a one-machine Slurm runs as root"),
-              pytest.mark.skipif(os.environ.get("RAYDLLM_SLURM_TESTS") != "1",
-                                 reason="opt-in: RAYDLLM_SLURM_TESTS=1 (installs and starts a one-machine Slurm)")]
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(os.geteuid() != 0, reason="a one-machine Slurm runs as root")]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -133,13 +129,20 @@ def slurm(tmp_path_factory):
         print(f"slurm: node names up: {up}")
         yield env, up
     finally:
+        # Jobs first, while slurmd can still end their steps: a slurmd stopped under a running job leaves the
+        # job's processes (its Ray among them) behind.
+        subprocess.run(["scancel", "--full", "--partition=debug"], env=env, capture_output=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                         text=True).stdout.strip():
+            time.sleep(1)
         for node in nodes:
             _stop(_pid(folder / f"slurmd-{node}.pid"))
         _stop(_pid(folder / "slurmctld.pid"))
         _stop(_pid(folder / "munged.pid"))
 
 
-def _submit(env, shared: Path, nodes: int, workdir: Path) -> str:
+def _submit(env, shared: Path, nodes: int, workdir: Path, mlflow_port: int | None = None) -> str:
     """sbatch of the recipe with this machine's fill-ins: its #SBATCH lines as shipped, but no GPU request (this
     Slurm has no GPUs); the rest overridden on sbatch's command line, as the recipe's header says."""
     recipe = workdir / "raydllm.sbatch"
@@ -147,7 +150,8 @@ def _submit(env, shared: Path, nodes: int, workdir: Path) -> str:
                               if not line.startswith("#SBATCH --gpus-per-node")))
     job_env = {**env, "RAYDLLM_SHARED": str(shared), "RAYDLLM_CMD": f"{sys.executable} -m raydllm.cli",
                "RAYDLLM_TUNE_ARGS": f"--space {workdir / 'space.yaml'} --json",
-               "RAYDLLM_RAY_PORT": str(_free_ports(1)[0]), "RAYDLLM_MLFLOW_PORT": str(_free_ports(1)[0]),
+               "RAYDLLM_RAY_PORT": str(_free_ports(1)[0]),
+               "RAYDLLM_MLFLOW_PORT": str(mlflow_port or _free_ports(1)[0]),
                "PYTHONPATH": str(REPO)}
     out = subprocess.run(["sbatch", "--parsable", "-N", str(nodes), "-p", "debug", "-c", "2", "-t", "15",
                           f"--output={workdir}/job-%j.out", str(recipe)],
@@ -176,8 +180,10 @@ def _ray_left(job: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
-def _sweep_runs(shared: Path):
-    client = MlflowClient(f"sqlite:///{shared / 'mlflow.db'}")
+def _sweep_runs(shared: Path, tracking_uri: str | None = None):
+    """The sweep's parent and child runs: from the database once the job is over, or through the job's MLflow
+    server while it runs (the server creates and migrates the database: a second writer would race it)."""
+    client = MlflowClient(tracking_uri or f"sqlite:///{shared / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("raydllm-gsm8k")
     if experiment is None:
         return client, [], []
@@ -219,18 +225,21 @@ def test_scancel_mid_sweep_then_resubmit_resumes_it(slurm, tmp_path):
     env, nodes = slurm
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     shared = tmp_path / "shared"
-    job = _submit(env, shared, len(nodes), tmp_path)
+    port = _free_ports(1)[0]
+    job = _submit(env, shared, len(nodes), tmp_path, mlflow_port=port)
     finished_before: set[str] = set()
     deadline = time.time() + 420
     while time.time() < deadline and _job_state(env, job) in ("PENDING", "RUNNING", "CONFIGURING"):
         time.sleep(2)
-        if (shared / "mlflow.db").exists():
-            done = [r for r in _sweep_runs(shared)[2] if r.data.tags.get("raydllm.status") in ("completed",
-                                                                                              "stopped_early")]
-            if done:
-                finished_before = {r.data.tags["raydllm.trial_id"] for r in done}
-                subprocess.run(["scancel", job], env=env, check=True)
-                break
+        try:
+            children = _sweep_runs(shared, f"http://127.0.0.1:{port}")[2]
+        except Exception:  # the job's MLflow server is not up yet
+            continue
+        done = [r for r in children if r.data.tags.get("raydllm.status") in ("completed", "stopped_early")]
+        if done:
+            finished_before = {r.data.tags["raydllm.trial_id"] for r in done}
+            subprocess.run(["scancel", job], env=env, check=True)
+            break
     assert finished_before, "the job ended (or stalled) before a trial finished: nothing to cancel mid-sweep"
     assert _wait(env, job, timeout=120) == "CANCELLED"
     time.sleep(2)

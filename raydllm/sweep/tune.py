@@ -311,12 +311,16 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps, phase=phase,
                              stream=None if progress is True else progress) if progress else None
     if tune.Tuner.can_restore(path):
-        # A restored Tuner keeps the callbacks it was created with; the progress view of this process joins them.
+        # A restored Tuner keeps the callbacks it was created with, pickled with the tracking URI of the run that
+        # created them; this process's progress view and tracking server replace theirs. A resubmitted Slurm job
+        # runs its MLflow on another node or port: with the old URI every trial's end would wait on a dead server.
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
         for hooks in tuner._local_tuner.get_run_config().callbacks or []:
             if hasattr(hooks, "progress"):
                 hooks.progress = reporter
+            if isinstance(getattr(hooks, "status", None), TrialStatusCallback):
+                hooks.status.tracking_uri = tracking_uri
         restored = True
     else:
         status = TrialStatusCallback(tracking_uri, experiment, steps, spec.scheduler.grace_period,
