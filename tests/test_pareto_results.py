@@ -119,13 +119,14 @@ def test_front_on_fresh_seed_means_gains_noise_and_hypervolume(sweep_uri, tmp_pa
     assert a["val_loss_diff"]["std"] == pytest.approx(statistics.stdev([1.0, 1.1]))
     assert a["val_loss_diff"]["n"] == 2 and a["val_loss_diff"]["seeds"] == FRESH
     # within noise, from the gains' interval: two fresh seeds and no per-item scores allow no test, so no pair
-    # is shown apart, though F1's lead over F2 in val_loss_diff has the seed-level interval [+0.02, +0.08]
+    # is shown apart. F1's lead over F2 in val_loss_diff is +0.02 and +0.08 on the two seeds: Student's t over
+    # them, 0.05 +- 12.71 x 0.0424 / sqrt(2), not their range (a 2-point bootstrap's "interval")
     flags = {(f["a"], f["b"]): f for f in report["within_noise"]}
     assert {k: f["kind"] for k, f in flags.items()} == {
         ("F1", "F2"): "indistinguishable", ("F1", "F3"): "indistinguishable", ("F2", "F3"): "indistinguishable"}
     loss = flags[("F1", "F2")]["per_objective"]["val_loss_diff"]
     assert loss["a_minus_b"] == pytest.approx(-0.05) and loss["effect"] == pytest.approx(0.05)  # + = F1 better
-    assert (loss["ci_low"], loss["ci_high"]) == pytest.approx((0.02, 0.08))
+    assert (loss["ci_low"], loss["ci_high"]) == pytest.approx((-0.3312, 0.4312), abs=1e-3)
     assert not loss["tested"] and loss["within"] and loss["method"] == METHOD_SEEDS_ONLY
     # gains over the tuned baseline (BASE, not BASE2), paired over 123 and 777, positive = better
     assert report["baseline"]["config_key"] == _key("BASE")
@@ -159,7 +160,7 @@ def test_front_on_fresh_seed_means_gains_noise_and_hypervolume(sweep_uri, tmp_pa
 
     table = format_pareto_table(report)
     assert "val_loss_diff (min)" in table and "wikitext_delta (min)" in table
-    assert "F1 ~ F2 (val_loss_diff +0.0500 [95% CI +0.0200, +0.0800], no test" in table
+    assert "F1 ~ F2 (val_loss_diff +0.0500 [95% CI -0.3312, +0.4312], no test" in table
     assert "1.0500 ± 0.0707 (n=2)" in table
     assert "hypervolume by rung" in table and "rung 1 step 40" in table
     plot = plot_pareto(report, tmp_path / "pareto.png")
@@ -277,18 +278,22 @@ def test_within_noise_known_answers_from_the_paired_interval():
     assert not _old_rule_within(a, b, "val_accuracy")
     assert p["method"] == METHOD and p["tested"] and p["effect"] == pytest.approx(0.1)
     assert p["ci_low"] < 0 < p["ci_high"] and p["within"]
-    # 3. No per-item scores, three seeds: the seed-level bootstrap. a forgets less on every seed (by 0.01 to
-    #    0.03) while the seeds spread both by 0.05: beyond noise, though the std intervals overlap.
+    # 3. No per-item scores, three seeds: Student's t over seeds. a forgets less on every seed (by 0.019 to
+    #    0.021) while the seeds spread both by 0.05: beyond noise, though the std intervals overlap.
     a = _config("a", {"wikitext_delta": [0.20, 0.30, 0.25]})
-    b = _config("b", {"wikitext_delta": [0.22, 0.33, 0.26]})
+    b = _config("b", {"wikitext_delta": [0.22, 0.321, 0.269]})
     (p,) = _pair_noise(a, b, {"wikitext_delta": "min"}, None).values()
     assert _old_rule_within(a, b, "wikitext_delta")
     assert p["method"] == METHOD_SEEDS_ONLY and p["tested"] and p["effect"] == pytest.approx(0.02)
     assert 0 < p["ci_low"] and not p["within"] and p["a_better"]
-    # 4. The same on two seeds: no test (a bootstrap of two numbers), so within noise; one seed: not judged.
+    # 4. The same on two seeds: no test (one degree of freedom), so within noise; one seed: not judged.
+    #    Three seeds with the old spread (0.01 to 0.03) are within noise too: t p = 0.07.
     a2, b2 = (_config(c.first.config_key, {"wikitext_delta": c.first.fresh_values[:2]}) for c in (a, b))
     (p,) = _pair_noise(a2, b2, {"wikitext_delta": "min"}, None).values()
-    assert 0 < p["ci_low"] and not p["tested"] and p["within"]
+    assert not p["tested"] and p["within"]
+    (p,) = _pair_noise(a, _config("b", {"wikitext_delta": [0.22, 0.33, 0.26]}), {"wikitext_delta": "min"},
+                       None).values()
+    assert p["tested"] and p["ci_low"] < 0 < p["ci_high"] and p["within"]
     a1, b1 = (_config(c.first.config_key, {"wikitext_delta": c.first.fresh_values[:1]}) for c in (a, b))
     assert _pair_noise(a1, b1, {"wikitext_delta": "min"}, None) is None
 

@@ -81,3 +81,24 @@ def test_format_effect_names_the_method():
     out["p_holm"] = 0.5
     text = stats.format_effect(out)
     assert "95% CI" in text and stats.METHOD in text and "Holm 0.5" in text
+
+
+def test_seed_level_interval_is_students_t_and_covers_where_a_two_point_bootstrap_does_not():
+    from scipy.stats import t as student_t, ttest_1samp
+
+    diffs = [0.012, 0.031, 0.020]
+    out = stats.paired_bootstrap({s: [d] for s, d in enumerate(diffs)})
+    low, high = student_t.interval(0.95, 2, loc=np.mean(diffs), scale=np.std(diffs, ddof=1) / np.sqrt(3))
+    assert out["method"] == stats.METHOD_SEEDS_ONLY and out["n_boot"] is None
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((low, high), rel=1e-9)
+    assert out["p_value"] == pytest.approx(ttest_1samp(diffs, 0).pvalue, rel=1e-9)
+    # Two seeds, true effect 0.02, seed sd 0.01: the t interval holds its 95%; the two values' range (what
+    # resampling two numbers gives) covers the truth about half the time.
+    rng = np.random.default_rng(0)
+    covered_t = covered_range = 0
+    for _ in range(400):
+        pair = rng.normal(0.02, 0.01, size=2)
+        out = stats.paired_bootstrap({1: [pair[0]], 2: [pair[1]]})
+        covered_t += out["ci_low"] <= 0.02 <= out["ci_high"]
+        covered_range += pair.min() <= 0.02 <= pair.max()
+    assert covered_t / 400 > 0.92 and 0.4 < covered_range / 400 < 0.6

@@ -6,8 +6,8 @@ Like results.py it reads MLflow only. A sweep is multi-objective when its parent
 tie-breaker where one config must be chosen.
 
 Within-noise rule (WITHIN_NOISE below): the same interval as the gains (results.paired_gain, stats.py's paired
-bootstrap: seeds, then the items both scored where the runs logged per-item scores, else seeds only). Two configs
-are within noise of each other on an objective when the 95% interval of their paired difference over the fresh
+bootstrap: seeds, then the items both scored where the runs logged per-item scores; else Student's t over
+seeds). Two configs are within noise of each other on an objective when the 95% interval of their paired difference over the fresh
 seeds contains 0, or when that analysis allows no test (stats.paired_bootstrap gives no p: seed-level values on
 fewer than three seeds, or zero spread): the data do not show the difference. A pair is flagged
 "indistinguishable" when that holds on every objective, and "a dominates within noise" when a is better beyond
@@ -31,7 +31,8 @@ from raydllm.sweep.results import (ConfigResult, find_sweep, load_item_scores, p
                                    summarize, time_accounting, trial_runs)
 
 WITHIN_NOISE = ("within noise on an objective: the 95% interval of the pair's paired difference over the fresh "
-                "seeds (the gains' interval: a bootstrap over seeds, then items where per-item scores exist) "
+                "seeds (the gains' interval: a bootstrap over seeds, then items, where per-item scores exist; "
+                "else Student's t over seeds) "
                 "contains 0, or that analysis allows no test (seed-level values on fewer than three seeds); "
                 "'indistinguishable': within noise on every objective; 'a dominates within noise': a better beyond "
                 "noise on one objective, b's advantages all within noise; a pair with no interval is not judged")

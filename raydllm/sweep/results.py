@@ -18,6 +18,7 @@ from raydllm.sweep.compute_match import MATCH_KEY
 from raydllm.sweep.verdict import arm_budgets
 from raydllm.core.config import ConfigError
 from raydllm.sweep.tracking import experiment_name
+from raydllm.sweep.stats import student_t_sf
 
 
 @dataclass
@@ -156,7 +157,7 @@ def paired_gain(config: ConfigResult, baseline: ConfigResult, mode: str,
     """The config's gain over the baseline on the fresh seeds both completed (positive = better): per seed
     differences, their mean and standard deviation, and the headline: a paired two-level bootstrap over seeds
     and the items both arms scored (`item_scores[run_id]` = {item id: score}, from `load_item_scores`; with
-    none, seeds only), its 95% interval, p where meaningful, and the minimum detectable effect. The old
+    none, Student's t over seeds), its 95% interval, p where meaningful, and the minimum detectable effect. The old
     seed-level t-test stays as `seed_t_test`, never the headline. The selection seed never counts (it chose
     both winners). None when no fresh seed is shared."""
     sign = 1 if mode == "min" else -1
@@ -223,43 +224,6 @@ def paired_test(diffs: list[float]) -> dict:
         t = mean / (std / math.sqrt(n))
         p = 2 * student_t_sf(abs(t), n - 1)
     return {"mean": mean, "std": std, "n": n, "t": t, "df": n - 1, "p_value": min(1.0, p), "test": "paired t-test"}
-
-
-def student_t_sf(t: float, df: int) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom (t >= 0): scipy's when installed, else the
-    regularized incomplete beta function, P(T > t) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2)."""
-    try:
-        from scipy.stats import t as student_t
-
-        return float(student_t.sf(t, df))
-    except ImportError:
-        return 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) by its continued fraction (modified Lentz), x in [0, 1]."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: use the symmetry
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return front * f
 
 
 def time_accounting(runs) -> dict | None:

@@ -5,7 +5,8 @@ The protocol has two sources of variation: the fine-tuning seed and the evaluati
 sequences), and both arms score the same items, so the per-item difference is the unit (paired). The
 interval resamples seeds with replacement and then items within each chosen seed (a clustered/hierarchical
 bootstrap, Miller 2024 "Adding Error Bars to Evals", clustered standard errors; Davison & Hinkley 1997 §3.8
-for the two-stage scheme). Pure numpy; see docs/explanation/statistics.md.
+for the two-stage scheme). With one value a seed (no per-item scores) the interval is Student's t over seeds:
+a bootstrap of two or three numbers under-covers badly. Pure numpy; see docs/explanation/statistics.md.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from statistics import NormalDist
 import numpy as np
 
 METHOD = "paired two-level bootstrap (seeds, then items within seed)"
-METHOD_SEEDS_ONLY = "paired bootstrap over seeds (no per-item scores)"
+METHOD_SEEDS_ONLY = "Student t over seeds (no per-item scores)"
 METHOD_ITEMS_ONLY = "paired bootstrap over items (one seed: seed variance not estimable)"
 
 
@@ -54,6 +55,8 @@ def paired_bootstrap(diffs_by_seed, *, n_boot: int = 4000, confidence: float = 0
     if all_values.size < 2:
         out["note"] = "one seed and no per-item scores: no interval, no test"
         return out
+    if not per_item:
+        return out | {"n_boot": None} | seed_level_t(np.array([g[0] for g in groups]), confidence)
     rng = np.random.default_rng(rng_seed)
     boot = _two_level_draws(groups, n_boot, rng)
     if np.ptp(all_values) == 0 or np.ptp(boot) == 0:
@@ -61,12 +64,77 @@ def paired_bootstrap(diffs_by_seed, *, n_boot: int = 4000, confidence: float = 0
         return out
     tail = (1 - confidence) / 2
     out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
-    if not per_item and n_seeds < 3:
-        out["note"] = f"seed-level values on {n_seeds} seeds: interval shown, no test"
-        return out
     centred = boot - boot.mean()
     out["p_value"] = float((1 + np.sum(np.abs(centred) >= abs(mean))) / (n_boot + 1))
     return out
+
+
+def seed_level_t(diffs: np.ndarray, confidence: float) -> dict:
+    """One value a seed (no per-item scores): the Student t interval over seeds, mean +- t_{S-1} sd / sqrt(S).
+    Not a bootstrap: resampling two or three numbers gives their range, which covers the true effect about half
+    the time with two seeds (both on one side of it: probability 1/2), whatever it is called. The t interval
+    holds its level for normal seed effects and is as wide as so few seeds warrant (x 12.7 the standard error
+    with two). The p-value is the paired t-test's from three seeds on; with two, none: one degree of freedom
+    and a spread estimated from a single difference is no test a reviewer accepts."""
+    n = diffs.size
+    mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
+    if sd == 0:  # as the bootstrap's zero-spread case: a point, no test
+        return {"ci_low": mean, "ci_high": mean, "note": "zero variance in the differences: no test"}
+    half = student_t_quantile(1 - (1 - confidence) / 2, n - 1) * sd / math.sqrt(n)
+    out = {"ci_low": mean - half, "ci_high": mean + half, "note": None}
+    if n < 3:
+        out["note"] = f"seed-level values on {n} seeds: t interval (df {n - 1}), no test"
+    else:
+        out["p_value"] = min(1.0, 2 * student_t_sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return out
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q > 0.5) of Student's t: the sf inverted by bisection (no scipy needed)."""
+    low, high = 0.0, 1.0
+    while student_t_sf(high, df) > 1 - q:
+        high *= 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_sf(mid, df) > 1 - q else (low, mid)
+    return (low + high) / 2
+
+
+def student_t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom (t >= 0): scipy's when installed, else the
+    regularized incomplete beta function, P(T > t) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2)."""
+    try:
+        from scipy.stats import t as student_t
+
+        return float(student_t.sf(t, df))
+    except ImportError:
+        return 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) by its continued fraction (modified Lentz), x in [0, 1]."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
 
 
 def _two_level_draws(groups: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -140,6 +208,8 @@ def format_effect(stat: dict, *, digits: int = 4) -> str:
     mean = f"{stat['mean']:+.{digits}f}"
     if stat.get("ci_low") is None:
         interval = "[no interval]"
+    elif stat["ci_low"] == stat["ci_high"] and stat.get("p_value") is None:
+        interval = "[no interval: zero spread]"  # a point is no interval (two seeds that happen to agree)
     else:
         interval = (f"[{stat['confidence']:.0%} CI {stat['ci_low']:+.{digits}f}, {stat['ci_high']:+.{digits}f}]")
     p = f", p={stat['p_value']:.3g}" if stat.get("p_value") is not None else ", no p"
