@@ -18,12 +18,6 @@ log = logging.getLogger(__name__)
 
 # -- on the driver ------------------------------------------------------------------------------------------
 
-def rung_steps(grace: int, factor: float, max_t: int) -> list[int]:
-    """ASHA's milestones below max_t: grace * factor^k (Ray's one-bracket AsyncHyperBandScheduler)."""
-    count = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
-    return sorted(int(grace * factor ** k) for k in range(count))
-
-
 def delete_checkpoints(run_folder: str) -> int:
     """Delete the `checkpoint_*` folders of one trial's Ray Train run (local or s3://...): a trial ASHA
     stopped is never resumed, and the repeat phase starts its configs afresh. Returns how many went."""

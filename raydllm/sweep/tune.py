@@ -31,9 +31,9 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.sweep.results import best_configs, format_table, plot_sweep, summary_metrics, trial_runs
 from raydllm.sweep.verdict import ui_hint, write_description
-from raydllm.sweep.callbacks import SweepProgress, TrialStatusCallback, sweep_callbacks, rung_steps
+from raydllm.sweep.callbacks import SweepProgress, TrialStatusCallback, sweep_callbacks
 from raydllm.sweep.trial_runner import run_trial
-from raydllm.sweep.search_space import GRID_POINT, SweepSpec, baseline_arm, baseline_keys, baseline_point, baseline_space, load_spec, max_steps, param_space, searcher_sizes
+from raydllm.sweep.search_space import GRID_POINT, SweepSpec, baseline_arm, baseline_keys, baseline_point, baseline_space, load_spec, max_steps, param_space, rung_steps, searcher_sizes
 from raydllm.sweep.compute_match import MATCH_TAG, compute_matched, matched, repeat_points, with_match
 
 
