@@ -144,8 +144,10 @@ def trial_cost(cfg: Config, *, steps: int, grace: int, factor: float, a: Assumpt
         if ev.probes:
             final += 2 * PROBE_FORWARDS * _forward_flops(n, ev.probe_chunks * probe_len)
     start = a.gpu_trial_start_s if gpu else a.local.trial_start_s
+    # A rung at max_t stops nothing: a trial there has ended anyway.
+    rungs = [r for r in rung_steps(grace, factor, steps) if r < steps]
     return TrialCost(steps=steps, reports=len(_reports(steps, cfg.train.eval_every)), step_s=step_s,
-                     report_s=report_s, final_s=final / rate, start_s=start, rungs=rung_steps(grace, factor, steps))
+                     report_s=report_s, final_s=final / rate, start_s=start, rungs=rungs)
 
 
 def _reports(steps: int, every: int) -> list[int]:
