@@ -57,13 +57,15 @@ PROBE_FORWARDS = 4  # per probe window and model: the WikiText loss, the drift's
 class LocalCpu:
     """The local preset's costs on a CPU worker, measured on this project's machine (2 cores, 2024 x86):
     `raydllm bench step --preset local --threads 1`: 0.30 s a DLLM-JEPA step, 0.23 s a baseline step (12.4 and
-    9.3 GFLOPs by this module's count: 41 GFLOPS); a trial's start (time/startup_s in MLflow, two trials at once):
-    39-52 s; the time a step costs beyond its FLOPs on the 2-layer test model: about 0.05 s."""
+    9.3 GFLOPs by this module's count: 41 GFLOPS); a trial's start (time/startup_s in MLflow: 22 s alone, 39-56 s
+    with two at once, mostly Ray Train's worker group); the time a step costs beyond its FLOPs on the 2-layer test
+    model: about 0.05 s; the driver before the first trial, about 15 s after Ray is up, 6 s between phases.
+    tests/test_tune.py checks the resulting plan against a measured local sweep (within 2x)."""
     flops_per_worker: float = 40e9
     step_overhead_s: float = 0.05
     trial_start_s: float = 45.0
-    sweep_start_s: float = 30.0  # the driver: imports, the local Ray, MLflow's parent run
-    phase_start_s: float = 5.0  # each phase's Tuner
+    sweep_start_s: float = 30.0  # the driver: imports, joining or starting Ray, MLflow's parent run
+    phase_start_s: float = 6.0  # each phase's Tuner
 
 
 @dataclass(frozen=True)
