@@ -6,6 +6,7 @@ field, raised as `ConfigError` (the CLI turns it into exit code 2).
 """
 from __future__ import annotations
 
+import re
 import warnings
 from importlib import resources
 from typing import Any, Literal
@@ -57,7 +58,7 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     # The hub commit every node downloads (a 40-hex commit id, so a later push to the repo changes nothing);
     # None = the repo's main branch as it is at download time. Ignored for local folders and the tiny model.
-    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
+    revision: str | None = None
     # Whose code runs a LLaDA / Dream folder: "auto" and "raydllm" = raydllm.core.archs (the hub's remote code does not
     # load under transformers 5); "remote" = the folder's own code (trust_remote_code, transformers 4.x).
     implementation: Literal["auto", "raydllm", "remote"] = "auto"
@@ -72,6 +73,17 @@ class ModelConfig(_Section):
     def _heads_divide(self):
         if self.name == "tiny" and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        return self
+
+    @model_validator(mode="after")
+    def _revision_is_a_hub_commit(self):
+        if self.revision is None:
+            return self
+        if self.name == "tiny":
+            raise ValueError("model.revision: the embedded tiny model has no hub revision")
+        if not re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            raise ValueError(f"model.revision={self.revision!r}: give the hub commit's 40-hex-digit id (a branch or "
+                             f"tag can move to other code and weights)")
         return self
 
     @model_validator(mode="after")
