@@ -102,14 +102,55 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return json.loads((resolve_checkpoint_dir(path) / "raydllm.json").read_text())
 
 
-def materialize(uri: str) -> Path:
-    """A local copy of a remote checkpoint (s3://, gs://, ...) via pyarrow, as Ray Train stores them."""
+def materialize(uri: str, *, ema: bool = False) -> Path:
+    """A local copy of what evaluating a remote checkpoint (s3://, gs://, ..., as Ray Train stores them) reads,
+    via pyarrow: raydllm.json and the weights-only export/ where the checkpoint has one that serves (a full
+    fine-tuning run's; with `ema`, one that holds export/ema/), else the whole folder (a LoRA run's adapters, a
+    checkpoint without export/). At 8B that is 16 GB of a 160 GB checkpoint: the engine's weights, optimizer
+    shards and EMA stay where they are. `uri` may also be a Ray Train run folder: its newest checkpoint is taken."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(uri)
+    root = _remote_checkpoint(fs, root.rstrip("/"), uri)
     local = Path(tempfile.mkdtemp(prefix="raydllm-ckpt-"))
-    pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    def fetch(relative: str) -> None:
+        target = local / relative
+        # pyarrow copies a folder into one that exists, creating what is below it
+        (target if fs.get_file_info(f"{root}/{relative}").type == pafs.FileType.Directory
+         else target.parent).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{root}/{relative}", str(target), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+    fetch("raydllm.json")
+    lora = json.loads((local / "raydllm.json").read_text()).get("config", {}).get("model", {}).get("lora", {})
+    wanted = [f"{EXPORT_DIR}/config.json"] + ([f"{EXPORT_DIR}/{EXPORT_EMA}"] if ema else [])
+    if not lora.get("rank") and all(fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File for name in wanted):
+        fetch(EXPORT_DIR)
+    else:
+        pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
+
+
+def _remote_checkpoint(fs, root: str, uri: str) -> str:
+    """`root` when it holds raydllm.json, else its newest `checkpoint_*` child that does (resolve_checkpoint_dir's
+    rule, on the remote file system)."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(f"{root}/raydllm.json").type == pafs.FileType.File:
+        return root
+    children = [info.path for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                if info.type == pafs.FileType.Directory
+                and fs.get_file_info(f"{info.path}/raydllm.json").type == pafs.FileType.File]
+    if not children:
+        raise ConfigError(f"checkpoint {uri}: no raydllm.json there (not a raydllm checkpoint folder)")
+
+    def step(path: str) -> int:
+        with fs.open_input_stream(f"{path}/raydllm.json") as stream:
+            return int(json.loads(stream.read()).get("step", 0))
+
+    return max(children, key=lambda path: (step(path), path))
+
 
 def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix = BACKBONE_PREFIX
