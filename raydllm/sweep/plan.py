@@ -422,7 +422,12 @@ def format_plan(result: dict[str, Any]) -> str:
         lines.append(f"  prices: {p['region']}, as of {p['as_of']} ({p['file']}); head {result['head']} for the "
                      f"wall-clock included; node types from {p['cluster'] or 'the price file (no cluster.yaml)'}")
     a = result["assumptions"]
-    lines.append(f"  assumed: {a['mfu']:.0%} of {a['gpu_tflops']:.0f} TFLOPS per GPU, a GPU trial's start "
-                 f"{a['gpu_trial_start_s']:.0f} s; local CPU {a['local_cpu']['flops_per_worker'] / 1e9:.0f} GFLOPS "
-                 f"a worker (measured); method: raydllm/sweep/plan.py")
+    if "prices" in result:
+        lines.append(f"  assumed: {a['mfu']:.0%} of {a['gpu_tflops']:.0f} TFLOPS per GPU, a trial's start "
+                     f"{a['gpu_trial_start_s'] / 60:.0f} min, the first node's {a['gpu_sweep_start_s'] / 60:.0f} min "
+                     f"(raydllm/sweep/plan.py says how each figure is made)")
+    else:
+        cpu = a["local_cpu"]
+        lines.append(f"  measured on a 2-core machine: {cpu['flops_per_worker'] / 1e9:.0f} GFLOPS a CPU worker, "
+                     f"a trial's start {cpu['trial_start_s']:.0f} s (raydllm/sweep/plan.py says how each figure is made)")
     return "\n".join(lines)
