@@ -4,7 +4,8 @@ local folder reached through pyarrow's file:// file system, the same code path a
 import json
 from pathlib import Path
 
-from raydllm.engine.checkpoints import EXPORT_DIR, export_folder, materialize, resolve_checkpoint_dir
+from raydllm.engine.checkpoints import EXPORT_DIR, SOURCE_FILE, export_folder, materialize, resolve_checkpoint_dir
+from raydllm.sweep.ledger import entry
 from raydllm.sweep.tracking import resolve_target
 
 BIG = 4 * 1024 * 1024  # stands for the optimizer shards: must never be copied when export/ serves
@@ -26,7 +27,8 @@ def _checkpoint(folder: Path, *, step: int = 10, lora_rank: int = 0, export_ema:
 
 
 def _files(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    """The checkpoint's files in a local copy (not the note of where it came from)."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != SOURCE_FILE}
 
 
 def test_only_the_export_comes_down(tmp_path):
@@ -62,3 +64,15 @@ def test_run_folder_gives_its_newest_checkpoint(tmp_path):
     local = materialize(f"file://{run}")
     assert json.loads((local / "raydllm.json").read_text())["step"] == 420
     assert _files(local) == {"raydllm.json", "export/config.json", "export/model.safetensors"}
+
+
+def test_the_ledger_knows_a_remote_checkpoint_again_from_a_fresh_copy(tmp_path):
+    """Each `report` copies a remote checkpoint into a new temporary folder; the test ledger records the remote
+    checkpoint, so a second report of the same winners is the same look (and refused), not a new one."""
+    run = tmp_path / "train-trial"
+    _checkpoint(run / "checkpoint_000001", step=420)
+    first, second = materialize(f"file://{run}"), materialize(f"file://{run}")
+    assert first != second
+    assert entry("k", 123, first) == entry("k", 123, second)
+    assert entry("k", 123, first)["checkpoint"] == f"file://{run / 'checkpoint_000001'}"
+    assert entry("k", 123, run / "checkpoint_000001")["checkpoint"] == str(run / "checkpoint_000001")  # local: as is

@@ -34,6 +34,7 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 BACKBONE_PREFIX = "backbone.model."
 EXPORT_DIR = "export"
 EXPORT_EMA = "ema/model.safetensors"
+SOURCE_FILE = ".raydllm-source"  # in a local copy of a remote checkpoint: where it came from (checkpoint_identity)
 # Where checkpoints are staged before Ray uploads them: the env var, else the instance-store NVMe that AWS
 # Deep Learning AMIs mount (p4d/p4de: 8 x 1 TB), else the system temp folder.
 LOCAL_DIR_ENV = "RAYDLLM_LOCAL_DIR"
@@ -123,6 +124,8 @@ def materialize(uri: str, *, ema: bool = False) -> Path:
                         destination_filesystem=pafs.LocalFileSystem())
 
     fetch("raydllm.json")
+    scheme = uri.split("://", 1)[0]
+    (local / SOURCE_FILE).write_text(f"{scheme}://{root.lstrip('/') if scheme != 'file' else root}")
     lora = json.loads((local / "raydllm.json").read_text()).get("config", {}).get("model", {}).get("lora", {})
     wanted = [f"{EXPORT_DIR}/config.json"] + ([f"{EXPORT_DIR}/{EXPORT_EMA}"] if ema else [])
     if not lora.get("rank") and all(fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File for name in wanted):
@@ -130,6 +133,14 @@ def materialize(uri: str, *, ema: bool = False) -> Path:
     else:
         pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
+
+
+def checkpoint_identity(folder: str | Path) -> str:
+    """What a checkpoint is, for the test ledger: the remote checkpoint a local copy came from (materialize writes
+    it beside the copy: each copy is a new temporary folder, and the ledger must know the same checkpoint again),
+    else the folder itself."""
+    source = Path(folder) / SOURCE_FILE
+    return source.read_text().strip() if source.is_file() else str(folder)
 
 
 def _remote_checkpoint(fs, root: str, uri: str) -> str:
