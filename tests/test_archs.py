@@ -18,6 +18,7 @@ from raydllm.core.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REMOTE = "remote"  # model.implementation: the folder's own code, as a transformers 4.x user would run it
+REMOTE_CODE = {"implementation": REMOTE, "trust_remote_code": True}  # the folder's code runs only when asked
 VOCAB, WIDTH, LAYERS = 384, 64, 2
 
 
@@ -44,7 +45,7 @@ def llada_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llada(llada_folder):
-    backbone, tokenizer = load_backbone(ModelConfig(name=str(llada_folder), implementation=REMOTE))
+    backbone, tokenizer = load_backbone(ModelConfig(name=str(llada_folder), **REMOTE_CODE))
     return backbone, tokenizer
 
 
@@ -142,7 +143,7 @@ def test_llada_own_activation_checkpointing_gives_the_same_gradients(llada_folde
 def test_llada_gradient_checkpointing_option_on_both_paths(llada_folder):
     """The hub LLaDA refuses transformers' checkpointing API (it only has model.model.set_activation_checkpointing,
     which the adapter calls on the remote path); raydllm's LLaDA declares support."""
-    remote, _ = load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True, implementation=REMOTE))
+    remote, _ = load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True, **REMOTE_CODE))
     assert remote.model.model.activation_checkpointing_strategy == "whole_layer"
     backbone, _ = load_backbone(ModelConfig(name=str(llada_folder), gradient_checkpointing=True))
     assert all(block.gradient_checkpointing for block in backbone.model.model.transformer.blocks)
@@ -169,7 +170,7 @@ def test_llada_hub_folder_fails_on_the_remote_path_and_loads_by_default(tmp_path
     all_tied_weights_keys (then on tie_weights' signature; forward needs use_cache=False)."""
     folder = save_tiny_llada(tmp_path / "quirks", tiny_hub_quirks=True)
     with pytest.raises(AttributeError, match="all_tied_weights_keys"):
-        load_backbone(ModelConfig(name=str(folder), implementation=REMOTE))
+        load_backbone(ModelConfig(name=str(folder), **REMOTE_CODE))
     backbone, _ = load_backbone(ModelConfig(name=str(folder)))
     assert torch.isfinite(backbone.logits(torch.randint(0, 256, (1, 5)))).all()
 
@@ -183,7 +184,7 @@ def dream_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dream(dream_folder):
-    return load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
+    return load_backbone(ModelConfig(name=str(dream_folder), **REMOTE_CODE), dtype=torch.float32)
 
 
 def _dream_mask(attention: torch.Tensor):
@@ -218,9 +219,9 @@ def test_dream_loads_through_the_raydllm_user_path(dream, dream_folder):
 def test_dream_loads_in_the_dtype_raydllm_asks_for(dream_folder):
     # transformers 5 would load with dtype "auto" (the hub config's torch_dtype, bfloat16): raydllm always
     # passes the training dtype, float32 for a CPU run, bfloat16 for a bf16 one.
-    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE))
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), **REMOTE_CODE))
     assert next(backbone.model.parameters()).dtype == torch.float32
-    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.bfloat16)
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), **REMOTE_CODE), dtype=torch.bfloat16)
     assert next(backbone.model.parameters()).dtype == torch.bfloat16
 
 
@@ -279,8 +280,8 @@ def test_dream_left_padding_with_the_4d_mask_is_invisible_to_the_real_tokens(dre
 
 
 def test_dream_transformers_gradient_checkpointing_gives_the_same_gradients(dream_folder):
-    plain, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
-    ckpt, _ = load_backbone(ModelConfig(name=str(dream_folder), gradient_checkpointing=True, implementation=REMOTE),
+    plain, _ = load_backbone(ModelConfig(name=str(dream_folder), **REMOTE_CODE), dtype=torch.float32)
+    ckpt, _ = load_backbone(ModelConfig(name=str(dream_folder), gradient_checkpointing=True, **REMOTE_CODE),
                             dtype=torch.float32)
     assert ckpt.model.model.gradient_checkpointing and not plain.model.model.gradient_checkpointing
     torch.manual_seed(0)
@@ -297,7 +298,7 @@ def test_dream_transformers_gradient_checkpointing_gives_the_same_gradients(drea
 
 def test_dream_pad_eos_embedding_gets_no_gradient(dream_folder):
     """embed_tokens has padding_idx = pad_token_id, which is Dream's EOS: the EOS input row never trains."""
-    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), implementation=REMOTE), dtype=torch.float32)
+    backbone, _ = load_backbone(ModelConfig(name=str(dream_folder), **REMOTE_CODE), dtype=torch.float32)
     pad = backbone.ids.pad
     assert backbone.model.model.embed_tokens.padding_idx == pad == backbone.ids.eos
     ids = torch.tensor([[5, pad, 7, pad, 9]])
@@ -331,6 +332,6 @@ def test_dream_hub_folder_fails_on_the_remote_path_and_loads_by_default(tmp_path
     patched, its non-persistent inv_freq loads uninitialised)."""
     folder = save_tiny_dream(tmp_path / "quirks", tiny_hub_quirks=True)
     with pytest.raises(KeyError, match="default"):
-        load_backbone(ModelConfig(name=str(folder), implementation=REMOTE))
+        load_backbone(ModelConfig(name=str(folder), **REMOTE_CODE))
     backbone, _ = load_backbone(ModelConfig(name=str(folder)))
     assert torch.isfinite(backbone.logits(torch.randint(0, 256, (1, 5))).float()).all()

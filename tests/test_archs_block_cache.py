@@ -158,7 +158,7 @@ def test_lora_and_its_base_view_use_the_cache(folder, arch):
 
 def test_remote_code_without_the_api_falls_back(folder, caplog):
     """The folder's own (remote) LLaDA code has no block K/V API: the fast sampler runs it without a cache."""
-    backbone = load_backbone(ModelConfig(name=str(folder("llada", 1)), implementation="remote"))[0]
+    backbone = load_backbone(ModelConfig(name=str(folder("llada", 1)), implementation="remote", trust_remote_code=True))[0]
     assert type(backbone.model).__module__.startswith("transformers_modules")
     assert not backbone.supports_kv_cache
     sampler = SamplerConfig(steps=GEN, gen_length=GEN, block_length=BLOCK, method="fast", cache="prefix")

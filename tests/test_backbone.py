@@ -22,8 +22,12 @@ def hf_folder(tmp_path_factory):
 def test_hf_folder_loads_through_the_user_path(hf_folder):
     folder, original = hf_folder
     assert (folder / "model.py").exists()  # remote code travels with the weights
-    backbone, tokenizer = load_backbone(ModelConfig(name=str(folder), trust_remote_code=True))
+    # By default none of it runs: the embedded model's own class loads its folders (a trial's export/ too).
+    own, _ = load_backbone(ModelConfig(name=str(folder)))
+    assert type(own.model).__module__ == type(original).__module__
+    backbone, tokenizer = load_backbone(ModelConfig(name=str(folder), implementation="remote", trust_remote_code=True))
     assert type(backbone.model).__module__ != type(original).__module__  # loaded from the folder's code
+    assert torch.equal(own.model.lm_head.weight, backbone.model.lm_head.weight)
     assert backbone.ids.mask == tokenizer.mask_token_id and backbone.ids.pad != backbone.ids.mask
     ids = torch.randint(0, 256, (2, 12))
     attention = torch.ones_like(ids)

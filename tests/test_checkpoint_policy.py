@@ -3,7 +3,8 @@ staging on the node's local disk."""
 import pytest
 
 from raydllm.engine.checkpoints import LOCAL_DIR_ENV, folder_bytes, staging_dir
-from raydllm.sweep.callbacks import delete_checkpoints, rung_steps
+from raydllm.sweep.callbacks import delete_checkpoints
+from raydllm.sweep.search_space import rung_steps
 
 
 @pytest.mark.parametrize("max_t,grace,factor", [(444, 74, 3), (135, 10, 4), (40, 5, 2), (100, 10, 3)])

@@ -303,25 +303,66 @@ def _role_of_worker_profile(cfg: dict) -> tuple[str, str]:
 
 
 def test_worker_iam_setup_is_complete(cluster_file):
-    """The head launches workers with an instance profile only if its role may pass that role (iam:PassRole):
-    the exact policy ships in iam/, the AWS page's "Fill in" step attaches it and says how to check it."""
+    """GPU workers get an instance profile of their own, never the head's (EC2 + S3 full access): its role may
+    touch only the sweep's S3 prefix, and the head may pass that role, and no other, only to EC2. The policies
+    ship in iam/; the AWS page's "Fill in" step shows the PassRole policy exactly and how to check it."""
     cfg = _load(cluster_file)
     if cfg["provider"]["type"] != "aws":
         pytest.skip("AWS only")
     account, role = _role_of_worker_profile(cfg)
-    assert role == "ray-autoscaler-v1"  # the role `ray up` gives the head, so PassRole on it covers the workers
+    head = cfg["available_node_types"][cfg["head_node_type"]]["node_config"]
+    assert role != "ray-autoscaler-v1" and role == "raydllm-worker"  # `ray up` gives the head ray-autoscaler-v1
+    assert head.get("IamInstanceProfile", {}).get("Arn", "").rpartition("/")[2] != role
     policy = json.loads((REPO / "iam" / "pass-worker-role.json").read_text())
     statements = policy["Statement"]
-    assert any(s["Effect"] == "Allow" and s["Action"] == "iam:PassRole"
-               and s["Resource"] == f"arn:aws:iam::{account}:role/{role}" for s in statements), policy
+    passes = [s for s in statements if "iam:PassRole" in json.dumps(s["Action"])]
+    assert passes and all(s["Effect"] == "Allow" for s in passes)
+    for s in passes:
+        assert s["Resource"] == f"arn:aws:iam::{account}:role/{role}", s  # the worker role only: no wildcard
+        assert s["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}, s
+    trust = json.loads((REPO / "iam" / "worker-trust-policy.json").read_text())["Statement"]
+    assert trust == [{"Sid": trust[0]["Sid"], "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+                      "Action": "sts:AssumeRole"}]
+    s3 = json.loads((REPO / "iam" / "worker-s3-policy.json").read_text())["Statement"]
+    storage = re.search(r"RAYDLLM_STORAGE=s3://(?P<bucket>[^/\s]+)/(?P<prefix>[^\s']+)", cluster_file.read_text())
+    bucket, prefix = storage["bucket"], storage["prefix"].rstrip("/")
+    for statement in s3:
+        assert statement["Effect"] == "Allow" and "*" not in json.dumps(statement["Action"])
+        resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+        # Objects under the sweep's prefix; the bucket itself only to list that prefix and find its region.
+        assert all(r in (f"arn:aws:s3:::{bucket}/{prefix}/*", f"arn:aws:s3:::{bucket}") for r in resources), statement
+        if f"arn:aws:s3:::{bucket}" in resources and statement["Action"] == "s3:ListBucket":
+            assert statement["Condition"]["StringLike"]["s3:prefix"] == [prefix, f"{prefix}/*"]
+    assert any(f"arn:aws:s3:::{bucket}/{prefix}/*" in json.dumps(s) and "s3:PutObject" in s["Action"] for s in s3)
     page = (REPO / "docs" / "how-to" / "aws.md").read_text()
     fill_in = page[page.index("## 1. Fill in and start"):page.index("## 2. ")]
     block = re.search(r"```json\n(.*?)```", fill_in, re.S)
     assert block and json.loads(block[1]) == policy, "the AWS page's Fill in step must show the policy file exactly"
-    assert f"aws iam put-role-policy --role-name {role}" in fill_in
-    assert "--policy-document file://iam/pass-worker-role.json" in fill_in
-    assert "aws iam simulate-principal-policy --action-names iam:PassRole" in fill_in
-    assert "aws iam put-role-policy" in cluster_file.read_text()
+    for text in (fill_in, cluster_file.read_text()):
+        assert "aws iam put-role-policy --role-name ray-autoscaler-v1" in text
+        assert "file://iam/pass-worker-role.json" in text and "file://iam/worker-s3-policy.json" in text
+        assert "file://iam/worker-trust-policy.json" in text
+        assert f"--instance-profile-name {role} --role-name {role}" in text
+        assert "aws iam simulate-principal-policy --action-names iam:PassRole" in text
+        assert "ContextKeyName=iam:PassedToService,ContextKeyValues=ec2.amazonaws.com" in text
+
+
+def test_ssh_only_from_a_filled_in_address(cluster_file):
+    """Ray 2.60 creates a security group admitting SSH from 0.0.0.0/0 for every node type whose node_config has no
+    SecurityGroupIds (aws/config.py _configure_security_group, _create_default_ssh_inbound_rules), and
+    provider.security_group only adds rules to it. So every node type names the user's group, whose SSH rule's
+    CIDR is a fill-in, and nothing in the file opens SSH to the world."""
+    cfg = _load(cluster_file)
+    if cfg["provider"]["type"] != "aws":
+        pytest.skip("AWS only")
+    groups = {name: t["node_config"].get("SecurityGroupIds") for name, t in cfg["available_node_types"].items()}
+    assert all(groups.values()), f"node types Ray would give its SSH-from-anywhere group: {groups}"
+    assert len({tuple(g) for g in groups.values()}) == 1 and groups[cfg["head_node_type"]] == ["sg-YOUR_SECURITY_GROUP_ID"]
+    assert "IpPermissions" not in json.dumps(cfg["provider"].get("security_group", {}))
+    text = cluster_file.read_text()
+    assert "0.0.0.0/0" not in text.replace("admits SSH from 0.0.0.0/0", "")  # only the comment that says why
+    assert "--protocol tcp --port 22 --cidr YOUR_IP/32" in text
+    assert "RAY_AUTH_MODE=disabled" not in text.replace("never set RAY_AUTH_MODE=disabled", "")
 
 
 def test_mlflow_server_on_head(cluster_file):

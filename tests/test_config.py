@@ -58,3 +58,69 @@ def test_ema_device_choice():
     assert load_config("gsm8k", "local", ["jepa.ema_device=cpu"]).jepa.ema_device == "cpu"
     with pytest.raises(ConfigError, match=r"^jepa\.ema_device='gpu': .*'auto' or 'cpu'$"):
         load_config("gsm8k", "local", ["jepa.ema_device=gpu"])
+
+
+def test_no_hub_code_runs_unless_a_config_asks():
+    """trust_remote_code is off by default (raydllm's own classes load LLaDA, Dream and the tiny model), and a
+    config that wants the folder's own code says so twice: implementation=remote and trust_remote_code=true."""
+    from raydllm.core.config import ModelConfig
+
+    assert ModelConfig().trust_remote_code is False
+    assert load_config("gsm8k", "paper").model.trust_remote_code is False
+    with pytest.raises(ConfigError, match=r"model\.trust_remote_code: model\.implementation=remote"):
+        load_config("gsm8k", "paper", ["model.implementation=remote"])
+    assert load_config("gsm8k", "paper", ["model.implementation=remote", "model.trust_remote_code=true"]
+                       ).model.trust_remote_code is True
+
+
+def test_shipped_spaces_pin_a_hub_commit():
+    """Every shipped space that downloads a hub model names the commit (model.revision) every node downloads."""
+    from pathlib import Path
+
+    from raydllm.core.config import ModelConfig
+    from raydllm.sweep.search_space import SweepSpec, base_raw
+
+    import yaml
+
+    hub = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")):
+        spec = SweepSpec.model_validate(yaml.safe_load(path.read_text()))
+        model = ModelConfig.model_validate(base_raw(spec)["model"])  # the trials' model, whatever their data
+        if model.name != "tiny":
+            hub[path.name] = (model.name, model.revision)
+    assert len(hub) >= 7 and all(revision for _, revision in hub.values()), hub
+    assert {name: revision for name, revision in hub.values()} == {
+        "GSAI-ML/LLaDA-8B-Base": "0f2787f2d87eac5eed8a087d5ecd24277e6255b2",
+        "Dream-org/Dream-v0-Base-7B": "6572adb5535263e4d1a337b56942ba48b6dee2a9"}
+    for bad in ("main", "v1.0", "0f2787f"):
+        with pytest.raises(ConfigError, match=r"model\.revision="):
+            load_config("gsm8k", "paper", [f"model.revision={bad}"])
+    with pytest.raises(ConfigError, match=r"model\.revision: the embedded tiny model"):
+        load_config("gsm8k", "local", ["model.revision=" + "a" * 40])
+
+
+def test_the_revision_reaches_every_hub_download(monkeypatch):
+    """load_pretrained hands model.revision to the first hub read (the tokenizer) and to the config read that
+    picks the implementation."""
+    import transformers
+
+    from raydllm.engine import backbone
+
+    seen = []
+
+    class Read(Exception):
+        pass
+
+    def record(what):
+        def read(*args, **kwargs):
+            seen.append((what, kwargs.get("revision")))
+            if what == "tokenizer":
+                return object()
+            raise Read
+        return read
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record("tokenizer"))
+    monkeypatch.setattr(transformers.PreTrainedConfig, "get_config_dict", record("config"))
+    with pytest.raises(Read):
+        backbone.load_pretrained("GSAI-ML/LLaDA-8B-Base", trust_remote_code=False, revision="a" * 40)
+    assert seen == [("tokenizer", "a" * 40), ("config", "a" * 40)]

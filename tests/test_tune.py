@@ -196,7 +196,12 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path, shared_ray
                 pass
             time.sleep(0.5)
         space = _write_space(tmp_path, num_samples=2, baseline={"mode": "searched", "num_samples": 1})
+        planned = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--plan", "--json")
+        assert planned.returncode == 0, planned.stderr
+        planned = json.loads(planned.stdout.strip().splitlines()[-1])["cases"]
+        started = time.monotonic()
         done = _cli(tmp_path, "tune", "gsm8k", "--space", str(space), "--tracking-uri", uri, "--json", env=shared_ray)
+        elapsed = time.monotonic() - started
         assert done.returncode == 0, done.stderr[-3000:]
         best = _cli(tmp_path, "best", "gsm8k", "--tracking-uri", uri, "--json")
         assert best.returncode == 0, best.stderr
@@ -204,6 +209,11 @@ def test_sweep_logs_to_mlflow_server_and_best_reads_it_back(tmp_path, shared_ray
         client = MlflowClient(uri)
         children = _children(client, report["parent_run_id"])
         assert len(children) == 3 and not (tmp_path / "mlflow.db").exists()  # all of it went to the server
+        # `tune --plan` for this local sweep, against what it measured: the wall-clock within 2x of the expected
+        # case, the trial steps between half the expected case and the worst case (no early stop).
+        steps = sum(max(m.step for m in client.get_metric_history(r.info.run_id, "loss_total")) for r in children)
+        assert planned["expected"]["trial_steps"] / 2 <= steps <= planned["worst"]["trial_steps"], (steps, planned)
+        assert 0.5 <= elapsed / (3600 * planned["expected"]["wall_clock_hours"]) <= 2, (elapsed, planned)
         winner = min((r for r in children if r.data.params["jepa.lambda"] != "0.0"
                       and r.data.tags["raydllm.status"] == "completed"),
                      key=lambda r: r.data.metrics["val_loss_diff"])

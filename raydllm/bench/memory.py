@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from raydllm.sweep.sizes import MODEL_SIZES, checkpoint_bytes_estimate, lora_adapter_params, predictor_params
+
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -17,28 +19,10 @@ MIB = 1024 ** 2
 # an A100-SXM4-40GB / -80GB, less 1 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
 A100_USABLE_BYTES = {"a100_40gb": 42_505_273_344 - GIB, "a100_80gb": 85_198_045_184 - GIB}
 
-# LLaDA-8B-Base (the paper preset's model).
-LLADA_8B = {"name": "GSAI-ML/LLaDA-8B-Base", "n_params": 8.02e9, "hidden_size": 4096, "n_layers": 32,
-            "vocab_size": 126_464}
-
-
-def predictor_params(hidden_size: int, k_layers: int) -> int:
-    """Parameters of a k-block predictor at backbone width d: per block qkv 3d²+3d, proj d²+d,
-    MLP 8d²+5d, two LayerNorms 4d = 12d² + 13d (raydllm.core.model.Block)."""
-    d = hidden_size
-    return k_layers * (12 * d * d + 13 * d)
-
-
-# LLaDA-8B's block shapes (its config.json: d_model 4096, mlp_hidden_size 12288, n_kv_heads 32 of 32 heads):
-# the matrices LoRA adapts (backbone.LORA_TARGETS).
-LLADA_8B_BLOCK = {"mlp_hidden_size": 12_288, "kv_width": 4096}
-
-
-def lora_adapter_params(rank: int, *, hidden_size: int, mlp_hidden_size: int, kv_width: int, n_layers: int) -> int:
-    """LoRA parameters r(d_in + d_out) on every attention and MLP linear of each block, LLaDA's names: q_proj and
-    attn_out (d -> d), k_proj and v_proj (d -> kv), ff_proj and up_proj (d -> m), ff_out (m -> d)."""
-    d, m, kv = hidden_size, mlp_hidden_size, kv_width
-    return n_layers * rank * (2 * (d + d) + 2 * (d + kv) + 3 * (d + m))
+# LLaDA-8B-Base (the paper preset's model) and its block shapes: raydllm.sweep.sizes, shared with `tune --plan`.
+LLADA_8B = {"name": "GSAI-ML/LLaDA-8B-Base", **{k: v for k, v in MODEL_SIZES["llada-8b"].items()
+                                                 if k in ("n_params", "hidden_size", "n_layers", "vocab_size")}}
+LLADA_8B_BLOCK = {k: MODEL_SIZES["llada-8b"][k] for k in ("mlp_hidden_size", "kv_width")}
 
 
 def _zero_state_bytes(n: float, *, world_size: int, zero_stage: int, bf16: bool) -> dict[str, float]:
@@ -219,18 +203,6 @@ def load_host_estimate(n_params: float) -> dict[str, Any]:
             "measured_on": "tiny LLaDA/Dream (~55M params) stored in bf16, tests/test_llada_dream.py"}
 
 
-def checkpoint_bytes_estimate(n_params: float, *, world_size: int = 8, lam_zero: bool = False,
-                              export_ema: bool = False) -> dict[str, Any]:
-    """Bytes one checkpoint writes (all ranks together) under ZeRO-2 bf16: the bf16 module weights (2N,
-    rank 0's model states), the optimizer shards (fp32 master + Adam m, v: 12N over all ranks), the float32
-    EMA (4N, lambda > 0); the final one adds the weights-only export (2N bf16, +2N with the EMA)."""
-    n = float(n_params)
-    per_save = 2 * n + 12 * n + (0 if lam_zero else 4 * n)
-    export = 2 * n + (2 * n if export_ema else 0)
-    return {"per_save_bytes": per_save, "per_save_gib": round(per_save / GIB, 1),
-            "export_bytes": export, "export_gib": round(export / GIB, 1), "world_size": world_size}
-
-
 def trial_checkpoint_bytes(n_params: float, *, max_t: int, eval_every: int, grace: int, factor: float,
                            checkpoint_at_rungs: bool = True, lam_zero: bool = False) -> dict[str, Any]:
     """Checkpoint bytes a trial that runs to max_t writes: at every report (before), or at ASHA's rungs and
@@ -257,17 +229,17 @@ def measure_load_memory(folder: str | Path, dtype: str) -> dict[str, Any]:
 
     script = (
         "import json, sys, torch\n"
-        "from transformers import AutoConfig, AutoTokenizer\n"
+        "from transformers import AutoTokenizer, PreTrainedConfig\n"
         "from raydllm.engine.backbone import load_pretrained\n"
         "def status(key):\n"
         "    line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))\n"
         "    return int(line.split()[1]) * 1024\n"
         "folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])\n"
-        "AutoConfig.from_pretrained(folder, trust_remote_code=True)\n"
-        "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)\n"
+        "PreTrainedConfig.get_config_dict(folder)  # raydllm's own classes load it: none of the folder's code runs\n"
+        "AutoTokenizer.from_pretrained(folder, trust_remote_code=False)\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current RSS\n"
         "before = {k: status(k) for k in ('VmRSS', 'RssAnon', 'RssFile')}\n"
-        "model, _ = load_pretrained(folder, trust_remote_code=True, dtype=dtype)\n"
+        "model, _ = load_pretrained(folder, trust_remote_code=False, dtype=dtype)\n"
         "peak = status('VmHWM')\n"
         "for p in model.parameters():  # touch every weight: memory-mapped ones are read in now\n"
         "    float(p.detach().float().sum())\n"

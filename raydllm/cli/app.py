@@ -16,7 +16,7 @@ from pathlib import Path
 from raydllm.core.config import ConfigError
 from raydllm.cli.bench_commands import add_bench_command
 from raydllm.cli.common import CONSOLE, add_run_flags, config_from_args, flat_overrides, log_file_for, quiet_ray, emit_json, json_stdout, resolve_tracking_uri, user_errors
-from raydllm.cli.help_texts import describe
+from raydllm.cli.help_texts import PLAN_HELP, describe
 from raydllm.cli.evaluate_commands import add_eval_command, add_pretrain_command
 
 
@@ -57,6 +57,8 @@ def cmd_tune(args) -> int:
                           f"its own preset: line); drop --preset")
     if spec.task != args.task:
         raise ConfigError(f"{space}: task is {spec.task!r}, but the command asks for {args.task!r}")
+    if args.plan:
+        return _print_plan(args, spec, space)
     check_sweep(spec, space_name=str(space), tracking_uri=args.tracking_uri, storage=args.storage)  # before Ray
     from raydllm.sweep.tune import run_spec, sweep_name  # MLflow and torch: seconds to import, so after the checks
 
@@ -124,6 +126,21 @@ def cmd_report(args) -> int:
     else:
         print(format_report(report))
         print(f"\nwritten: {', '.join(report['files'])}; logged to MLflow run {report['parent_run_id']} as report/")
+    return 0
+
+
+def _print_plan(args, spec, space: Path) -> int:
+    """`tune --plan`: the sweep's trials, hours, dollars and storage, from the space alone (no Ray, no MLflow)."""
+    from raydllm.sweep.plan import format_plan, plan
+
+    cluster = Path(args.cluster) if args.cluster else (Path("cluster.yaml") if Path("cluster.yaml").is_file() else None)
+    if cluster is not None and not cluster.is_file():
+        raise ConfigError(f"--cluster {cluster}: no such file")
+    result = plan(spec, space_name=str(space), cluster_file=cluster)
+    if args.json:
+        emit_json(result)
+    else:
+        print(format_plan(result), file=CONSOLE.terminal_out)
     return 0
 
 
@@ -228,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     tune.add_argument("--storage", help="where trials keep checkpoints: a folder, s3://..., or a shared FS")
     tune.add_argument("--json", action="store_true", help="print the outcome as JSON on the last line")
+    tune.add_argument("--plan", action="store_true", help=PLAN_HELP)
+    tune.add_argument("--cluster", metavar="FILE", help="with --plan: the Ray cluster config whose node types "
+                                                        "price the sweep (default: ./cluster.yaml if present)")
     tune.set_defaults(func=cmd_tune)
 
     best = sub.add_parser("best", help="the best configs of a task's latest sweep, read from MLflow")

@@ -26,7 +26,7 @@ def cmd_eval(args) -> int:
     from raydllm.sweep.tracking import log_to_run, resolve_target
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    folder, run_id = resolve_target(args.checkpoint, tracking_uri)
+    folder, run_id = resolve_target(args.checkpoint, tracking_uri, ema=args.ema)
     if args.split == "test" and run_id is not None:  # a sweep's trial: the test split is read once (ledger.py)
         from raydllm.sweep.ledger import claim_trial
         claim_trial(tracking_uri, run_id, folder, force=args.force)
@@ -108,7 +108,7 @@ def cmd_harness(args) -> int:
                                         "block_length": args.block_length, "threshold": args.threshold,
                                         "cache": args.cache, "batch_size": args.batch_size, "mc_num": args.mc_num})
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    folder, run_id = resolve_target(args.checkpoint, tracking_uri)
+    folder, run_id = resolve_target(args.checkpoint, tracking_uri, ema=args.ema)
     if run_id is not None:  # lm-eval's tasks score their test split: a sweep's trial reads it once (ledger.py)
         from raydllm.sweep.ledger import claim_trial
         claim_trial(tracking_uri, run_id, folder, force=args.force)

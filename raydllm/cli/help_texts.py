@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
              "configs; --json prints the outcome (sweep name, parent run id, trials, failures).\n"
              "Interrupted (Ctrl-C, a lost driver)? Run the same command again: the sweep resumes.",
              ["raydllm tune gsm8k --preset local              # the embedded default on this machine",
-              "raydllm tune gsm8k --space search_spaces/gsm8k.yaml --storage s3://BUCKET/raydllm"]),
+              "raydllm tune gsm8k --space search_spaces/gsm8k.yaml --storage s3://BUCKET/raydllm",
+              "raydllm tune gsm8k --plan                      # what the paper sweep costs, before it starts"]),
     "best": ("Read a finished or running sweep back from MLflow: each arm's winner on the selection seed (with the\n"
              "configs within noise of it), the winners' gain on the fresh seeds as an effect with a 95% interval,\n"
              "the minimum detectable effect and each arm's trial count. --pareto: the Pareto front instead.",
@@ -44,6 +45,11 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
               ["raydllm bench --preset local", "raydllm bench sampler --model ./tiny-llada",
                "raydllm bench sweep --pareto   # grid vs the multi-objective ASHA (starts Ray)"]),
 }
+
+
+PLAN_HELP = ("print what the sweep will cost and run nothing (no Ray): trials per arm and phase, steps and reports "
+             "per trial, GPU-hours with no early stop and with ASHA's rung fractions, dollars on demand and spot "
+             "(raydllm/assets/aws_prices.yaml), peak checkpoint storage, wall-clock at max_concurrent_trials")
 
 
 def describe(subparsers: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ field, raised as `ConfigError` (the CLI turns it into exit code 2).
 """
 from __future__ import annotations
 
+import re
 import warnings
 from importlib import resources
 from typing import Any, Literal
@@ -51,7 +52,13 @@ class ModelConfig(_Section):
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
     max_seq_len: int = Field(512, gt=0)
-    trust_remote_code: bool = True
+    # Run the model folder's own Python code (transformers' trust_remote_code): off unless a config asks. raydllm's
+    # own classes load LLaDA, Dream and the embedded model without it; a hub repo's code would run with the
+    # node's rights (its instance profile), so it is opt-in, for model.implementation=remote and foreign models.
+    trust_remote_code: bool = False
+    # The hub commit every node downloads (a 40-hex commit id, so a later push to the repo changes nothing);
+    # None = the repo's main branch as it is at download time. Ignored for local folders and the tiny model.
+    revision: str | None = None
     # Whose code runs a LLaDA / Dream folder: "auto" and "raydllm" = raydllm.core.archs (the hub's remote code does not
     # load under transformers 5); "remote" = the folder's own code (trust_remote_code, transformers 4.x).
     implementation: Literal["auto", "raydllm", "remote"] = "auto"
@@ -66,6 +73,24 @@ class ModelConfig(_Section):
     def _heads_divide(self):
         if self.name == "tiny" and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        return self
+
+    @model_validator(mode="after")
+    def _revision_is_a_hub_commit(self):
+        if self.revision is None:
+            return self
+        if self.name == "tiny":
+            raise ValueError("model.revision: the embedded tiny model has no hub revision")
+        if not re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            raise ValueError(f"model.revision={self.revision!r}: give the hub commit's 40-hex-digit id (a branch or "
+                             f"tag can move to other code and weights)")
+        return self
+
+    @model_validator(mode="after")
+    def _remote_code_is_asked_for(self):
+        if self.implementation == "remote" and not self.trust_remote_code:
+            raise ValueError("model.trust_remote_code: model.implementation=remote runs the model folder's own code; "
+                             "set model.trust_remote_code=true to allow it")
         return self
 
 

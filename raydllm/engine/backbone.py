@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from raydllm.core.archs import ARCHITECTURES
 from raydllm.core.config import ConfigError, LoraSettings, ModelConfig
-from raydllm.core.model import build_tiny
+from raydllm.core.model import TinyDiffusionConfig, TinyDiffusionLM, build_tiny
 from raydllm.engine.pretrain import load_base_weights
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ KNOWN_MASK_IDS = {"llada": 126336}
 SHIFTED_FAMILIES = ("dream",)
 # raydllm's own architectures: their block K/V API (return_kv / kv_cache / block_start) serves the block KV cache.
 BLOCK_CACHE_CLASSES = tuple(model_class for _, model_class in ARCHITECTURES.values())
+# The embedded model's save_pretrained folders (a trial's export/): raydllm's own class loads them, no remote code.
+EMBEDDED_ARCHITECTURES = {TinyDiffusionConfig.model_type: (TinyDiffusionConfig, TinyDiffusionLM)}
 
 # LoRA's default targets per family (by substring of config.model_type): every attention and MLP linear layer
 # of each block, never the embedding or the LM head. A list = module-name suffixes, a string = a regex over
@@ -233,45 +235,49 @@ def resolve_token_ids(cfg: ModelConfig, model_config, tokenizer) -> TokenIds:
 
 
 
-def own_architecture(name_or_path: str, implementation: str):
-    """raydllm's (config class, model class) for the model_type in the folder's config.json, or None for the
-    folder's own (remote) code; read without running any of the folder's code."""
+def own_architecture(name_or_path: str, implementation: str, revision: str | None = None):
+    """raydllm's (config class, model class) for the model_type in the folder's config.json (LLaDA, Dream, or
+    the embedded model's own export), or None for the folder's own (remote) code; read without running any of
+    the folder's code."""
     from transformers import PreTrainedConfig
 
     if implementation == "remote":
         return None
-    model_type = str(PreTrainedConfig.get_config_dict(name_or_path)[0].get("model_type", ""))
+    model_type = str(PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0].get("model_type", ""))
     own = ARCHITECTURES.get(model_type.lower())
     if own is None and implementation == "raydllm":
         raise ConfigError(f"model.implementation: raydllm implements {sorted(ARCHITECTURES)}, "
                           f"not {name_or_path} (model_type {model_type!r})")
-    return own
+    return own or EMBEDDED_ARCHITECTURES.get(model_type.lower())
 
 
 def load_pretrained(name_or_path: str, *, trust_remote_code: bool, dtype: torch.dtype | None = None,
-                    implementation: str = "auto", **model_kwargs):
-    """The path a user's model id takes: raydllm's own classes for LLaDA / Dream (see raydllm.core.archs), else
-    AutoConfig/AutoModel with trust_remote_code; the tokenizer is always the folder's (AutoTokenizer)."""
+                    implementation: str = "auto", revision: str | None = None, **model_kwargs):
+    """The path a user's model id takes: raydllm's own classes for LLaDA / Dream (see raydllm.core.archs) and
+    the embedded model, else AutoConfig/AutoModel (running the folder's code only with trust_remote_code); the
+    tokenizer is always the folder's (AutoTokenizer). `revision`: the hub commit to download (model.revision)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     local = Path(name_or_path)
     if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").exists():
         raise ConfigError(f"model.name: {name_or_path} is not a Hugging Face model folder (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    own = own_architecture(name_or_path, implementation)
+    pinned = {"revision": revision} if revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **pinned)
+    own = own_architecture(name_or_path, implementation, revision)
     if own is not None:
         config_class, model_class = own
         try:
-            model_config = config_class.from_pretrained(name_or_path)
+            model_config = config_class.from_pretrained(name_or_path, **pinned)
             # "auto": the checkpoint's torch_dtype if its config names one, else float32 (as AutoModel).
             model = model_class.from_pretrained(name_or_path, config=model_config,
-                                                dtype=dtype if dtype is not None else "auto", **model_kwargs)
+                                                dtype=dtype if dtype is not None else "auto", **pinned,
+                                                **model_kwargs)
             return model, tokenizer
         except NotImplementedError as error:
-            raise ConfigError(f"model.implementation: {error}; model.implementation=remote runs the folder's "
-                              "own code") from None
-    model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    kwargs = ({"dtype": dtype} if dtype is not None else {}) | model_kwargs
+            raise ConfigError(f"model.implementation: {error}; model.implementation=remote (with "
+                              "model.trust_remote_code=true) runs the folder's own code") from None
+    model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **pinned)
+    kwargs = ({"dtype": dtype} if dtype is not None else {}) | pinned | model_kwargs
     model = AutoModel.from_pretrained(name_or_path, config=model_config, trust_remote_code=trust_remote_code,
                                       **kwargs)
     return model, tokenizer
@@ -356,7 +362,7 @@ def load_backbone(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> tu
         model.to(dtype)
     else:
         model, tokenizer = load_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-                                           implementation=cfg.implementation, **quantized)
+                                           implementation=cfg.implementation, revision=cfg.revision, **quantized)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.name)
     shift = cfg.shift_logits if cfg.shift_logits is not None else any(

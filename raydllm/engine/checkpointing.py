@@ -18,22 +18,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from raydllm.engine.checkpoint_policy import checkpoint_due  # noqa: F401 - the worker's import of it
 from raydllm.engine.checkpoints import DS_TAG, EXPORT_DIR, EXPORT_EMA, folder_bytes, staging_dir
 from raydllm.core.config import Config
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_due(train, *, step: int, total_steps: int) -> bool:
-    """At the end; at the first report at or after each of train.checkpoint_steps (where ASHA decides,
-    so a resumed trial loses at most one rung of work) and every train.checkpoint_every steps; at every
-    report when neither is set."""
-    if step >= total_steps:
-        return True
-    if train.checkpoint_steps is None and train.checkpoint_every is None:
-        return True
-    at_rung = any(step - train.eval_every < s <= step for s in train.checkpoint_steps or ())
-    return at_rung or bool(train.checkpoint_every and step % train.checkpoint_every == 0)
 
 
 class Checkpointer:

@@ -34,6 +34,7 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 BACKBONE_PREFIX = "backbone.model."
 EXPORT_DIR = "export"
 EXPORT_EMA = "ema/model.safetensors"
+SOURCE_FILE = ".raydllm-source"  # in a local copy of a remote checkpoint: where it came from (checkpoint_identity)
 # Where checkpoints are staged before Ray uploads them: the env var, else the instance-store NVMe that AWS
 # Deep Learning AMIs mount (p4d/p4de: 8 x 1 TB), else the system temp folder.
 LOCAL_DIR_ENV = "RAYDLLM_LOCAL_DIR"
@@ -102,14 +103,65 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return json.loads((resolve_checkpoint_dir(path) / "raydllm.json").read_text())
 
 
-def materialize(uri: str) -> Path:
-    """A local copy of a remote checkpoint (s3://, gs://, ...) via pyarrow, as Ray Train stores them."""
+def materialize(uri: str, *, ema: bool = False) -> Path:
+    """A local copy of what evaluating a remote checkpoint (s3://, gs://, ..., as Ray Train stores them) reads,
+    via pyarrow: raydllm.json and the weights-only export/ where the checkpoint has one that serves (a full
+    fine-tuning run's; with `ema`, one that holds export/ema/), else the whole folder (a LoRA run's adapters, a
+    checkpoint without export/). At 8B that is 16 GB of a 160 GB checkpoint: the engine's weights, optimizer
+    shards and EMA stay where they are. `uri` may also be a Ray Train run folder: its newest checkpoint is taken."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(uri)
+    root = _remote_checkpoint(fs, root.rstrip("/"), uri)
     local = Path(tempfile.mkdtemp(prefix="raydllm-ckpt-"))
-    pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    def fetch(relative: str) -> None:
+        target = local / relative
+        # pyarrow copies a folder into one that exists, creating what is below it
+        (target if fs.get_file_info(f"{root}/{relative}").type == pafs.FileType.Directory
+         else target.parent).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{root}/{relative}", str(target), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+    fetch("raydllm.json")
+    scheme = uri.split("://", 1)[0]
+    (local / SOURCE_FILE).write_text(f"{scheme}://{root.lstrip('/') if scheme != 'file' else root}")
+    lora = json.loads((local / "raydllm.json").read_text()).get("config", {}).get("model", {}).get("lora", {})
+    wanted = [f"{EXPORT_DIR}/config.json"] + ([f"{EXPORT_DIR}/{EXPORT_EMA}"] if ema else [])
+    if not lora.get("rank") and all(fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File for name in wanted):
+        fetch(EXPORT_DIR)
+    else:
+        pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
+
+
+def checkpoint_identity(folder: str | Path) -> str:
+    """What a checkpoint is, for the test ledger: the remote checkpoint a local copy came from (materialize writes
+    it beside the copy: each copy is a new temporary folder, and the ledger must know the same checkpoint again),
+    else the folder itself."""
+    source = Path(folder) / SOURCE_FILE
+    return source.read_text().strip() if source.is_file() else str(folder)
+
+
+def _remote_checkpoint(fs, root: str, uri: str) -> str:
+    """`root` when it holds raydllm.json, else its newest `checkpoint_*` child that does (resolve_checkpoint_dir's
+    rule, on the remote file system)."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(f"{root}/raydllm.json").type == pafs.FileType.File:
+        return root
+    children = [info.path for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                if info.type == pafs.FileType.Directory
+                and fs.get_file_info(f"{info.path}/raydllm.json").type == pafs.FileType.File]
+    if not children:
+        raise ConfigError(f"checkpoint {uri}: no raydllm.json there (not a raydllm checkpoint folder)")
+
+    def step(path: str) -> int:
+        with fs.open_input_stream(f"{path}/raydllm.json") as stream:
+            return int(json.loads(stream.read()).get("step", 0))
+
+    return max(children, key=lambda path: (step(path), path))
+
 
 def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix = BACKBONE_PREFIX

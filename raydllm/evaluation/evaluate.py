@@ -256,7 +256,8 @@ def load_checkpoint_backbone(path: str | Path, *, ema: bool = False, base: bool 
 
         log.info("loading the weights-only export %s", export)
         backbone, tokenizer = load_backbone(cfg.model.model_copy(update={
-            "name": str(export), "gradient_checkpointing": False, "trust_remote_code": True}), dtype=dtype)
+            # The run's own trust_remote_code: raydllm's classes load LLaDA, Dream and tiny exports without it.
+            "name": str(export), "gradient_checkpointing": False, "revision": None}), dtype=dtype)
         if ema:
             state = load_file(str(export / EXPORT_EMA))
             backbone.model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)

@@ -18,12 +18,6 @@ log = logging.getLogger(__name__)
 
 # -- on the driver ------------------------------------------------------------------------------------------
 
-def rung_steps(grace: int, factor: float, max_t: int) -> list[int]:
-    """ASHA's milestones below max_t: grace * factor^k (Ray's one-bracket AsyncHyperBandScheduler)."""
-    count = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
-    return sorted(int(grace * factor ** k) for k in range(count))
-
-
 def delete_checkpoints(run_folder: str) -> int:
     """Delete the `checkpoint_*` folders of one trial's Ray Train run (local or s3://...): a trial ASHA
     stopped is never resumed, and the repeat phase starts its configs afresh. Returns how many went."""
@@ -126,8 +120,10 @@ class SweepProgress:
     QUIET_S = 60.0  # a non-terminal stream gets a line per ended trial, else at most one per this many seconds
 
     def __init__(self, metric: str, mode: str, keys: list[str], total: int, max_t: int, *, phase: str = "search",
-                 stream=None):
+                 stream=None, launches=None):
         self.metric, self.mode, self.keys, self.total, self.max_t = metric, mode, keys, total, max_t
+        # launches.LaunchWatch: node launches that failed (quota, capacity), each shown once on its own line
+        self.launches = launches
         self.phase = phase
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -157,6 +153,8 @@ class SweepProgress:
                 self.best[arm] = (float(result[self.metric]), {k: config.get(k) for k in self.keys})
         states, fraction = self._states(trials)
         now = time.time()
+        for failure in self.launches.poll(now) if self.launches else []:
+            self._write_line(failure)
         # A terminal is redrawn on any change (at most once a second for the clock); a file gets a line when a
         # trial ends, so a sweep's log is about one line per trial.
         key = states if self.tty else states[2:5]
@@ -172,6 +170,12 @@ class SweepProgress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def _write_line(self, text: str) -> None:
+        """A line of its own above the progress line (which the next update redraws)."""
+        self.stream.write(("\r\x1b[K" if self.tty and self.drawn else "") + text + "\n")
+        self.stream.flush()
+        self.last_states = None  # the progress line goes under it at once
 
     def _states(self, trials) -> tuple[tuple, float]:
         """(running, pending, done, stopped early, failed), and the share of the phase's work done: a finished

@@ -42,8 +42,8 @@ class RaydllmLM(DiffusionLM, LM):
             if not checkpoint:
                 raise ConfigError("harness model_args: checkpoint=<checkpoint folder or MLflow run id> is required")
             self.tracking_uri = resolve_tracking_uri(tracking_uri)
-            folder, self.run_id = resolve_target(str(checkpoint), self.tracking_uri)
             ema, base = _flag(ema), _flag(base)
+            folder, self.run_id = resolve_target(str(checkpoint), self.tracking_uri, ema=ema)
             if ema and base:
                 raise ConfigError("harness model_args: ema and base: choose one set of weights")
             if str(device or "").startswith("cuda") and not torch.cuda.is_available():

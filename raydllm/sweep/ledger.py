@@ -16,12 +16,16 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from raydllm.core.config import ConfigError
+from raydllm.engine.checkpoints import checkpoint_identity
 
 LEDGER_PATH = "ledger/test.json"
 
 
 def entry(config_key: str, seed: int | str, checkpoint: str, *, run_id: str | None = None) -> dict:
-    return {"config_key": str(config_key), "seed": str(seed), "checkpoint": str(checkpoint), "run_id": run_id}
+    """One ledger line; a local copy of a remote checkpoint is recorded as the remote checkpoint, so a second look
+    from a fresh copy is known as the same look."""
+    return {"config_key": str(config_key), "seed": str(seed), "checkpoint": checkpoint_identity(checkpoint),
+            "run_id": run_id}
 
 
 def _key(item: dict) -> tuple[str, str, str]:

@@ -351,6 +351,12 @@ def _support(spec: SweepSpec, base: Config, key: str, read) -> list[float]:
     return [float(v) for v in spec.space[key].support] if key in spec.space else [read(base)]
 
 
+def rung_steps(grace: int, factor: float, max_t: int) -> list[int]:
+    """ASHA's milestones below max_t: grace * factor^k (Ray's one-bracket AsyncHyperBandScheduler)."""
+    count = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
+    return sorted(int(grace * factor ** k) for k in range(count))
+
+
 def max_steps(spec: SweepSpec) -> int:
     return spec.scheduler.max_t or validate(base_raw(spec)).train.max_steps
 

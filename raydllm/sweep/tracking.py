@@ -140,12 +140,13 @@ def environment_tags() -> dict[str, str]:
 
 
 # -- evaluation of a finished run (`raydllm eval <run id>`) -------------------------------------------
-def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
-    """(local checkpoint folder, MLflow run id or None) for a checkpoint path or a run id."""
+def resolve_target(target: str, tracking_uri: str, *, ema: bool = False) -> tuple[Path, str | None]:
+    """(local checkpoint folder, MLflow run id or None) for a checkpoint path or a run id. A remote checkpoint is
+    copied here only as far as evaluating it needs (its export/ where it has one; `ema`: the EMA weights too)."""
     if Path(target).expanduser().exists():
         return resolve_checkpoint_dir(target), None
     if "://" in target:
-        return resolve_checkpoint_dir(materialize(target)), None
+        return resolve_checkpoint_dir(materialize(target, ema=ema)), None
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -157,7 +158,7 @@ def resolve_target(target: str, tracking_uri: str) -> tuple[Path, str | None]:
     if not location:
         raise ConfigError(f"run {target}: no {CHECKPOINT_TAG} tag (it finished without a checkpoint?)")
     if "://" in location and not location.startswith("file://"):
-        return resolve_checkpoint_dir(materialize(location)), target
+        return resolve_checkpoint_dir(materialize(location, ema=ema)), target
     return resolve_checkpoint_dir(location.removeprefix("file://")), target
 
 

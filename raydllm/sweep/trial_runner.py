@@ -9,7 +9,7 @@ from typing import Any
 from raydllm.sweep import tracking
 from mlflow.tracking import MlflowClient
 
-from raydllm.sweep.callbacks import rung_steps
+from raydllm.sweep.search_space import rung_steps
 from raydllm.sweep.search_space import arm_of, config_key, flatten_trial_config, max_steps, trial_config, trial_label
 from raydllm.sweep.compute_match import MATCH_TAG, match_of, trial_steps
 

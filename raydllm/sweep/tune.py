@@ -31,9 +31,10 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.sweep.results import best_configs, format_table, plot_sweep, summary_metrics, trial_runs
 from raydllm.sweep.verdict import ui_hint, write_description
-from raydllm.sweep.callbacks import SweepProgress, TrialStatusCallback, sweep_callbacks, rung_steps
+from raydllm.sweep.callbacks import SweepProgress, TrialStatusCallback, sweep_callbacks
 from raydllm.sweep.trial_runner import run_trial
-from raydllm.sweep.search_space import GRID_POINT, SweepSpec, baseline_arm, baseline_keys, baseline_point, baseline_space, load_spec, max_steps, param_space, searcher_sizes
+from raydllm.sweep.launches import LaunchWatch, current_gcs_address
+from raydllm.sweep.search_space import GRID_POINT, SweepSpec, baseline_arm, baseline_keys, baseline_point, baseline_space, load_spec, max_steps, param_space, rung_steps, searcher_sizes
 from raydllm.sweep.compute_match import MATCH_TAG, compute_matched, matched, repeat_points, with_match
 
 
@@ -309,7 +310,8 @@ def _fit_phase(*, spec: SweepSpec, name: str, phase: str, param_space: dict, ash
     total = num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid") \
         if search else None
     reporter = SweepProgress(spec.metric, spec.mode, sorted(spec.space), total or 0, steps, phase=phase,
-                             stream=None if progress is True else progress) if progress else None
+                             stream=None if progress is True else progress,
+                             launches=LaunchWatch(current_gcs_address())) if progress else None
     if tune.Tuner.can_restore(path):
         # A restored Tuner keeps the callbacks it was created with, pickled with the tracking URI of the run that
         # created them; this process's progress view and tracking server replace theirs. A resubmitted Slurm job
