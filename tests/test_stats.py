@@ -102,3 +102,14 @@ def test_seed_level_interval_is_students_t_and_covers_where_a_two_point_bootstra
         covered_t += out["ci_low"] <= 0.02 <= out["ci_high"]
         covered_range += pair.min() <= 0.02 <= pair.max()
     assert covered_t / 400 > 0.92 and 0.4 < covered_range / 400 < 0.6
+
+
+def test_seed_level_mde_uses_the_t_test_that_would_be_run():
+    from scipy.stats import t as student_t
+
+    det = stats.detectability({1: [0.0679], 2: [0.0915]})  # the embedded default's two fresh seeds
+    sd2 = np.var([0.0679, 0.0915], ddof=1)
+    expected = (student_t.ppf(0.975, 1) + student_t.ppf(0.8, 1)) * np.sqrt(sd2 / 2)
+    assert det["mde"] == pytest.approx(expected, rel=1e-6)  # 0.166, not the normal approximation's 0.033
+    assert det["mde_plus_one_seed"] == pytest.approx(
+        (student_t.ppf(0.975, 2) + student_t.ppf(0.8, 2)) * np.sqrt(sd2 / 3), rel=1e-6)

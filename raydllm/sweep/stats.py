@@ -169,13 +169,18 @@ def variance_components(diffs_by_seed) -> dict:
 
 
 def minimum_detectable_effect(sigma2_seed: float | None, sigma2_item: float | None, n_seeds: int, n_items: int,
-                              *, alpha: float = 0.05, power: float = 0.8) -> float | None:
+                              *, alpha: float = 0.05, power: float = 0.8, df: int | None = None) -> float | None:
     """The smallest true effect a two-sided level-alpha test detects with the given power:
-    (z_{1-alpha/2} + z_power) * sqrt(sigma2_seed / S + sigma2_item / (S * n)). None without any variance."""
-    if n_seeds < 1 or n_items < 1 or (sigma2_seed is None and sigma2_item is None):
+    (z_{1-alpha/2} + z_power) * sqrt(sigma2_seed / S + sigma2_item / (S * n)). None without any variance.
+    `df`: the test is Student's t with that many degrees of freedom (seed-level values: S - 1), so t quantiles
+    replace z: with two seeds the test that would be run is far weaker than the normal approximation says."""
+    if n_seeds < 1 or n_items < 1 or (sigma2_seed is None and sigma2_item is None) or (df is not None and df < 1):
         return None
     var = (sigma2_seed or 0.0) / n_seeds + (sigma2_item or 0.0) / (n_seeds * n_items)
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    if df is None:
+        z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    else:
+        z = student_t_quantile(1 - alpha / 2, df) + student_t_quantile(power, df)
     return float(z * math.sqrt(var))
 
 
@@ -183,8 +188,10 @@ def detectability(diffs_by_seed, *, alpha: float = 0.05, power: float = 0.8) -> 
     """The MDE at the sweep's seeds and items, with one more seed, and with twice the items."""
     comp = variance_components(diffs_by_seed)
     s, n = comp["n_seeds"], comp["n_items"]
+    seed_level = comp["sigma2_item"] is None  # one value a seed: the t-test over seeds is the test
     mde = lambda seeds, items: minimum_detectable_effect(comp["sigma2_seed"], comp["sigma2_item"], seeds, items,
-                                                         alpha=alpha, power=power)
+                                                         alpha=alpha, power=power,
+                                                         df=seeds - 1 if seed_level else None)
     return {**comp, "alpha": alpha, "power": power, "mde": mde(s, n), "mde_plus_one_seed": mde(s + 1, n),
             "mde_double_items": mde(s, 2 * n),
             "note": None if comp["sigma2_seed"] is not None else "one seed: the seed variance is not in the MDE"}
