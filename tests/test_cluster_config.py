@@ -237,40 +237,94 @@ def _pip_installs(cfg: dict) -> list[list[str]]:
     return out
 
 
+def _checkout_mount(cfg: dict) -> str:
+    """The remote folder the checkout (local `.`) is mounted at."""
+    remotes = [remote for remote, local in cfg["file_mounts"].items() if local.rstrip("/") in (".", "./")]
+    assert len(remotes) == 1, cfg["file_mounts"]
+    return remotes[0]
+
+
+def test_no_single_file_mount(cluster_file):
+    """Docker bind-mounts each file_mounts entry; rsync replaces a changed file by a new inode, which a running
+    container never sees (Ray keeps its own bootstrap files out of the bind mounts for this reason). Folders only:
+    the checkout as one folder, and the token folder (the user makes it; git-ignored)."""
+    cfg = _load(cluster_file)
+    for remote, local in cfg["file_mounts"].items():
+        path = REPO / local
+        assert not path.is_file(), f"file_mounts {remote}: {local} is a single file"
+        assert path.is_dir() or local.rstrip("/").removeprefix("./") in {
+            line.strip().rstrip("/") for line in (REPO / ".gitignore").read_text().splitlines()}, (remote, local)
+    assert _checkout_mount(cfg) == "~/raydllm"
+
+
+def _make_checkout_with_local_junk(tmp_path: Path) -> Path:
+    """A copy of the checkout's tracked files plus what a user's checkout also holds and no node may get."""
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in filter(None, files.stdout.split("\0")):
+        source = REPO / name
+        if source.is_file() or source.is_symlink():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / name).symlink_to(os.readlink(source)) if source.is_symlink() else \
+                (checkout / name).write_bytes(source.read_bytes())
+    for junk in (".venv/bin/python", "mlflow.db", "runs.db", "raydllm_runs/sweep/checkpoint_000001/model.pt",
+                 "mlruns/0/meta.yaml", ".ray-auth/auth_token", "build/lib/x.py", "raydllm/__pycache__/a.pyc"):
+        (checkout / junk).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / junk).write_text("local only")
+    return checkout
+
+
+def test_checkout_mount_leaves_local_state_behind_and_builds(cluster_file, tmp_path):
+    """What `ray up` copies for the checkout mount (rsync with Ray's own filter arguments built from the file's
+    rsync_exclude / rsync_filter) has no .venv, database, checkpoint or token, and builds the raydllm wheel with
+    its search spaces, from a temporary copy as setup_commands does."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (.ci/run installs it)")
+    cfg = _load(cluster_file)
+    checkout = _make_checkout_with_local_junk(tmp_path)
+    options = {"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")}
+    node = tmp_path / "node" / "raydllm"
+    node.parent.mkdir()
+    subprocess.run(["rsync", "-a", *SSHCommandRunner._create_rsync_filter_args(None, options),
+                    f"{checkout}/", f"{node}/"], check=True, capture_output=True)
+    copied = {str(p.relative_to(node)) for p in node.rglob("*") if p.is_file()}
+    leaked = sorted(c for c in copied if c.split("/")[0] in {".venv", "raydllm_runs", "mlruns", ".ray-auth", "build"}
+                    or c.endswith((".db", ".pyc")))
+    assert not leaked, leaked
+    assert "pyproject.toml" in copied and "raydllm/sweep/node_setup.py" in copied
+    build = tmp_path / "build"
+    shutil.copytree(node, build, symlinks=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(build)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("raydllm-*.whl"))).namelist()
+    spaces = {p.name for p in (REPO / "search_spaces").glob("*.yaml")}
+    assert {f"raydllm/search_spaces/{n}" for n in spaces} <= set(names), names
+    assert {"raydllm/sweep/cluster.py", "raydllm/configs/paper.yaml"} <= set(names)
+
+
 def test_no_node_installs_raydllm_from_a_package_index(cluster_file):
-    """raydllm is not on any index: every node installs the checkout that file_mounts copied to it."""
+    """raydllm is not on any index: every node installs the checkout that file_mounts copied to it, from a
+    temporary copy (pip builds in the folder it is given; the mounted one belongs to the host)."""
     cfg = _load(cluster_file)
     installs = _pip_installs(cfg)
     assert installs, "no pip install on the nodes"
     requirements = [w for args in installs for w in args if not w.startswith("-")]
     by_name = [w for w in requirements if re.fullmatch(r"raydllm(\[[^\]]*\])?([=<>~!].*)?", w)]
     assert not by_name, f"installs raydllm from an index: {by_name}"
-    checkout = [w for w in requirements if w.split("[")[0].rstrip("/") in cfg["file_mounts"]
-                or any(m.startswith(w.rstrip("/") + "/") for m in cfg["file_mounts"])]
-    assert checkout, f"no node installs the mounted checkout ({cfg['file_mounts']}): {installs}"
-
-
-def test_file_mounts_are_enough_to_build_raydllm_with_its_spaces(cluster_file, tmp_path):
-    """What file_mounts copies to a node (and nothing else) builds the raydllm wheel, search spaces included."""
-    import shutil
-    import subprocess
-    import zipfile
-
-    cfg = _load(cluster_file)
-    root = Path(os.path.commonpath(list(cfg["file_mounts"])))
-    for remote, local in cfg["file_mounts"].items():
-        source, target = REPO / local, tmp_path / "node" / Path(remote).relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(tmp_path / "node")], check=True, capture_output=True)
-    names = zipfile.ZipFile(next((tmp_path / "dist").glob("raydllm-*.whl"))).namelist()
-    spaces = {p.name for p in (REPO / "search_spaces").glob("*.yaml")}
-    assert {f"raydllm/search_spaces/{n}" for n in spaces} <= set(names), names
-    assert {"raydllm/sweep/cluster.py", "raydllm/configs/paper.yaml"} <= set(names)
+    mount = _checkout_mount(cfg)
+    install = next(c for c in cfg["setup_commands"] if "pip install" in c and mount in c)
+    m = re.fullmatch(r'(?P<var>\w+)=\$\(mktemp -d\) && cp -r (?P<src>\S+)/\. "\$(?P=var)" && '
+                     r'pip install -q "\$(?P=var)" .*&& rm -rf "\$(?P=var)"', install)
+    assert m and m["src"] == mount, install
+    assert not any(mount in args for args in installs), "pip must never be handed the mounted folder itself"
 
 
 def test_torch_install_matches_the_node(cluster_file):
@@ -283,7 +337,7 @@ def test_torch_install_matches_the_node(cluster_file):
     versions = set(re.findall(r"torch==(\d+\.\d+)\.\d+", setup))
     assert versions == {low}, (versions, pinned)
     assert "nvidia-smi" in setup and "download.pytorch.org/whl/cpu" in setup
-    assert setup.index("torch==") < setup.index("/home/ray/raydllm")
+    assert setup.index("torch==") < setup.index("pip install -q \"$build\"")
 
 
 def test_head_records_node_types_for_the_resource_check(cluster_file):
@@ -371,7 +425,9 @@ def test_mlflow_server_on_head(cluster_file):
     m = re.search(r"mlflow server (?P<args>[^>&]*)", cmds)
     assert m, "no mlflow server started on the head"
     args = m["args"]
-    assert "--backend-store-uri sqlite:///" in args
+    assert '--backend-store-uri "$RAYDLLM_MLFLOW_DB"' in args
+    default_db = re.search(r"export RAYDLLM_MLFLOW_DB=(\S+)'", cmds)
+    assert default_db and default_db[1].startswith("sqlite:////home/ray/mlflow/"), "default store: a host folder"
     assert re.search(r"--artifacts-destination (s3|gs)://", args)
     assert "--port 5000" in args
     # Never on a public interface by config: the head's security group admits SSH only (see cluster.yaml).
@@ -400,3 +456,101 @@ def test_fake_cluster_config_is_valid():
 def test_checks_did_not_touch_the_aws_provider():
     # Nothing above may need boto3 or credentials: the AWS node provider module (imports boto3) stays unimported.
     assert "ray.autoscaler._private.aws.node_provider" not in sys.modules
+
+
+# --- the Docker side, on Ray's own `docker run` construction ------------------------------------------------------
+
+def _ray_docker_run(cfg: dict, *, as_head: bool) -> str:
+    """The `docker run` command Ray's DockerCommandRunner.run_init builds for this node (docker_start_cmds with
+    the bind mounts it keeps: file_mounts without Ray's bootstrap files), the image's HOME being /home/ray."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    docker = cfg["docker"]
+    mounts = {k: v for k, v in cfg["file_mounts"].items()
+              if k not in ("~/ray_bootstrap_config.yaml", "~/ray_bootstrap_key.pem")}
+    options = docker.get("run_options", []) + docker.get(f"{'head' if as_head else 'worker'}_run_options", [])
+    image = docker.get(f"{'head' if as_head else 'worker'}_image", docker["image"])
+    return docker_start_cmds(cfg["auth"]["ssh_user"], image, mounts, docker["container_name"], options,
+                             cfg["cluster_name"], "/home/ray", "docker")
+
+
+def _run_on_fake_host(command: str, tmp_path: Path, host_gpus: int) -> list[str]:
+    """Run `command` in bash (as Ray runs it on the host over SSH) with a `docker` that prints its arguments and
+    an `nvidia-smi` that lists `host_gpus` GPUs; returns docker's arguments as the host's shell expanded them."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    listing = "".join(f"GPU {i}: NVIDIA A100-SXM4-80GB (UUID: GPU-{i})\\n" for i in range(host_gpus))
+    (bin_dir / "nvidia-smi").write_text(f'#!/bin/sh\nprintf "{listing}"\n' if host_gpus else
+                                        '#!/bin/sh\necho "NVIDIA-SMI has failed: no devices"; exit 9\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    home = tmp_path / "home-ubuntu"
+    home.mkdir(exist_ok=True)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def _volumes(args: list[str]) -> dict[str, str]:
+    """container path -> host path, from docker run arguments."""
+    return {dst: src for flag, spec in zip(args, args[1:]) if flag == "-v" for src, dst in [spec.split(":", 1)]}
+
+
+def _env(args: list[str]) -> dict[str, str]:
+    return dict(spec.split("=", 1) for flag, spec in zip(args, args[1:]) if flag == "-e")
+
+
+def test_docker_mounts_ray_creates_and_who_writes_there(cluster_file, tmp_path):
+    """Which folders Ray's `docker run` bind-mounts, and that the recipe writes only where it may: the checkout
+    arrives as one folder at the path setup copies from; the build happens in a temporary folder no mount covers;
+    the MLflow store is inside a host folder initialization_commands made (so it outlives the --rm container,
+    and is the SSH user's, not root's as Docker would make it); the node-local staging folder and the host's
+    GPU count reach the container under the names raydllm and node_setup.py read."""
+    from ray.autoscaler.sdk import get_docker_host_mount_location
+
+    from raydllm.engine.checkpoints import LOCAL_DIR_ENV
+    from raydllm.sweep import node_setup
+
+    cfg = _load(cluster_file)
+    host_mounts = get_docker_host_mount_location(cfg["cluster_name"])
+    mount = _checkout_mount(cfg)
+    init = " ".join(cfg["initialization_commands"])
+    for as_head in (True, False):
+        command = _ray_docker_run(cfg, as_head=as_head)
+        assert " --rm " in command  # nothing written inside the container survives it
+        args = _run_on_fake_host(command, tmp_path, host_gpus=0 if as_head else 8)
+        volumes, env = _volumes(args), _env(args)
+        checkout = mount.replace("~/", "/home/ray/")
+        assert volumes[checkout] == f"{host_mounts}/{mount}"
+        assert not [dst for dst in volumes if "/tmp".startswith(dst.rstrip("/") + "/") or dst == "/tmp"], volumes
+        assert env[node_setup.HOST_GPUS_ENV] == ("0" if as_head else "8")
+        local = env[LOCAL_DIR_ENV]
+        assert local in volumes and volumes[local] == str(Path("/mnt/raydllm-local").resolve())
+        if as_head:
+            db = re.search(r"export RAYDLLM_MLFLOW_DB=sqlite:///(\S+)'", " ".join(cfg["head_setup_commands"]))[1]
+            holder = [dst for dst in volumes if db.startswith(dst.rstrip("/") + "/")]
+            assert holder, f"the MLflow database {db} is inside the container only: {volumes}"
+            host_folder = volumes[holder[0]]
+            assert host_folder == str(tmp_path / "home-ubuntu" / "raydllm-mlflow")
+            assert "mkdir -p ~/raydllm-mlflow" in init
+    # The host side runs node_setup.py from the host copy of the checkout mount, before the container starts.
+    script = re.search(r"sudo python3 '([^']+)' local --link (\S+)", init)
+    assert script and script[1] == f"{host_mounts}/{mount}/raydllm/sweep/node_setup.py"
+    assert script[2] == "/mnt/raydllm-local"
+    assert (REPO / "raydllm" / "sweep" / "node_setup.py").is_file()
+    # The GPU check runs first in the container, before torch picks its build by what nvidia-smi sees.
+    assert cfg["setup_commands"][1] == f"python {mount}/raydllm/sweep/node_setup.py gpus"
+    assert "torch==" in cfg["setup_commands"][2]
+
+
+def test_token_authentication_stays_on(cluster_file):
+    """Ray 2.60's `ray start --head` turns token auth on only where a token file already exists (a fresh node
+    has none): the recipe sets RAY_AUTH_MODE=token on every node, with the token folder mounted."""
+    cfg = _load(cluster_file)
+    token = re.search(r"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=\$HOME/(\S+)/auth_token", cfg["setup_commands"][0])
+    assert token, cfg["setup_commands"][0]
+    assert f"~/{token[1]}" in cfg["file_mounts"]
+    assert "RAY_AUTH_MODE=token ray job submit" in cluster_file.read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from raydllm.core.config import ConfigError
 from raydllm.cli.bench_commands import add_bench_command
-from raydllm.cli.common import CONSOLE, add_run_flags, config_from_args, flat_overrides, log_file_for, quiet_ray, emit_json, json_stdout, resolve_tracking_uri, user_errors
+from raydllm.cli.common import CONSOLE, add_run_flags, config_from_args, flat_overrides, log_file_for, quiet_ray, emit_json, json_stdout, resolve_tracking_uri, under_ray_job, user_errors
 from raydllm.cli.help_texts import PLAN_HELP, describe
 from raydllm.cli.evaluate_commands import add_eval_command, add_pretrain_command
 
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         if CONSOLE.log_path is None:
             raise
         traceback.print_exc()
+        if under_ray_job():  # `ray job logs` shows only the driver's stderr: the log file stays on the head
+            traceback.print_exc(file=CONSOLE.terminal_err)
         last = [line for line in str(exc).splitlines() if line.strip()]
         CONSOLE.terminal_err.write(f"raydllm: error: {type(exc).__name__}: {last[-1][:300] if last else ''} "
                                    f"(the traceback is in {CONSOLE.log_path})\n")

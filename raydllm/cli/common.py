@@ -55,11 +55,20 @@ def config_from_args(args):
 
 
 def log_file_for(storage: str | None, name: str) -> Path:
-    """The command's log file: in its run's folder (a local one when checkpoints go to s3:// or similar)."""
+    """The command's log file: in its run's folder when checkpoints go to a local folder (--storage, else
+    RAYDLLM_STORAGE / ./raydllm_runs); when they go to s3:// or similar, in ~/raydllm_runs/<name> instead (a
+    log file is written line by line, so it must be a real local folder, never a relative one named `s3:`)."""
     from raydllm.sweep.train import default_storage_path
 
-    folder = storage if storage and "://" not in storage else default_storage_path()
-    return Path(folder) / name / "raydllm.log"
+    folder = next((f for f in (storage, default_storage_path()) if f and "://" not in f),
+                  str(Path.home() / "raydllm_runs"))
+    return Path(folder).expanduser().resolve() / name / "raydllm.log"
+
+
+def under_ray_job() -> bool:
+    """True in the driver of a `ray job submit` entrypoint: Ray's job supervisor hands it its job config in this
+    variable. Its stdout/stderr are what `ray job logs` shows; the log file stays on the head node."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def flat_overrides(pairs: list[str]) -> dict:

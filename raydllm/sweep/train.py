@@ -42,12 +42,43 @@ def check_storage(storage: str) -> None:
         raise ConfigError(f"--storage {storage}: only {free / 2**20:.0f} MiB free; checkpoints need more")
 
 
+def running_cluster_address() -> str | None:
+    """The GCS address of a Ray cluster that `ray start --head` left running on this machine (the launcher's head
+    node runs one), from the address file Ray writes in its default temp folder, when that GCS accepts a
+    connection; None when there is none, or the file is stale (a crashed head leaves it behind)."""
+    import socket
+
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        address = Path(get_ray_address_file(None)).read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
+def ray_init_address() -> str:
+    """What to hand `ray.init(address=...)`: RAY_ADDRESS when set, "auto" (join) when a cluster runs on this
+    machine (`raydllm tune` typed on a head node), else "local": a new cluster, never a stale address file's."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        return address
+    return "auto" if running_cluster_address() else "local"
+
+
 def starts_local_cluster() -> bool:
     """True when this command will start a Ray cluster on this machine: no RAY_ADDRESS to join (the CLI treats
-    an empty one as unset) and no Ray this process is already connected to (a cluster whose node types the
-    sweep's own resource check reads)."""
+    an empty one as unset), no Ray this process is already connected to (a cluster whose node types the
+    sweep's own resource check reads), and no `ray start`ed cluster running here to join."""
     ray = sys.modules.get("ray")
-    return not os.environ.get("RAY_ADDRESS") and not (ray is not None and ray.is_initialized())
+    if ray is not None and ray.is_initialized():
+        return False
+    return ray_init_address() == "local"
 
 
 def local_gpus() -> int:
@@ -86,14 +117,15 @@ def local_resources_hint(kind: str, model: str, workers: int, use_gpu: bool) -> 
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray start`ed here); otherwise start a local one."""
+    """Join the cluster in RAY_ADDRESS or the one `ray start`ed on this machine; otherwise start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = ray_init_address()
+    local = address == "local"
     # include_dashboard: the State API it serves is what frees the placement groups of stopped runs.
-    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=None if address else True,
+    ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=True if local else None,
              configure_logging=False)
 
 
