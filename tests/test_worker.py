@@ -1,4 +1,6 @@
 """The worker loop in one process (a one-rank gloo group, a real DeepSpeed engine, no Ray)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,3 +129,34 @@ def test_both_arms_on_one_seed_see_the_same_batches_and_context_views(process_gr
     assert len(baseline) == len(jepa) == 4
     for (x_b, rng_b), (x_j, rng_j) in zip(baseline, jepa):
         assert torch.equal(x_b, x_j) and torch.equal(rng_b, rng_j)
+
+
+def test_validation_loss_shares_per_sequence_average_to_it_and_reach_mlflow(process_group, tmp_path):
+    """Each validation sequence's share of val_loss_diff (its masked CE / the mean masked count) is logged as
+    items/val_loss_diff.json with the same item ids as per-problem correctness, and the shares' mean is the loss:
+    the sweep layer pairs a loss gain over sequences and seeds."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from raydllm.core.config import load_config
+    from raydllm.evaluation.item_scores import item_ids
+    from raydllm.evaluation.trial import TrialLoop
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    cfg = load_config("gsm8k", "local", ["model.init=random", "model.d_model=32", "model.n_layers=2",
+                                         "model.n_heads=2", "data.synthetic_size=200", "data.val_limit=7",
+                                         "train.micro_batch_size=3", "eval.final=false"])
+    loop = TrialLoop(cfg, rank=0, world=1, device=torch.device("cpu"),
+                     tracking={"tracking_uri": uri, "run_id": run_id})
+    loss, shares = loop.validation_losses()
+    assert loss == pytest.approx(loop.validation_loss(), rel=1e-12)  # the same masks: the same figure
+    # equal up to the float32 rounding of the per-batch means the loss sums
+    assert sorted(shares) == list(range(7)) and sum(shares.values()) / 7 == pytest.approx(loss, rel=1e-6)
+    assert len(set(shares.values())) > 1  # sequences differ: an item-level spread to bootstrap
+    assert loop.report_validation_loss() == pytest.approx(loss, rel=1e-12)
+    logged = json.loads((Path(client.download_artifacts(run_id, "items/val_loss_diff.json", str(tmp_path)))).read_text())
+    ids = item_ids(loop.val_examples)
+    assert logged["scores"] == pytest.approx({ids[i]: v for i, v in shares.items()})

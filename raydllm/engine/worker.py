@@ -79,12 +79,20 @@ class WorkerLoop:
         return metrics
 
     # -- validation ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def validation_loss(self) -> float:
         """Masked-token CE on the validation split, averaged over eval.val_mask_rates, fixed seed."""
+        return self.validation_losses()[0]
+
+    @torch.no_grad()
+    def validation_losses(self) -> tuple[float, dict[int, float] | None]:
+        """(validation_loss, on rank 0 each validation sequence's share of it, else None). A sequence's share is
+        its CE summed over its masked tokens (every rate) divided by the mean masked-token count per sequence, so
+        the shares' mean is the loss itself; keyed by the sequence's index in the validation split. Both arms of a
+        sweep mask the same tokens (the seed), so their shares pair item by item, as per-problem correctness does."""
         model = self.engine.module.backbone
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64)
+        row_ce = torch.zeros(len(self.val_records), dtype=torch.float64)
         mbs = self.cfg.train.micro_batch_size
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         for r_i, rate in enumerate(self.cfg.eval.val_mask_rates):
@@ -98,11 +106,28 @@ class WorkerLoop:
                 n = int(masked.sum())
                 totals[0] += float(diffusion_loss(logits, batch.input_ids, masked, t=rate)) * n
                 totals[1] += n
+                ce = torch.nn.functional.cross_entropy(logits[masked].float(), batch.input_ids[masked],
+                                                       reduction="none")
+                rows = masked.nonzero()[:, 0].cpu() + start
+                row_ce.index_add_(0, rows, ce.double().cpu())
         model.train()
         totals = totals.to(self.device)
-        if dist.is_initialized():
+        # this rank's sequences are the split's rank, rank + world, ... (val[rank::world])
+        mine = {self.rank + i * self.world: float(v) for i, v in enumerate(row_ce)}
+        if dist.is_initialized() and self.world > 1:
             dist.all_reduce(totals)
-        return float(totals[0] / totals[1].clamp(min=1))
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+            mine = {k: v for part in gathered for k, v in part.items()}
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        if self.rank != 0:
+            return loss, None
+        mean_count = float(totals[1]) / max(1, len(mine))
+        return loss, {k: v / max(mean_count, 1.0) for k, v in sorted(mine.items())}
+
+    def report_validation_loss(self) -> float:
+        """The validation loss a report logs; the evaluation layer also logs each sequence's share of it."""
+        return self.validation_loss()
 
     # -- evaluation hooks: the engine trains; the evaluation layer (`trial.TrialLoop`) fills these in -----------
     def validation_accuracy(self) -> float:
@@ -211,7 +236,7 @@ class WorkerLoop:
 
         eval_start = time.perf_counter()
         summary = self.share.window_summary(window, step_seconds)
-        summary["val_loss_diff"] = self.validation_loss()
+        summary["val_loss_diff"] = self.report_validation_loss()
         summary["step"] = self.step
         summary |= self.param_counts
         summary.pop("tokens", None)

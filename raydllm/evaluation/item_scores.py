@@ -28,10 +28,16 @@ def log_item_scores(sink, metric: str, examples: Sequence[Any], predictions: Seq
                     step: int) -> float | None:
     """Log {item id: score} of `key` as the run's `items/<metric>.json` and `<metric>_se` at `step` (a rank 0
     `MetricsSink`; a sink without a client logs nothing). Returns the standard error."""
-    scores = [float(p["scores"][key]) for p in predictions]
-    se = standard_error(scores)
+    return log_item_values(sink, metric, item_ids(examples), [float(p["scores"][key]) for p in predictions], step,
+                           key=key)
+
+
+def log_item_values(sink, metric: str, names: Sequence[str], values: Sequence[float], step: int, *,
+                    key: str | None = None) -> float | None:
+    """`log_item_scores` for values already computed: {names[i]: values[i]} (names from `item_ids`)."""
+    se = standard_error(values)
     if getattr(sink, "client", None) is not None:
-        payload = {"metric": metric, "key": key, "step": step, "scores": dict(zip(item_ids(examples), scores))}
+        payload = {"metric": metric, "key": key or metric, "step": step, "scores": dict(zip(names, values))}
         sink.client.log_dict(sink.run_id, payload, f"items/{metric}.json")
         if se is not None:
             sink.add(step, {f"{metric}_se": se})

@@ -12,7 +12,7 @@ from raydllm.core.config import validate
 from raydllm.evaluation.evaluate import default_sampler, effective_sampler, evaluate_task, prompt_budget
 from raydllm.evaluation.decode_cost import DECODE_OBJECTIVE
 from raydllm.evaluation.protocol import protocol_tags, score_protocol
-from raydllm.evaluation.item_scores import log_item_scores
+from raydllm.evaluation.item_scores import item_ids, log_item_scores, log_item_values
 from raydllm.evaluation.probes import load_mmlu, mmlu_probe, run_probes, stratified_sample, wikitext_chunks, wikitext_loss
 from raydllm.evaluation.sharding import Shard
 from raydllm.core.sampler import SamplerConfig
@@ -114,6 +114,15 @@ class TrialLoop(WorkerLoop):
             return metrics, predictions, protocol
         finally:
             backbone.train()
+
+    def report_validation_loss(self) -> float:
+        """The validation loss, with each sequence's share logged as `items/val_loss_diff.json` (rank 0), so a
+        gain in val_loss_diff is paired over sequences and seeds as accuracy is over problems and seeds."""
+        loss, shares = self.validation_losses()
+        if shares is not None:
+            ids = item_ids(self.val_examples)
+            log_item_values(self.sink, "val_loss_diff", [ids[i] for i in shares], list(shares.values()), self.step)
+        return loss
 
     def validation_accuracy(self) -> float:
         """The cheap per-report fidelity: `eval.sampler` (fast or exact) on the first `eval.gen_limit` items."""
