@@ -130,6 +130,11 @@ def test_front_on_fresh_seed_means_gains_noise_and_hypervolume(sweep_uri, tmp_pa
     assert not loss["tested"] and loss["within"] and loss["method"] == METHOD_SEEDS_ONLY
     # gains over the tuned baseline (BASE, not BASE2), paired over 123 and 777, positive = better
     assert report["baseline"]["config_key"] == _key("BASE")
+    # front against front: the baseline arm's own front (BASE, the only baseline repeated) and both hypervolumes
+    assert [m["config_key"] for m in report["baseline_front"]] == [_key("BASE")]
+    versus = report["front_against_front"]
+    assert versus["hypervolume"] > versus["baseline_hypervolume"] > 0 and versus["seeds"] == FRESH
+    assert "front against front (one reference point)" in format_pareto_table(report)
     gain_a = report["front"][0]["gain"]
     assert gain_a["val_loss_diff"]["differences"] == pytest.approx([0.6, 0.6]) and gain_a["val_loss_diff"]["mean"] > 0
     assert gain_a["wikitext_delta"]["mean"] == pytest.approx(-0.175) and gain_a["wikitext_delta"]["seeds"] == FRESH
@@ -340,3 +345,48 @@ def test_within_noise_and_gains_read_the_per_item_scores(tmp_path):
     gain = report["front"][0]["gain"]["val_accuracy"]  # A over the baseline: 7 of 30 problems per seed
     assert gain["method"] == METHOD and gain["effect"] == pytest.approx(7 / 30) and gain["ci_low"] > 0
     assert "F1 dominates within noise F2 (val_accuracy +0.1000 [95% CI +" in format_pareto_table(report)
+
+
+def test_front_against_front_hypervolumes_per_seed_interval_and_domination_beyond_noise():
+    """The DLLM-JEPA front against the baseline arm's own front, on three fresh seeds (both objectives min):
+    hand-computed hypervolumes against one reference, their difference per seed with Student's t over the seeds,
+    and which baseline members a DLLM-JEPA member dominates beyond noise."""
+    from raydllm.sweep.pareto import hypervolume, reference_point
+    from raydllm.sweep.pareto_results import _front_against_front
+
+    objectives = {"val_loss_diff": "min", "wikitext_delta": "min"}
+    modes = list(objectives.values())
+    # J1 beats B1 on every seed by 0.1 in loss and equals it in forgetting: beyond noise (t over 3 seeds).
+    # J2 trades off against B2 (better loss, worse forgetting): no domination. B3 is dominated within the arm.
+    j1 = _config("J1", {"val_loss_diff": [1.00, 1.10, 1.05], "wikitext_delta": [0.20, 0.22, 0.21]})
+    j2 = _config("J2", {"val_loss_diff": [1.30, 1.40, 1.35], "wikitext_delta": [0.05, 0.07, 0.06]})
+    b1 = _config("B1", {"val_loss_diff": [1.10, 1.20, 1.15], "wikitext_delta": [0.20, 0.22, 0.21]})
+    b2 = _config("B2", {"val_loss_diff": [1.50, 1.60, 1.55], "wikitext_delta": [0.03, 0.05, 0.04]})
+    b3 = _config("B3", {"val_loss_diff": [1.60, 1.70, 1.65], "wikitext_delta": [0.30, 0.30, 0.30]})
+    front = [{"id": "F1"}, {"id": "F2"}]
+    out = _front_against_front(front, [j1, j2], [b1, b2, b3], objectives, None)
+    assert [r["id"] for r in out["baseline_front"]] == ["B1", "B2"]
+    assert [r["label"] for r in out["baseline_front"]] == ["B1", "B2"]  # B3 dominated by B1
+    versus = out["comparison"]
+    points = [p for c in (j1, j2, b1, b2) for p in [c.fresh_point()] + [[c.per_objective[o].fresh_values[k]
+                                                                        for o in objectives] for k in range(3)]]
+    reference = reference_point([points], modes)
+    assert versus["reference_point"] == pytest.approx(reference)
+    assert versus["hypervolume"] == pytest.approx(hypervolume([j1.fresh_point(), j2.fresh_point()], modes, reference))
+    assert versus["baseline_hypervolume"] == pytest.approx(
+        hypervolume([b1.fresh_point(), b2.fresh_point()], modes, reference))
+    assert versus["hypervolume"] > versus["baseline_hypervolume"]
+    per_seed = [hypervolume([[c.per_objective[o].fresh_values[k] for o in objectives] for c in (j1, j2)], modes,
+                            reference)
+                - hypervolume([[c.per_objective[o].fresh_values[k] for o in objectives] for c in (b1, b2)], modes,
+                              reference) for k in range(3)]
+    assert list(versus["per_seed_difference"].values()) == pytest.approx(per_seed) and versus["seeds"] == [123, 456, 777]
+    difference = versus["difference"]
+    assert difference["method"] == METHOD_SEEDS_ONLY and difference["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert difference["ci_low"] < difference["mean"] < difference["ci_high"]
+    assert front[0]["dominates_beyond_noise"] == ["B1"] and front[1]["dominates_beyond_noise"] == []
+    # The same J1 a hair better than B1 on one seed only: dominating on the means, but within noise.
+    j1_close = _config("J1", {"val_loss_diff": [1.10, 1.20, 1.14], "wikitext_delta": [0.20, 0.22, 0.21]})
+    front = [{"id": "F1"}, {"id": "F2"}]
+    _front_against_front(front, [j1_close, j2], [b1, b2, b3], objectives, None)
+    assert front[0]["dominates_beyond_noise"] == []

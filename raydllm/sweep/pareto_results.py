@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from raydllm.core.config import ConfigError
 from raydllm.sweep.pareto import dominates, hypervolume, pareto_front, reference_point
+from raydllm.sweep.stats import format_effect
 from raydllm.sweep.results import (ConfigResult, find_sweep, load_item_scores, paired_gain, selection_seed_of,
                                    summarize, time_accounting, trial_runs)
 
@@ -138,6 +139,8 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
     fresh = json.loads(tags.get("raydllm.fresh_seeds", "null") or "null")
     if fresh is None:
         fresh = sorted({s for c in configs for s in c.first.fresh_seeds})
+    arms = (_front_against_front(front, [candidates[i] for i in members], baselines, objectives, items)
+            if basis == "fresh_seed_means" else None)
     return {"sweep": name, "parent_run_id": parent.info.run_id, "status": parent.info.status,
             "objectives": objectives, "selection_seed": selection, "fresh_seeds": fresh,
             "max_steps": rungs["max_steps"], "rungs": rungs["milestones"],
@@ -148,6 +151,8 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
             "within_noise": _within_noise(front, [candidates[i] for i in members], objectives, items),
             "baseline": _member_row(baseline, objectives, "fresh_seed_means" if baseline.fresh_point() else
                                     "selection_seed", None) if baseline is not None else None,
+            "baseline_front": arms["baseline_front"] if arms else [],
+            "front_against_front": arms["comparison"] if arms else None,
             "base_model": base_model, "reference_point": reference, "front_hypervolume": front_hypervolume,
             "hypervolume_by_rung": rungs["rungs"],
             "failed": sum(r.data.tags.get("raydllm.status") == "failed" for r in runs),
@@ -156,6 +161,56 @@ def pareto_report(task: str, *, tracking_uri: str, sweep: str | None = None) -> 
 
 def _sign(mode: str) -> int:
     return 1 if mode == "min" else -1
+
+
+def _front_against_front(front: list[dict], members: list[_Config], baselines: list[_Config],
+                         objectives: dict[str, str], items: dict | None) -> dict | None:
+    """The DLLM-JEPA front against the baseline arm's own front, both on the fresh seeds: the baseline front's
+    rows (ids B1, B2, ...); both hypervolumes against one reference point (every repeated config's per-seed and
+    mean points of both arms); their difference per fresh seed (each arm's front on that seed's values) with the
+    interval over seeds (stats.paired_bootstrap: one value a seed, so Student's t); and, on each DLLM-JEPA row
+    (`front[i]`, config `members[i]`), `dominates_beyond_noise`: the baseline members it dominates on the means
+    while better beyond noise on one objective and worse beyond noise on none (the within-noise rule's
+    intervals). None without repeated configs in both arms."""
+    from raydllm.sweep import stats
+
+    modes = list(objectives.values())
+    repeated = [c for c in baselines if c.fresh_point() is not None]
+    if not members or not repeated:
+        return None
+    on_front = pareto_front([c.fresh_point() for c in repeated], modes)
+    base_members = sorted((repeated[i] for i in on_front),
+                          key=lambda c: (_sign(modes[0]) * c.fresh_point()[0], c.first.label))
+    base_rows = [{**_member_row(c, objectives, "fresh_seed_means", None), "id": f"B{k}"}
+                 for k, c in enumerate(base_members, 1)]
+
+    def per_seed(config: _Config) -> dict[int, list[float]]:
+        by_seed = [dict(zip(r.fresh_seeds, r.fresh_values)) for r in config.per_objective.values()]
+        return {s: [d[s] for d in by_seed] for s in by_seed[0] if all(s in d for d in by_seed)}
+
+    seeds = sorted(set.intersection(*(set(per_seed(c)) for c in members + base_members)))
+    points = [p for c in members + base_members for p in [c.fresh_point(), *per_seed(c).values()]]
+    reference = reference_point([points], modes)
+    volume = lambda pts: hypervolume(pts, modes, reference)
+    hv_ours = volume([c.fresh_point() for c in members])
+    hv_theirs = volume([c.fresh_point() for c in base_members])
+    differences = {s: volume([per_seed(c)[s] for c in members]) - volume([per_seed(c)[s] for c in base_members])
+                   for s in seeds}
+    difference = (stats.paired_bootstrap({s: [d] for s, d in differences.items()}) if differences else None)
+    for row, config in zip(front, members):
+        beyond = []
+        for base_row, other in zip(base_rows, base_members):
+            per = _pair_noise(config, other, objectives, items)
+            if per is None or not dominates(config.fresh_point(), other.fresh_point(), modes):
+                continue
+            ahead = any(not p["within"] and p["a_better"] for p in per.values())
+            behind = any(not p["within"] and not p["a_better"] for p in per.values())
+            if ahead and not behind:
+                beyond.append(base_row["id"])
+        row["dominates_beyond_noise"] = beyond
+    return {"baseline_front": base_rows,
+            "comparison": {"reference_point": reference, "hypervolume": hv_ours, "baseline_hypervolume": hv_theirs,
+                           "seeds": seeds, "per_seed_difference": differences, "difference": difference}}
 
 
 def _configs(runs, objectives: dict[str, str], selection: int, client: MlflowClient) -> list[_Config]:
@@ -340,8 +395,6 @@ def _pm(stat: dict) -> str:
 def _gain_text(gain: dict | None) -> str:
     if not gain:
         return "not measured"
-    from raydllm.sweep.stats import format_effect
-
     return format_effect({**gain, "mean": gain["effect"]})
 
 
@@ -370,6 +423,19 @@ def format_pareto_table(report: dict) -> str:
     if baseline:
         cells = "".join(f"{_pm(baseline['objectives'][o]):<{width + 2}}" for o in objectives)
         lines.append(f"  {'baseline':<10}{cells}tuned baseline (λ = 0): {baseline['label'] or baseline['params']}")
+    for member in report.get("baseline_front") or []:
+        cells = "".join(f"{_pm(member['objectives'][o]):<{width + 2}}" for o in objectives)
+        lines.append(f"  {member['id']:<10}{cells}baseline front (λ = 0): {member['label'] or member['params']}")
+    versus = report.get("front_against_front")
+    if versus:
+        diff = versus["difference"]
+        diff_text = format_effect(diff) if diff else "not measured (no fresh seed both fronts ran)"
+        lines.append(f"  front against front (one reference point): hypervolume DLLM-JEPA {versus['hypervolume']:.4g}, "
+                     f"baseline {versus['baseline_hypervolume']:.4g}; difference per fresh seed {diff_text}")
+        beats = [f"{m['id']} > {', '.join(m['dominates_beyond_noise'])}" for m in report["front"]
+                 if m.get("dominates_beyond_noise")]
+        lines.append("  DLLM-JEPA members dominating baseline-front members beyond noise: "
+                     + ("; ".join(beats) if beats else "none"))
     base = report.get("base_model")
     if base:
         values = ", ".join(f"{o} {v:.4f}" if v is not None else f"{o} -" for o, v in base["values"].items())
