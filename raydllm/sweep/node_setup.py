@@ -1,4 +1,4 @@
-"""Checks and preparation a cluster node runs while `ray up` (or the autoscaler) sets it up, before raydllm and
+"""Sweep layer: checks and preparation a cluster node runs while `ray up` (or the autoscaler) sets it up, before raydllm and
 its dependencies are installed: standard library only, run as a script from the mounted checkout
 (`python3 ~/raydllm/raydllm/sweep/node_setup.py ...`, see cluster.yaml).
 
