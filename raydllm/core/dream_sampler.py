@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from raydllm.core.sampling_inputs import start_inputs
+
 __all__ = ["DREAM_ALGORITHMS", "generate_dream"]
 
 DREAM_ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -53,9 +55,8 @@ def generate_dream(logits_fn, prompt_ids: torch.Tensor, attention_mask: Optional
                    mask_id: int, config, generator: Optional[torch.Generator] = None) -> torch.LongTensor:
     """Dream's `diffusion_generate` loop: ``[B, P] -> [B, P + gen_length]`` (``config``: a SamplerConfig with
     method "dream": steps, gen_length, temperature, dream_algorithm, dream_alg_temp, dream_eps)."""
-    from raydllm.core.sampler import _start  # the shared input checks and the masked answer
 
-    x, attention_mask, _ = _start(prompt_ids, attention_mask, mask_id, config)
+    x, attention_mask, _ = start_inputs(prompt_ids, attention_mask, mask_id, config)
     batch = x.shape[0]
     steps, rule = config.steps, config.dream_algorithm
     schedule = torch.linspace(1, config.dream_eps, steps + 1, device=x.device)

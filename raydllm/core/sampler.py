@@ -34,6 +34,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from raydllm.core.dream_sampler import DREAM_ALGORITHMS, generate_dream
+from raydllm.core.sampling_inputs import start_inputs
+
 __all__ = [
     "CACHE_MODES",
     "CachedForward",
@@ -115,7 +118,6 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.cache={self.cache!r} needs method='fast' (the exact sampler "
                              "recomputes every position at every step)")
         if self.method == "dream":
-            from raydllm.core.dream_sampler import DREAM_ALGORITHMS
             if self.dream_algorithm not in DREAM_ALGORITHMS:
                 raise ValueError(f"SamplerConfig.dream_algorithm must be one of {DREAM_ALGORITHMS}, "
                                  f"got {self.dream_algorithm!r}")
@@ -248,27 +250,6 @@ def _select_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return selected
 
 
-def _start(prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], mask_id: int, config: SamplerConfig
-           ) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
-    """(x = prompt + gen_length masks [B, L], attention mask extended with ones over the answer, prompt
-    length), after checking the inputs."""
-    if prompt_ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {tuple(prompt_ids.shape)}")
-    if (prompt_ids == mask_id).any():
-        raise ValueError(
-            f"prompt_ids contain mask_id={mask_id}: the prompt (and its left padding: pad id must differ "
-            "from the mask id) may not contain the mask token")
-    batch, prompt_len = prompt_ids.shape
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, prompt_len):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape "
-                         f"{(batch, prompt_len)}")
-    x = torch.full((batch, prompt_len + config.gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
-    x[:, :prompt_len] = prompt_ids
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, config.gen_length))], dim=-1)
-    return x, attention_mask, prompt_len
-
-
 def _whole_row(conf: torch.Tensor, candidates: torch.Tensor, lo: int, total: int) -> torch.Tensor:
     """[B, total] confidence: ``conf`` ([B, W], for positions [lo, lo + W)) where ``candidates``, -inf
     everywhere else (prompt, committed tokens, positions after the window), the row `_select_top_k` ranks."""
@@ -290,7 +271,7 @@ def generate(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Opti
     """
     if not isinstance(config, SamplerConfig):
         raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
-    x, attention_mask, prompt_len = _start(prompt_ids, attention_mask, mask_id, config)
+    x, attention_mask, prompt_len = start_inputs(prompt_ids, attention_mask, mask_id, config)
     batch, total = x.shape
 
     steps = config.steps_per_block
@@ -347,7 +328,7 @@ def generate_fast(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask:
         raise ValueError(f"generate_fast: remasking must be low_confidence, got {config.remasking!r}")
     if config.cache != "none" and cached_forward is None:
         raise ValueError(f"generate_fast: cache={config.cache!r} needs a cached_forward (a model with a KV cache)")
-    x, attention_mask, prompt_len = _start(prompt_ids, attention_mask, mask_id, config)
+    x, attention_mask, prompt_len = start_inputs(prompt_ids, attention_mask, mask_id, config)
     total = x.shape[1]
     for block in range(config.num_blocks):
         start = prompt_len + block * config.block_length
@@ -381,7 +362,6 @@ def sample(logits_fn: LogitsFn, prompt_ids: torch.Tensor, attention_mask: Option
            generator: Optional[torch.Generator] = None) -> torch.LongTensor:
     """`generate`, `generate_fast` or Dream's `generate_dream`, as ``config.method`` says."""
     if config.method == "dream":
-        from raydllm.core.dream_sampler import generate_dream
         return generate_dream(logits_fn, prompt_ids, attention_mask, mask_id=mask_id, config=config,
                               generator=generator)
     if config.method == "fast":
