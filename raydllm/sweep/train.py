@@ -116,16 +116,20 @@ def local_resources_hint(kind: str, model: str, workers: int, use_gpu: bool) -> 
     return f"lower the workers or CPUs per worker, or run the {kind} on a Ray cluster (set RAY_ADDRESS)"
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS or the one `ray start`ed on this machine; otherwise start a local one."""
+def ensure_ray(num_cpus: int | None = None, resources: dict[str, float] | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS or the one `ray start`ed on this machine; otherwise start a local one
+    with `num_cpus` and the custom `resources` (a sweep's trial slots)."""
     import ray
 
     if ray.is_initialized():
         return
     address = ray_init_address()
-    local = address == "local"
-    # include_dashboard: the State API it serves is what frees the placement groups of stopped runs.
-    ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=True if local else None,
+    if address != "local":
+        ray.init(address=address, configure_logging=False)
+        return
+    # include_dashboard: the State API it serves is what frees the placement groups of stopped runs (without it
+    # the workers of trials ASHA stops leak and later trials hang).
+    ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=True,
              configure_logging=False)
 
 

@@ -45,19 +45,9 @@ TIME_ATTR = "step"  # the schedulers' clock (a result's training step) and the s
 
 def ensure_ray_for_sweep(spec: SweepSpec) -> None:
     """A local cluster with `max_concurrent_trials` trial slots, or the cluster in RAY_ADDRESS (or `ray start`ed here)."""
-    import ray
+    from raydllm.sweep.train import ensure_ray
 
-    from raydllm.sweep.train import ray_init_address
-
-    if not ray.is_initialized():
-        address = ray_init_address()  # RAY_ADDRESS, else a cluster `ray start`ed here (typed on a head node)
-        if address != "local":
-            ray.init(address=address, configure_logging=False)
-        else:
-            # The dashboard must run: it serves the State API that Train's placement-group cleaner uses to
-            # free the workers of trials ASHA stops (without it they leak and later trials hang).
-            ray.init(address="local", resources={SLOT: spec.max_concurrent_trials}, include_dashboard=True,
-                     configure_logging=False)
+    ensure_ray(resources={SLOT: spec.max_concurrent_trials})
     check_resources(spec)
 
 
